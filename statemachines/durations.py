@@ -1,0 +1,27 @@
+"""Durations in configs: ``500ms``, ``2s``, ``1.5s``, ``1m``, ``1h`` or a plain number of seconds."""
+
+from __future__ import annotations
+
+import re
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+
+
+def parse_duration(value: object) -> float:
+    """Return seconds as a float; raise ValueError with a readable reason otherwise.
+
+    >>> parse_duration("500ms"), parse_duration("2s"), parse_duration("1m"), parse_duration(3)
+    (0.5, 2.0, 60.0, 3.0)
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration like 500ms, 2s or 1m, got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"a duration cannot be negative, got {value!r}")
+        return float(value)
+    if isinstance(value, str):
+        match = _PATTERN.match(value)
+        if match:
+            return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    raise ValueError(f"expected a duration like 500ms, 2s or 1m, got {value!r}")
