@@ -1,0 +1,496 @@
+"""The client: one connection, one reader thread, calls that never block.
+
+>>> from controller import CommandServer, Client
+>>> with CommandServer(port=0) as server, Client(server.address) as client:
+...     future = client.send_command("rpc.ping")
+...     future.result(timeout=5)
+'pong'
+
+Contracts:
+
+- ``send_command`` never blocks on the network reply; its future and its callback get exactly
+  one outcome: the result, the server's error (a typed :class:`~controller.errors.RpcError`),
+  :class:`~controller.errors.CommandTimeoutError` after ``timeout`` seconds, or
+  :class:`~controller.errors.ConnectionLostError`. Nothing stays pending forever.
+- Callbacks and notification handlers run on the client's reader (or timer) thread: keep them
+  short; hand work to another thread if it blocks.
+- After a lost connection the client reconnects with backoff (unless ``reconnect=False``),
+  authenticates again and renews its subscriptions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+import ssl as ssl_module
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from . import auth
+from .errors import (
+    CommandTimeoutError,
+    ConnectionLostError,
+    RpcError,
+    UnauthorizedError,
+    error_for,
+)
+from .protocol import (
+    DEFAULT_PORT,
+    Batch,
+    Decoder,
+    ErrorResponse,
+    Notification,
+    Request,
+    Response,
+    encode,
+)
+from .scheduler import Scheduler, Timer
+
+log = logging.getLogger("statelink.client")
+
+Address = tuple[str, int]
+Callback = Callable[["Future[Any]"], None]
+Handler = Callable[[Any], None]
+
+
+def parse_address(value: str | Address, default_port: int = DEFAULT_PORT) -> Address:
+    """``"host:port"``, ``"[::1]:port"``, ``"host"`` or a ``(host, port)`` tuple.
+
+    >>> parse_address("127.0.0.1:15769"), parse_address("[::1]:80"), parse_address("pi")
+    (('127.0.0.1', 15769), ('::1', 80), ('pi', 15769))
+    """
+    if isinstance(value, tuple):
+        return (str(value[0]), int(value[1]))
+    text = value.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.lstrip(":")
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:
+        host, port = text, ""
+    if not host:
+        raise ValueError(f"no host in address {value!r}; expected HOST:PORT")
+    try:
+        number = int(port) if port else default_port
+    except ValueError:
+        raise ValueError(f"bad port in address {value!r}; expected HOST:PORT")
+    if not 0 < number < 65536:
+        raise ValueError(f"port out of range in address {value!r}")
+    return (host, number)
+
+
+class _Pending:
+    __slots__ = ("future", "method", "timer")
+
+    def __init__(self, future: Future[Any], method: str, timer: Timer | None):
+        self.future = future
+        self.method = method
+        self.timer = timer
+
+
+class Client:
+    """A thread-safe connection to one :class:`~controller.server.CommandServer`."""
+
+    def __init__(
+        self,
+        address: str | Address,
+        *,
+        name: str = "statelink-client",
+        connect_timeout: float = 5.0,
+        secret: bytes | str | None = None,
+        ssl: ssl_module.SSLContext | None = None,
+        server_hostname: str | None = None,
+        reconnect: bool = True,
+        max_backoff: float = 5.0,
+        scheduler: Scheduler | None = None,
+        callback_listener: CallbackListener | None = None,
+        write_timeout: float = 30.0,
+        connect: bool = True,
+    ) -> None:
+        self.address = parse_address(address)
+        self.name = name
+        self.connect_timeout = connect_timeout
+        self.write_timeout = write_timeout
+        self.secret = secret.encode() if isinstance(secret, str) else secret
+        self.ssl = ssl
+        self.server_hostname = server_hostname
+        self.reconnect = reconnect
+        self.max_backoff = max_backoff
+        self.scheduler = scheduler or Scheduler(f"statelink-client-timers-{self.address[1]}")
+        self._own_scheduler = scheduler is None
+        self.callback_listener = callback_listener
+        self._ids = itertools.count(1)
+        self._pending: dict[Any, _Pending] = {}
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._connected = threading.Event()
+        self._closed = threading.Event()
+        self._reader: threading.Thread | None = None
+        self._subscribers: dict[str, list[Handler]] = {}
+        self._connection_handlers: list[Callable[[bool], None]] = []
+        self.server_info: dict[str, Any] = {}
+        self.reconnects = 0
+        if callback_listener is not None:
+            callback_listener.attach(self)
+        if connect:
+            self.connect()
+
+    # -- connection -------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def connect(self) -> None:
+        """Connect and handshake now; raises ``OSError`` (unreachable) or
+        :class:`~controller.errors.UnauthorizedError` (wrong secret)."""
+        self._open()
+        self._reader = threading.Thread(target=self._read_forever, name="statelink-client-reader",
+                                        daemon=True)
+        self._reader.start()
+
+    def _open(self) -> None:
+        sock = socket.create_connection(self.address, timeout=self.connect_timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.ssl is not None:
+                sock = self.ssl.wrap_socket(
+                    sock, server_hostname=self.server_hostname or self.address[0])
+            self.server_info = self._handshake(sock)
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(self.write_timeout)  # bounds sendall; the reader treats it as idle
+        self._sock = sock
+        self._connected.set()
+
+    def _handshake(self, sock: socket.socket) -> dict[str, Any]:
+        """``rpc.hello`` (and authentication) before the reader thread starts."""
+        decoder = Decoder()
+        nonce = auth.new_nonce()
+        params: dict[str, Any] = {"client": self.name, "protocol": "1.0", "nonce": nonce}
+        if self.callback_listener is not None:
+            params["callback_port"] = self.callback_listener.address[1]
+        info = self._exchange(sock, decoder, "rpc.hello", params)
+        if info.get("auth") and not info.get("authenticated"):
+            if self.secret is None:
+                raise UnauthorizedError(
+                    "the server requires a secret: pass secret= (or set STATELINK_SECRET / "
+                    "--secret-file)")
+            challenge = info.get("challenge")
+            if not isinstance(challenge, str) or not auth.verify(
+                    self.secret, "server", challenge, nonce, info.get("proof")):
+                raise UnauthorizedError("the server could not prove it knows the secret")
+            answer = {"response": auth.digest(self.secret, "client", challenge, nonce)}
+            info.update(self._exchange(sock, decoder, "rpc.hello", answer))
+        return info
+
+    def _exchange(self, sock: socket.socket, decoder: Decoder, method: str,
+                  params: dict[str, Any]) -> dict[str, Any]:
+        request_id = f"hello-{next(self._ids)}"
+        sock.sendall(encode(Request(method, params, request_id)))
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionLostError("the server closed the connection during the handshake")
+            for event in decoder.feed(data):
+                if isinstance(event, Response) and event.id == request_id:
+                    return event.result if isinstance(event.result, dict) else {}
+                if isinstance(event, ErrorResponse) and event.id in (request_id, None):
+                    raise error_for(event.code, event.message, event.data)
+
+    def _read_forever(self) -> None:
+        backoff = 0.05
+        while not self._closed.is_set():
+            sock = self._sock
+            if sock is not None:
+                self._read(sock)
+                self._lost()
+            if self._closed.is_set() or not self.reconnect:
+                return
+            if self._closed.wait(backoff):
+                return
+            backoff = min(backoff * 2, self.max_backoff)
+            try:
+                self._open()
+            except (OSError, RpcError) as exc:
+                log.debug("reconnect to %s:%s failed: %s", *self.address, exc)
+                continue
+            backoff = 0.05
+            self.reconnects += 1
+            log.info("reconnected to %s:%s", *self.address)
+            self._resubscribe()
+            self._emit_connection(True)
+
+    def _read(self, sock: socket.socket) -> None:
+        decoder = Decoder(max_frame=64 << 20)
+        while True:
+            try:
+                data = sock.recv(262144)
+            except TimeoutError:
+                if self._closed.is_set():
+                    return
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            for event in decoder.feed(data):
+                self.handle_event(event)
+            if decoder.closed:
+                return
+
+    def handle_event(self, event: Any) -> None:
+        """Route one decoded message (reader thread or callback listener)."""
+        if isinstance(event, Response):
+            self._settle(event.id, event.result, None)
+        elif isinstance(event, ErrorResponse):
+            if event.id is None and event.code not in (-32700, -32600):
+                log.warning("server error without id: %s %s", event.code, event.message)
+                return
+            self._settle(event.id, None, error_for(event.code, event.message, event.data))
+        elif isinstance(event, Notification):
+            for handler in self._subscribers.get(event.method, ()):
+                try:
+                    handler(event.params)
+                except Exception:
+                    log.exception("notification handler for %s failed", event.method)
+        elif isinstance(event, Batch):
+            for item in event.items:
+                self.handle_event(item)
+
+    def _settle(self, request_id: Any, result: Any, error: RpcError | None) -> None:
+        with self._lock:
+            pending = self._pending.pop(request_id, None)
+        if pending is None:
+            return  # already timed out or lost: exactly one outcome
+        if pending.timer is not None:
+            pending.timer.cancel()
+        if error is None:
+            pending.future.set_result(result)
+        else:
+            pending.future.set_exception(error)
+
+    def _lost(self) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for request_id, entry in pending.items():
+            if entry.timer is not None:
+                entry.timer.cancel()
+            entry.future.set_exception(ConnectionLostError(
+                f"connection to {self.address[0]}:{self.address[1]} lost before the reply to "
+                f"{entry.method} (id {request_id})", {"method": entry.method}))
+        if was_connected:
+            self._emit_connection(False)
+
+    def _emit_connection(self, up: bool) -> None:
+        for handler in list(self._connection_handlers):
+            try:
+                handler(up)
+            except Exception:
+                log.exception("connection handler failed")
+
+    def on_connection(self, handler: Callable[[bool], None]) -> None:
+        """Call ``handler(True)`` after each reconnect and ``handler(False)`` on each loss."""
+        self._connection_handlers.append(handler)
+
+    # -- calls ------------------------------------------------------------------------------
+    def send_command(self, method: str, params: Any = None, callback: Callback | None = None,
+                     timeout: float = 5.0) -> Future[Any]:
+        """Send a request; return at once. ``callback(future)`` runs once it is resolved."""
+        future: Future[Any] = Future()
+        if callback is not None:
+            future.add_done_callback(callback)
+        request_id = next(self._ids)
+        try:
+            data = encode(Request(method, params, request_id))
+        except (TypeError, ValueError) as exc:
+            future.set_exception(TypeError(f"params of {method} are not JSON: {exc}"))
+            return future
+        timer = self.scheduler.call_later(timeout, self._expire, request_id, timeout)
+        with self._lock:
+            self._pending[request_id] = _Pending(future, method, timer)
+        if not self._send(data):
+            self._settle(request_id, None, ConnectionLostError(
+                f"not connected to {self.address[0]}:{self.address[1]}"
+                + (" (reconnecting)" if self.reconnect and not self._closed.is_set() else ""),
+                {"method": method}))
+        return future
+
+    def _expire(self, request_id: Any, timeout: float) -> None:
+        with self._lock:
+            pending = self._pending.pop(request_id, None)
+        if pending is not None:
+            pending.future.set_exception(CommandTimeoutError(
+                f"no reply to {pending.method} within {timeout:g} s",
+                {"timeout": timeout, "method": pending.method, "source": "client"}))
+
+    def _send(self, data: bytes) -> bool:
+        sock = self._sock
+        if sock is None or not self._connected.is_set():
+            return False
+        try:
+            with self._send_lock:
+                sock.sendall(data)
+        except OSError:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wake the reader: it resolves everything
+            except OSError:
+                pass
+            return True  # the pending entry is resolved by _lost()
+        return True
+
+    def call(self, method: str, params: Any = None, timeout: float = 5.0) -> Any:
+        """Send a request and wait for its result; raise its typed error."""
+        return self.send_command(method, params, timeout=timeout).result(timeout=timeout + 5.0)
+
+    def notify(self, method: str, params: Any = None) -> bool:
+        """Send a notification (no reply, ever). Returns False when not connected."""
+        return self._send(encode(Notification(method, params)))
+
+    def subscribe(self, method: str, handler: Handler) -> Callable[[], None]:
+        """Call ``handler(params)`` for each notification ``method``; also asks the server to
+        send it (``rpc.subscribe``), again after each reconnect. Returns an unsubscribe."""
+        first = method not in self._subscribers
+        self._subscribers.setdefault(method, []).append(handler)
+        if first and not method.startswith("rpc.") and self.connected:
+            self.call("rpc.subscribe", {"method": method}, timeout=self.connect_timeout)
+
+        def unsubscribe() -> None:
+            handlers = self._subscribers.get(method, [])
+            if handler in handlers:
+                handlers.remove(handler)
+            if not handlers:
+                self._subscribers.pop(method, None)
+                if self.connected and not method.startswith("rpc."):
+                    self.send_command("rpc.unsubscribe", {"method": method})
+
+        return unsubscribe
+
+    def _resubscribe(self) -> None:
+        for method in list(self._subscribers):
+            if not method.startswith("rpc."):
+                self.send_command("rpc.subscribe", {"method": method})
+
+    @property
+    def pending(self) -> int:
+        """Requests sent and not yet resolved."""
+        return len(self._pending)
+
+    # -- lifetime ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the connection; every pending request resolves with connection-lost."""
+        self._closed.set()
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        reader = self._reader
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(timeout=5)
+        self._lost()
+        if self.callback_listener is not None:
+            self.callback_listener.detach(self)
+        if self._own_scheduler:
+            self.scheduler.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class CallbackListener:
+    """Receives replies that a server delivers by connecting back to this client.
+
+    >>> listener = CallbackListener()            # 127.0.0.1, a free port
+    >>> # client = Client(address, callback_listener=listener)
+    >>> listener.close()
+
+    The server connects to the requesting peer's own IP address only, so the listener must
+    listen on the address the client connects from (default loopback).
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, max_connections: int = 16):
+        self._sock = socket.create_server((host, port))
+        self._sock.settimeout(0.2)
+        self.address: Address = self._sock.getsockname()[:2]
+        self.max_connections = max_connections
+        self._clients: list[Client] = []
+        self._closed = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.received = 0
+        self._accept = threading.Thread(target=self._accept_forever,
+                                        name="statelink-callback-listener", daemon=True)
+        self._accept.start()
+
+    def attach(self, client: Client) -> None:
+        self._clients.append(client)
+
+    def detach(self, client: Client) -> None:
+        if client in self._clients:
+            self._clients.remove(client)
+
+    def _accept_forever(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self._threads = [t for t in self._threads if t.is_alive()]
+            if len(self._threads) >= self.max_connections:
+                conn.close()
+                continue
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True,
+                                      name="statelink-callback-conn")
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        decoder = Decoder(max_frame=64 << 20)
+        conn.settimeout(0.5)
+        with conn:
+            while not self._closed.is_set():
+                try:
+                    data = conn.recv(262144)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                if not data:
+                    return
+                for event in decoder.feed(data):
+                    self.received += 1
+                    for client in list(self._clients):
+                        client.handle_event(event)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._sock.close()
+        self._accept.join(timeout=2)
+        for thread in self._threads:
+            thread.join(timeout=2)
+
+    def __enter__(self) -> CallbackListener:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
