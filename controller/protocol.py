@@ -272,6 +272,20 @@ class Decoder:
 
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+_dumps_ascii = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode
+
+
+def _line(obj: Any) -> bytes:
+    """Compact JSON text of ``obj`` plus ``\\n``, as UTF-8.
+
+    A string holding a lone surrogate (JSON allows ``"\\ud800"``, and the decoder returns it as
+    is) has no UTF-8 form: such a message is written with ``\\uXXXX`` escapes instead, which
+    decodes to the same value.
+    """
+    try:
+        return (_dumps(obj) + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (_dumps_ascii(obj) + "\n").encode("ascii")
 
 
 def to_obj(message: Message) -> dict[str, Any]:
@@ -298,9 +312,9 @@ def encode(message: Message) -> bytes:
     Raises ``TypeError``/``ValueError`` when a value is not JSON (e.g. a handler returned an
     object, or NaN); the server turns that into an internal error reply.
     """
-    return (_dumps(to_obj(message)) + "\n").encode("utf-8")
+    return _line(to_obj(message))
 
 
 def encode_batch(messages: list[Message]) -> bytes:
     """Several messages as one JSON array line (the reply to a batch)."""
-    return ("[" + ",".join(_dumps(to_obj(m)) for m in messages) + "]\n").encode("utf-8")
+    return _line([to_obj(m) for m in messages])

@@ -334,6 +334,7 @@ class Connection(asyncio.Protocol):
         self.client_name = ""
         self.connected_at = self.last_activity = time.monotonic()
         self.closing = False
+        self.eof = False  #: the peer half-closed (sent EOF)
         self.callback: CallbackLink | None = None
         self._out: list[bytes] = []
         self._flush_scheduled = False
@@ -389,6 +390,7 @@ class Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         # Half-close: keep the connection until the in-flight replies are written.
+        self.eof = True
         return bool(self.calls)
 
     # -- dispatch ---------------------------------------------------------------------------
@@ -460,6 +462,10 @@ class Connection(asyncio.Protocol):
             del self.calls[call.id]
         if server.inflight == 0 and server.drained is not None:
             server.drained.set()
+        if self.eof and not self.calls:
+            # The peer half-closed and this was its last reply: close once it is written
+            # (scheduled, so the reply queued right after this is flushed first).
+            server.loop.call_soon(self.close, "eof")
 
     # -- output -----------------------------------------------------------------------------
     def reply(self, call: Call, message: Message) -> None:
@@ -470,7 +476,9 @@ class Connection(asyncio.Protocol):
         if call.is_notification:
             return
         data = self.encode_reply(message)
-        if self.callback is not None and self.callback.usable:
+        # rpc.hello is answered on the request connection: the client reads that reply there
+        # (its handshake runs before any callback delivery can be relied on).
+        if self.callback is not None and self.callback.usable and call.method != "rpc.hello":
             self.callback.write(data)
         else:
             self.write(data)
@@ -606,6 +614,7 @@ class CommandServer:
         self._thread: threading.Thread | None = None
         self._server: asyncio.base_events.Server | None = None
         self._address: tuple[str, int] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._started_at = 0.0
         self._on_start: list[Callable[[], None]] = []
         self._on_stop: list[Callable[[], None]] = []
@@ -706,7 +715,7 @@ class CommandServer:
         sockname = self._server.sockets[0].getsockname()
         self._address = (sockname[0], sockname[1])
         self._started_at = time.monotonic()
-        self.loop.create_task(self._sweep())
+        self._sweeper = self.loop.create_task(self._sweep())
         log.info("listening on %s:%s%s", *self._address, " (TLS)" if self.ssl else "")
 
     def stop(self, grace: float | None = None) -> None:
@@ -734,6 +743,8 @@ class CommandServer:
 
     async def _shutdown(self, grace: float) -> None:
         self.stopping = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()  # else it is destroyed pending when the loop closes
         if self._server is not None:
             self._server.close()
         if self.inflight:
@@ -845,7 +856,8 @@ class CommandServer:
 
     def _rpc_cancel(self, call: Call) -> dict[str, Any]:
         params = call.params
-        if not isinstance(params, dict) or "id" not in params:
+        if not isinstance(params, dict) or "id" not in params or isinstance(
+                params["id"], (list, dict)):
             raise InvalidParamsError('rpc.cancel takes {"id": <id of the request to cancel>}')
         target = call.conn.calls.get(params["id"])
         if target is None or target is call:

@@ -1,0 +1,279 @@
+"""The workflow runner: replies, errors, timeouts, timers and notifications become events.
+
+>>> # runner = WorkflowRunner()
+>>> # handle = runner.start(load_workflow("config/workflows/demo.yaml"),
+>>> #                       servers={"device": "127.0.0.1:15769"}, journal="demo.jsonl")
+>>> # handle.wait(60) -> "success" | "failure" | "aborted"
+
+Threads: client reader threads and the scheduler thread only *post* events; one dispatcher
+thread applies every event to its run, in arrival order, so a run is never touched by two
+threads. One scheduler serves every timer; one client per server address serves every run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import queue
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from pathlib import Path
+from typing import IO, Any
+
+from statemachines import errorkinds as ek
+from statemachines.workflow import CompiledWorkflow, WorkflowRun, WorkflowSpec
+
+from .client import Address, Client, parse_address
+from .errors import ConnectionLostError, RpcError
+from .scheduler import Scheduler
+
+log = logging.getLogger("statelink.runner")
+
+Observer = Callable[["RunHandle", dict[str, Any]], None]
+
+_STOP = object()
+
+
+class RunHandle:
+    """One run of a workflow: wait for it, abort it, read its state, context and history."""
+
+    def __init__(self, runner: WorkflowRunner, run_id: str, servers: dict[str, Address],
+                 journal: IO[str] | None, observers: list[Observer]):
+        self.runner = runner
+        self.run_id = run_id
+        self.servers = servers
+        self.run: WorkflowRun = None  # type: ignore[assignment]  # set by the runner
+        self._journal = journal
+        self._observers = observers
+        self._done = threading.Event()
+
+    @property
+    def state(self) -> str:
+        return self.run.state
+
+    @property
+    def outcome(self) -> str | None:
+        """``None`` while running, then ``"success"``, ``"failure"`` or ``"aborted"``."""
+        return self.run.outcome
+
+    @property
+    def context(self) -> dict[str, Any]:
+        return self.run.context
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.run.history
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> str | None:
+        """Block until the run finishes (or ``timeout``); return its outcome."""
+        self._done.wait(timeout)
+        return self.run.outcome if self._done.is_set() else None
+
+    def abort(self) -> None:
+        """Abort: the run enters its ``on_abort`` state (if any) and finishes as "aborted"."""
+        self.runner.post(self.run.abort)
+
+
+class WorkflowRunner:
+    """Runs workflow runs concurrently in this process. Use as a context manager."""
+
+    def __init__(self, *, secret: bytes | str | None = None, ssl: Any = None,
+                 client_name: str = "statelink-runner") -> None:
+        self.secret = secret
+        self.ssl = ssl
+        self.client_name = client_name
+        self.scheduler = Scheduler("statelink-runner-timers")
+        self._clients: dict[Address, Client] = {}
+        self._client_lock = threading.Lock()
+        self._subscribed: set[tuple[Address, str]] = set()
+        self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._compiled: dict[int, CompiledWorkflow] = {}
+        self._active: dict[str, RunHandle] = {}
+        self._ids = itertools.count(1)
+        self._closed = False
+        self._dispatcher = threading.Thread(target=self._dispatch, name="statelink-dispatcher",
+                                            daemon=True)
+        self._dispatcher.start()
+
+    # -- public -----------------------------------------------------------------------------
+    def start(
+        self,
+        workflow: WorkflowSpec | CompiledWorkflow,
+        *,
+        servers: Mapping[str, str | Address] | None = None,
+        run_id: str | None = None,
+        journal: str | Path | IO[str] | None = None,
+        observer: Observer | None = None,
+        context: dict[str, Any] | None = None,
+    ) -> RunHandle:
+        """Start one run; returns at once. ``servers`` overrides the workflow's addresses."""
+        compiled = self.compile(workflow)
+        spec = compiled.spec
+        addresses = {name: parse_address(addr) for name, addr in spec.servers.items()}
+        for name, addr in (servers or {}).items():
+            if name not in addresses:
+                raise ValueError(f"workflow {spec.name} has no server named {name!r} "
+                                 f"(servers: {', '.join(sorted(addresses)) or 'none'})")
+            addresses[name] = parse_address(addr)
+        run_id = run_id or f"{spec.name}-{next(self._ids)}"
+        stream: IO[str] | None
+        if journal is None or hasattr(journal, "write"):
+            stream = journal  # type: ignore[assignment]
+        else:
+            stream = open(journal, "w", encoding="utf-8", buffering=1)  # noqa: SIM115
+        handle = RunHandle(self, run_id, addresses, stream, [observer] if observer else [])
+        handle.run = compiled.new_run(_Effects(self, handle), run_id, context)
+        self._subscribe_awaited(compiled, addresses)
+        self._active[run_id] = handle
+        self.post(handle.run.start)
+        return handle
+
+    def compile(self, workflow: WorkflowSpec | CompiledWorkflow) -> CompiledWorkflow:
+        """The compiled machine of a spec, built once per spec object and reused."""
+        if isinstance(workflow, CompiledWorkflow):
+            return workflow
+        compiled = self._compiled.get(id(workflow))
+        if compiled is None or compiled.spec is not workflow:
+            compiled = self._compiled[id(workflow)] = CompiledWorkflow(workflow)
+        return compiled
+
+    def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue ``fn(*args)`` for the dispatcher thread (thread-safe)."""
+        self._events.put((fn, args))
+
+    def client(self, address: Address) -> Client:
+        """The shared client of one server address, connected on first use.
+
+        Raises ``OSError``/:class:`RpcError` when the server cannot be reached.
+        """
+        with self._client_lock:
+            client = self._clients.get(address)
+            if client is None:
+                client = Client(address, name=self.client_name, secret=self.secret,
+                                ssl=self.ssl, scheduler=self.scheduler)
+                self._clients[address] = client
+            return client
+
+    def close(self) -> None:
+        """Abort nothing; stop the dispatcher, the clients and the scheduler."""
+        if self._closed:
+            return
+        self._closed = True
+        self._events.put(_STOP)
+        self._dispatcher.join(timeout=10)
+        for client in list(self._clients.values()):
+            client.close()
+        self.scheduler.close()
+
+    def __enter__(self) -> WorkflowRunner:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- internals --------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        events = self._events
+        while True:
+            item = events.get()
+            if item is _STOP:
+                return
+            fn, args = item
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("workflow event %s failed", getattr(fn, "__name__", fn))
+
+    def _subscribe_awaited(self, compiled: CompiledWorkflow, addresses: dict[str, Address]) -> None:
+        for server, method in compiled.awaited():
+            address = addresses.get(server)
+            if address is None or (address, method) in self._subscribed:
+                continue
+            try:
+                client = self.client(address)
+                client.subscribe(method, lambda params, a=address, m=method:
+                                 self.post(self._notify_runs, a, m, params))
+            except (OSError, RpcError) as exc:
+                log.warning("cannot subscribe to %s at %s:%s: %s", method, *address, exc)
+                continue
+            self._subscribed.add((address, method))
+
+    def _notify_runs(self, address: Address, method: str, params: Any) -> None:
+        for handle in list(self._active.values()):
+            for server, server_address in handle.servers.items():
+                if server_address == address:
+                    handle.run.on_notification(server, method, params)
+
+    def _finished(self, handle: RunHandle) -> None:
+        self._active.pop(handle.run_id, None)
+        if handle._journal is not None and not handle._journal.closed:
+            if getattr(handle._journal, "name", None) not in (None, "<stdout>", "<stderr>"):
+                handle._journal.close()
+        handle._done.set()
+
+
+class _Effects:
+    """The I/O a run asks for, done on its behalf (dispatcher thread)."""
+
+    __slots__ = ("handle", "runner")
+
+    def __init__(self, runner: WorkflowRunner, handle: RunHandle):
+        self.runner = runner
+        self.handle = handle
+
+    def send_command(self, run: WorkflowRun, token: int, server: str, method: str, params: Any,
+                     timeout: float) -> None:
+        runner = self.runner
+        address = self.handle.servers[server]
+        try:
+            client = runner.client(address)
+        except RpcError as exc:
+            runner.post(run.on_error, token, exc.kind, exc.code, exc.message, exc.data)
+            return
+        except OSError as exc:
+            runner.post(run.on_error, token, "connection_lost", ek.CONNECTION_LOST,
+                        f"cannot reach {server} at {address[0]}:{address[1]}: {exc}",
+                        {"server": server})
+            return
+
+        def deliver(future: Future[Any]) -> None:
+            error = future.exception()
+            if error is None:
+                runner.post(run.on_reply, token, future.result())
+            elif isinstance(error, RpcError):
+                runner.post(run.on_error, token, error.kind, error.code, error.message, error.data)
+            else:
+                runner.post(run.on_error, token, "internal_error", ek.INTERNAL_ERROR,
+                            f"{type(error).__name__}: {error}", None)
+
+        client.send_command(method, params, callback=deliver, timeout=timeout)
+
+    def start_timer(self, run: WorkflowRun, token: int, delay: float) -> None:
+        self.runner.scheduler.call_later(delay, self.runner.post, run.on_timer, token)
+
+    def record(self, run: WorkflowRun, entry: dict[str, Any]) -> None:
+        handle = self.handle
+        journal = handle._journal
+        if journal is not None:
+            try:
+                journal.write(json.dumps(entry, default=str, ensure_ascii=False) + "\n")
+                journal.flush()
+            except (OSError, ValueError) as exc:
+                log.error("journal of %s: %s", handle.run_id, exc)
+        for observer in handle._observers:
+            try:
+                observer(handle, entry)
+            except Exception:
+                log.exception("run observer failed")
+
+    def finished(self, run: WorkflowRun) -> None:
+        self.runner._finished(self.handle)
+
+
+__all__ = ["ConnectionLostError", "RunHandle", "WorkflowRunner"]

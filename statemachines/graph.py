@@ -1,0 +1,175 @@
+"""Diagrams of state machines as Mermaid (``stateDiagram-v2``) or Graphviz DOT text.
+
+No Graphviz is needed: the output is text to paste into Markdown (GitHub renders Mermaid) or
+to feed to ``dot`` later. :func:`render_graph` is generic (devices and workflows);
+:func:`device_graph` draws a :class:`~statemachines.device.DeviceSpec`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .device import DeviceSpec
+
+FORMATS = ("mermaid", "dot")
+
+_MERMAID_ID = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Words Mermaid's state diagram grammar treats specially; never used as bare ids.
+_MERMAID_RESERVED = frozenset(
+    {"state", "note", "direction", "class", "classDef", "style", "end", "as", "left", "right",
+     "of", "over", "TB", "BT", "LR", "RL", "default", "click", "fork", "join", "choice"}
+)  # fmt: skip
+
+
+def render_graph(
+    title: str,
+    states: Sequence[str],
+    initial: str | None,
+    edges: Iterable[tuple[str, str, str]],
+    finals: Iterable[str] = (),
+    fmt: str = "mermaid",
+) -> str:
+    """Render a state machine as text.
+
+    ``edges`` are ``(source, dest, label)`` in drawing order (an empty label draws a bare
+    arrow); states only named by edges are drawn too. ``initial`` gets an arrow from the start
+    dot, each of ``finals`` an arrow to the end dot (Mermaid) or a double circle (DOT). Names
+    that need it are quoted or aliased, so any string is a valid state name. ValueError for an
+    unknown ``fmt``.
+    """
+    edge_list = [(str(s), str(d), str(label or "")) for s, d, label in edges]
+    ordered: list[str] = []
+    for name in [*states, *(n for s, d, _ in edge_list for n in (s, d))]:
+        if name not in ordered:
+            ordered.append(name)
+    if initial is not None and initial not in ordered:
+        ordered.append(initial)
+    final_list = [f for f in finals if f is not None]
+    for name in final_list:
+        if name not in ordered:
+            ordered.append(name)
+    if fmt == "mermaid":
+        return _mermaid(title, ordered, initial, edge_list, final_list)
+    if fmt == "dot":
+        return _dot(title, ordered, initial, edge_list, final_list)
+    raise ValueError(f"unknown graph format {fmt!r} (formats: {', '.join(FORMATS)})")
+
+
+def _mermaid_label(text: str) -> str:
+    # A transition label runs to the end of the line; keep it on one line and away from the
+    # characters the grammar gives a meaning to (";" ends a statement, "%%" starts a comment).
+    text = " ".join(text.split())
+    for bad, good in ((";", ","), ("%%", "%"), (":", " -"), ("#", "no."), ("{", "("), ("}", ")")):
+        text = text.replace(bad, good)
+    return text
+
+
+def _mermaid(
+    title: str,
+    states: list[str],
+    initial: str | None,
+    edges: list[tuple[str, str, str]],
+    finals: list[str],
+) -> str:
+    ids: dict[str, str] = {}
+    taken = {s for s in states if _MERMAID_ID.match(s) and s not in _MERMAID_RESERVED}
+    lines = ["---", f"title: {json.dumps(title)}", "---", "stateDiagram-v2"]
+    for index, name in enumerate(states):
+        if name in taken:
+            ids[name] = name
+            continue
+        alias = f"s{index}"
+        while alias in taken:
+            alias += "_"
+        taken.add(alias)
+        ids[name] = alias
+        shown = _mermaid_label(name).replace('"', "'")
+        lines.append(f'    state "{shown}" as {alias}')
+    if initial is not None:
+        lines.append(f"    [*] --> {ids[initial]}")
+    for source, dest, label in edges:
+        text = _mermaid_label(label)
+        suffix = f" : {text}" if text else ""
+        lines.append(f"    {ids[source]} --> {ids[dest]}{suffix}")
+    for name in finals:
+        lines.append(f"    {ids[name]} --> [*]")
+    return "\n".join(lines) + "\n"
+
+
+def _dot_quote(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+def _dot(
+    title: str,
+    states: list[str],
+    initial: str | None,
+    edges: list[tuple[str, str, str]],
+    finals: list[str],
+) -> str:
+    start = "__start__"
+    while start in states:
+        start += "_"
+    lines = [
+        f"digraph {_dot_quote(title)} {{",
+        "    rankdir=LR;",
+        f"    label={_dot_quote(title)};",
+        "    labelloc=t;",
+        "    node [shape=box, style=rounded];",
+    ]
+    for name in states:
+        shape = " [shape=doublecircle]" if name in finals else ""
+        lines.append(f"    {_dot_quote(name)}{shape};")
+    if initial is not None:
+        lines.append(f'    {_dot_quote(start)} [shape=point, label=""];')
+        lines.append(f"    {_dot_quote(start)} -> {_dot_quote(initial)};")
+    for source, dest, label in edges:
+        attrs = f" [label={_dot_quote(label)}]" if label else ""
+        lines.append(f"    {_dot_quote(source)} -> {_dot_quote(dest)}{attrs};")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def device_edges(spec: DeviceSpec) -> list[tuple[str, str, str]]:
+    """The edges of a device's machine, labels merged per (source, dest).
+
+    A command draws ``origin -> running`` (its name), ``running -> to`` (``<name> done``; back
+    to each origin when there is no ``to``) and ``running -> origin`` (``<name> cancelled``);
+    without a running state, ``origin -> to`` (or a loop on the origin). Failures draw
+    ``state -> fault`` labelled ``error``.
+    """
+    merged: dict[tuple[str, str], list[str]] = {}
+
+    def add(source: str, dest: str, label: str) -> None:
+        labels = merged.setdefault((source, dest), [])
+        if label not in labels:
+            labels.append(label)
+
+    fault = spec.fault_state
+    for name, cmd in spec.commands.items():
+        origins = spec.allowed_states(name)
+        if cmd.running is None:
+            for origin in origins:
+                add(origin, cmd.to or origin, name)
+                if fault is not None and origin != fault:
+                    add(origin, fault, "error")
+            continue
+        for origin in origins:
+            add(origin, cmd.running, name)
+            add(cmd.running, cmd.to or origin, f"{name} done")
+        for origin in origins:
+            if origin != cmd.running:
+                add(cmd.running, origin, f"{name} cancelled")
+        if fault is not None:
+            add(cmd.running, fault, "error")
+    return [(s, d, ", ".join(labels)) for (s, d), labels in merged.items()]
+
+
+def device_graph(spec: DeviceSpec, fmt: str = "mermaid") -> str:
+    """Mermaid or DOT text of a device's machine (see :func:`device_edges`)."""
+    return render_graph(spec.name, spec.states, spec.initial, device_edges(spec), fmt=fmt)
