@@ -21,7 +21,7 @@ from typing import Any
 from statemachines.source import ConfigErrors
 
 from . import auth
-from .protocol import DEFAULT_MAX_FRAME, DEFAULT_PORT
+from .protocol import DEFAULT_MAX_BATCH, DEFAULT_MAX_DEPTH, DEFAULT_MAX_FRAME, DEFAULT_PORT
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_ABORTED = 0, 1, 2, 3, 130
 
@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, default=1024, help="jobs waiting for a worker")
     serve.add_argument("--max-frame", type=int, default=DEFAULT_MAX_FRAME, help="bytes per line")
     serve.add_argument("--idle-timeout", type=float, default=300.0)
+    serve.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="calls per batch")
+    serve.add_argument("--max-depth", type=int, default=DEFAULT_MAX_DEPTH,
+                       help="JSON nesting levels per message")
+    serve.add_argument("--handshake-timeout", type=float, default=10.0,
+                       help="seconds to finish TLS and authentication (default 10)")
+    serve.add_argument("--max-outgoing", type=int, default=4 << 20,
+                       help="bytes queued to a client that does not read, then it is closed")
 
     call = sub.add_parser("call", help="call one method and print its result as JSON")
     call.add_argument("--server", default=f"127.0.0.1:{DEFAULT_PORT}", metavar="HOST:PORT")
@@ -114,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level),
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
                         stream=sys.stderr)
+    logging.getLogger("transitions").setLevel(max(logging.WARNING, logging.root.level))
     handler = {"serve": cmd_serve, "call": cmd_call, "run": cmd_run, "check": cmd_check,
                "graph": cmd_graph, "demo": cmd_demo}[args.cmd]
     try:
@@ -195,7 +203,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     specs = load_devices(args.device)  # before binding: a bad config never opens a port
     limits = Limits(max_connections=args.max_connections, max_inflight=args.max_inflight,
                     max_queue=args.max_queue, max_frame=args.max_frame,
-                    idle_timeout=args.idle_timeout)
+                    idle_timeout=args.idle_timeout, max_batch=args.max_batch,
+                    max_depth=args.max_depth, handshake_timeout=args.handshake_timeout,
+                    max_outgoing=args.max_outgoing)
     server = CommandServer(args.host, args.port, workers=args.workers, timeout=args.timeout,
                            limits=limits, secret=secret, ssl=context)
     try:

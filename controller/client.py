@@ -312,9 +312,10 @@ class Client:
                      timeout: float = 5.0) -> Future[Any]:
         """Send a request; return at once. ``callback(future)`` runs once it is resolved."""
         future: Future[Any] = Future()
+        request_id = next(self._ids)
+        future.request_id = request_id  # type: ignore[attr-defined]  # for cancel() and progress
         if callback is not None:
             future.add_done_callback(callback)
-        request_id = next(self._ids)
         try:
             data = encode(Request(method, params, request_id))
         except (TypeError, ValueError) as exc:
@@ -352,6 +353,15 @@ class Client:
                 pass
             return True  # the pending entry is resolved by _lost()
         return True
+
+    def cancel(self, future: Future[Any], timeout: float = 5.0) -> Future[Any]:
+        """Ask the server to cancel the request behind ``future`` (``rpc.cancel``).
+
+        The request itself is then answered with the cancelled error (or its result, if it
+        finished first). Returns the future of the ``rpc.cancel`` call.
+        """
+        return self.send_command("rpc.cancel", {"id": future.request_id},  # type: ignore[attr-defined]
+                                 timeout=timeout)
 
     def call(self, method: str, params: Any = None, timeout: float = 5.0) -> Any:
         """Send a request and wait for its result; raise its typed error."""

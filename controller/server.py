@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import ssl as ssl_module
 import threading
 import time
@@ -336,6 +337,7 @@ class Connection(asyncio.Protocol):
         self.closing = False
         self.eof = False  #: the peer half-closed (sent EOF)
         self.callback: CallbackLink | None = None
+        self.callback_port: int | None = None  #: asked for in rpc.hello; linked once authenticated
         self._out: list[bytes] = []
         self._flush_scheduled = False
 
@@ -391,6 +393,7 @@ class Connection(asyncio.Protocol):
     def eof_received(self) -> bool:
         # Half-close: keep the connection until the in-flight replies are written.
         self.eof = True
+        self._flush()  # replies already queued go out before the transport closes
         return bool(self.calls)
 
     # -- dispatch ---------------------------------------------------------------------------
@@ -406,7 +409,7 @@ class Connection(asyncio.Protocol):
             if batch is not None:
                 batch.add(event.response())
             else:
-                self.write(encode(event.response()))
+                self.write(self.encode_reply(event.response()))
             if event.fatal:
                 self.close("frame_limit")
         else:  # a response sent to the server: not a request
@@ -489,8 +492,11 @@ class Connection(asyncio.Protocol):
             return encode(message)
         except (TypeError, ValueError) as exc:
             self.server.stats.count_error(ek.INTERNAL_ERROR)
+            msg_id = getattr(message, "id", None)
+            if isinstance(msg_id, float) and not math.isfinite(msg_id):
+                msg_id = None  # e.g. "id": 1e400 decodes to inf, which has no JSON form
             return encode(ErrorResponse(
-                getattr(message, "id", None), ek.INTERNAL_ERROR,
+                msg_id, ek.INTERNAL_ERROR,
                 "Internal error: the result is not JSON", {"reason": str(exc)}))
 
     def notify(self, method: str, params: Any) -> None:
@@ -516,10 +522,19 @@ class Connection(asyncio.Protocol):
             return
         transport.write(out[0] if len(out) == 1 else b"".join(out))
         if transport.get_write_buffer_size() > self.server.limits.max_outgoing:
-            log.warning("closing %s:%s: it does not read its replies", *self.peer)
-            self.server.stats.count_close("outgoing_buffer")
-            self.closing = True
-            transport.abort()
+            self.overflow()
+
+    def overflow(self) -> None:
+        """The peer does not read its replies (here or on its callback link): drop it."""
+        if self.closing:
+            return
+        log.warning("closing %s:%s: it does not read its replies", *self.peer)
+        self.server.stats.count_close("outgoing_buffer")
+        self.closing = True
+        if self.callback is not None:
+            self.callback.close()
+        if self.transport is not None:
+            self.transport.abort()
 
     def close(self, reason: str) -> None:
         """Close after flushing what is queued."""
@@ -542,20 +557,30 @@ class CallbackLink:
         self.usable = True
         self._writer: asyncio.StreamWriter | None = None
         self._pending: list[bytes] = []
+        self._pending_bytes = 0
         self._connecting = False
 
     def write(self, data: bytes) -> None:
+        if not self.usable:
+            return
+        limit = self.conn.server.limits.max_outgoing
         if self._writer is not None:
             self._writer.write(data)
+            if self._writer.transport.get_write_buffer_size() > limit:
+                self.conn.overflow()
             return
         self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes > limit:
+            self.conn.overflow()
+            return
         if not self._connecting:
             self._connecting = True
             self.conn.server.loop.create_task(self._connect())
 
     async def _connect(self) -> None:
         try:
-            _, self._writer = await asyncio.wait_for(
+            _, writer = await asyncio.wait_for(
                 asyncio.open_connection(self.host, self.port), timeout=5.0)
         except (OSError, asyncio.TimeoutError) as exc:
             log.warning("callback delivery to %s:%s failed (%s); replying on the request "
@@ -565,12 +590,18 @@ class CallbackLink:
                 self.conn.write(data)
             self._pending.clear()
             return
+        if not self.usable:  # closed while connecting
+            writer.close()
+            return
+        self._writer = writer
         for data in self._pending:
-            self._writer.write(data)
+            writer.write(data)
         self._pending.clear()
 
     def close(self) -> None:
         self.usable = False
+        self._pending.clear()
+        self._pending_bytes = 0
         if self._writer is not None:
             self._writer.close()
 
@@ -614,7 +645,6 @@ class CommandServer:
         self._thread: threading.Thread | None = None
         self._server: asyncio.base_events.Server | None = None
         self._address: tuple[str, int] | None = None
-        self._sweeper: asyncio.Task[None] | None = None
         self._started_at = 0.0
         self._on_start: list[Callable[[], None]] = []
         self._on_stop: list[Callable[[], None]] = []
@@ -687,7 +717,15 @@ class CommandServer:
                 return
             ready.set()
             try:
-                loop.run_forever()
+                while True:
+                    try:
+                        loop.run_forever()
+                        break
+                    except (SystemExit, KeyboardInterrupt) as exc:
+                        # Raised by an ``async def`` handler: asyncio re-raises these out of the
+                        # loop; its task already holds the exception (-> device fault reply).
+                        log.error("a handler on the I/O thread raised %s; serving on",
+                                  type(exc).__name__)
             finally:
                 loop.run_until_complete(loop.shutdown_asyncgens())
                 loop.close()
@@ -711,11 +749,12 @@ class CommandServer:
         self.pool = WorkerPool(self.loop, self.workers, self.limits.max_queue)
         self._server = await self.loop.create_server(
             lambda: Connection(self), self.host, self.port, ssl=self.ssl, backlog=1024,
-            reuse_address=True)
+            reuse_address=True,
+            ssl_handshake_timeout=self.limits.handshake_timeout if self.ssl else None)
         sockname = self._server.sockets[0].getsockname()
         self._address = (sockname[0], sockname[1])
         self._started_at = time.monotonic()
-        self._sweeper = self.loop.create_task(self._sweep())
+        self.loop.create_task(self._sweep())
         log.info("listening on %s:%s%s", *self._address, " (TLS)" if self.ssl else "")
 
     def stop(self, grace: float | None = None) -> None:
@@ -743,8 +782,6 @@ class CommandServer:
 
     async def _shutdown(self, grace: float) -> None:
         self.stopping = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()  # else it is destroyed pending when the loop closes
         if self._server is not None:
             self._server.close()
         if self.inflight:
@@ -758,6 +795,13 @@ class CommandServer:
                 call.reject(CancelledError("the server stopped before the command finished",
                                            {"reason": "shutdown"}))
             conn.close("shutdown")
+        # Cancel what is left (async handlers, the sweeper), so that their ``finally`` blocks
+        # run now rather than the tasks being destroyed pending when the loop closes.
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)
         await asyncio.sleep(0)
 
     def __enter__(self) -> CommandServer:
@@ -815,8 +859,7 @@ class CommandServer:
         if port is not None:
             if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
                 raise InvalidParamsError("callback_port must be a TCP port number (1-65535)")
-            conn.callback = CallbackLink(conn, port)
-            reply["callback"] = {"host": conn.peer[0], "port": port}
+            conn.callback_port = port
         if self.secret is not None and not conn.authenticated:
             response = params.get("response")
             if response is None:
@@ -838,6 +881,14 @@ class CommandServer:
                     self.loop.call_soon(conn.close, "auth_failures")
                 raise UnauthorizedError("authentication failed: wrong secret or no challenge; "
                                         "call rpc.hello with a nonce first", {"auth": "hmac-sha256"})
+        # The server connects back only for an authenticated peer, and only to its own address.
+        if conn.authenticated and conn.callback_port is not None and (
+                conn.callback is None or conn.callback.port != conn.callback_port):
+            if conn.callback is not None:
+                conn.callback.close()
+            conn.callback = CallbackLink(conn, conn.callback_port)
+        if conn.callback is not None:
+            reply["callback"] = {"host": conn.callback.host, "port": conn.callback.port}
         reply["authenticated"] = conn.authenticated
         return reply
 

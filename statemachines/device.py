@@ -349,6 +349,56 @@ class DeviceSpec:
         }
 
 
+def catalog_from_discover(described: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Rebuild a catalog (the shape of :meth:`DeviceSpec.catalog`) from an ``rpc.discover``
+    answer, to check workflows against a live server.
+
+    Device commands come from its ``devices`` list (each a :meth:`DeviceSpec.describe`); the
+    server's other methods, except ``rpc.*``, from ``methods``, with ``"from": ["*"]`` and
+    ``"device": None``. Malformed entries are skipped.
+    """
+    catalog: dict[str, dict[str, Any]] = {}
+    for device in described.get("devices") or ():
+        if not isinstance(device, Mapping):
+            continue
+        states = list(device.get("states") or ())
+        for cmd in device.get("commands") or ():
+            if not isinstance(cmd, Mapping) or not isinstance(cmd.get("method"), str):
+                continue
+            params = cmd.get("params")
+            catalog[cmd["method"]] = {
+                "device": device.get("name"),
+                "command": cmd.get("name"),
+                "from": list(cmd.get("from") or ()),
+                "params": dict(params) if isinstance(params, Mapping) else {},
+                "states": states,
+                "timeout": cmd.get("timeout"),
+                "description": cmd.get("description") or "",
+            }
+    for method in described.get("methods") or ():
+        if not isinstance(method, Mapping):
+            continue
+        name = method.get("name")
+        if not isinstance(name, str) or name.startswith("rpc.") or name in catalog:
+            continue
+        rules: dict[str, Any] = {}
+        for param in method.get("params") or ():
+            if isinstance(param, Mapping) and isinstance(param.get("name"), str):
+                rule = dict(param.get("schema") or {})
+                rule.setdefault("required", bool(param.get("required")))
+                rules[param["name"]] = rule
+        catalog[name] = {
+            "device": None,
+            "command": name,
+            "from": ["*"],
+            "params": rules,
+            "states": [],
+            "timeout": method.get("timeout"),
+            "description": method.get("description") or "",
+        }
+    return catalog
+
+
 # --- loading -------------------------------------------------------------------------------
 
 
@@ -913,11 +963,12 @@ class _Parser:
             handler_ref = body["handler"]
             if "ctx" in params:
                 self.err(
-                    _line_of(body, "params"),
+                    _line_of(body.get("params"), "ctx"),
                     f"{where}param name 'ctx' is reserved for the handler's context",
                 )
-            handler = self.handler(handler_ref, _line_of(body, "handler"), where, params)
-            handler_ref = handler_ref if isinstance(handler_ref, str) else None
+            else:
+                handler = self.handler(handler_ref, _line_of(body, "handler"), where, params)
+            handler_ref = handler_ref.strip() if isinstance(handler_ref, str) else None
         else:
             action = self.gpio_action(body, where, gpio, params)
         if len(self.errors) > start:
@@ -1239,7 +1290,7 @@ class DeviceMachine:
             auto_transitions=False,
             send_event=True,
             after_state_change=self._changed,
-            name=f"{spec.name}: ",
+            name=f"device {spec.name}",
         )
 
     def _transitions(self, name: str, cmd: CommandSpec) -> list[dict[str, Any]]:

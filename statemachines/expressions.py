@@ -99,7 +99,7 @@ _METHODS: dict[type, frozenset[str]] = {
 _CONSTANT_HINTS = {"true": "True", "false": "False", "null": "None", "none": "None"}
 
 
-class _Evaluator(simpleeval.EvalWithCompoundTypes):  # type: ignore[misc]
+class _Evaluator(simpleeval.EvalWithCompoundTypes):
     """simpleeval with JSON-style attribute access and read-only methods."""
 
     def __init__(self) -> None:
@@ -118,7 +118,7 @@ class _Evaluator(simpleeval.EvalWithCompoundTypes):  # type: ignore[misc]
         raise _NoAttribute(f"{_type_name(value)} has no attribute {attr!r}")
 
 
-class _NoAttribute(simpleeval.InvalidExpression):  # type: ignore[misc]
+class _NoAttribute(simpleeval.InvalidExpression):
     """``value.attr`` found neither a key nor an allowed method."""
 
 
@@ -204,7 +204,8 @@ def compile_expression(text: str) -> Expression:
         raise ExpressionError(str(text), "an expression must be a non-empty string")
     source = text.strip()
     if source.startswith("{{") and source.endswith("}}"):
-        raise ExpressionError(text, f"write the expression without {{{{ }}}}: {source[2:-2].strip()}")
+        inner = source[2:-2].strip()
+        raise ExpressionError(text, f"write the expression without {{{{ }}}}: {inner}")
     try:
         tree = ast.parse(source, mode="eval")
     except SyntaxError as exc:

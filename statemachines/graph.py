@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .device import DeviceSpec
@@ -63,7 +63,15 @@ def _mermaid_label(text: str) -> str:
     # A transition label runs to the end of the line; keep it on one line and away from the
     # characters the grammar gives a meaning to (";" ends a statement, "%%" starts a comment).
     text = " ".join(text.split())
-    for bad, good in ((";", ","), ("%%", "%"), (":", " -"), ("#", "no."), ("{", "("), ("}", ")")):
+    for bad, good in (
+        ("-->", "->"),
+        (";", ","),
+        ("%%", "%"),
+        (":", " -"),
+        ("#", "no."),
+        ("{", "("),
+        ("}", ")"),
+    ):
         text = text.replace(bad, good)
     return text
 
@@ -173,3 +181,13 @@ def device_edges(spec: DeviceSpec) -> list[tuple[str, str, str]]:
 def device_graph(spec: DeviceSpec, fmt: str = "mermaid") -> str:
     """Mermaid or DOT text of a device's machine (see :func:`device_edges`)."""
     return render_graph(spec.name, spec.states, spec.initial, device_edges(spec), fmt=fmt)
+
+
+def workflow_graph(workflow: Any, fmt: str = "mermaid") -> str:
+    """Mermaid or DOT text of a workflow: a ``CompiledWorkflow`` (anything with
+    ``graph_args()``) or a ``WorkflowSpec`` (compiled here)."""
+    if not hasattr(workflow, "graph_args"):
+        from .workflow import CompiledWorkflow
+
+        workflow = CompiledWorkflow(workflow)
+    return render_graph(**workflow.graph_args(), fmt=fmt)

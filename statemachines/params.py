@@ -200,31 +200,25 @@ def validate_params(
     return result
 
 
-def schema_to_json(specs: Mapping[str, ParamSpec]) -> dict[str, Any]:
-    """A JSON Schema (object) of the params; ``properties`` keep the positional order."""
-    properties: dict[str, Any] = {}
-    required: list[str] = []
+def schema_to_json(specs: Mapping[str, ParamSpec]) -> dict[str, dict[str, Any]]:
+    """JSON-able rules per param, in declared (positional) order, for ``rpc.discover`` and the
+    catalog: ``{name: {"type", "required", and when set "minimum", "maximum", "enum",
+    "default", "description"}}`` (JSON Schema words for the rules)."""
+    out: dict[str, dict[str, Any]] = {}
     for name, spec in specs.items():
-        prop: dict[str, Any] = {"type": spec.type}
+        rule: dict[str, Any] = {"type": spec.type, "required": spec.required}
         if spec.min is not None:
-            prop["minimum"] = spec.min
+            rule["minimum"] = spec.min
         if spec.max is not None:
-            prop["maximum"] = spec.max
+            rule["maximum"] = spec.max
         if spec.choices is not None:
-            prop["enum"] = list(spec.choices)
+            rule["enum"] = list(spec.choices)
         if spec.has_default:
-            prop["default"] = spec.default
+            rule["default"] = spec.default
         if spec.description:
-            prop["description"] = spec.description
-        properties[name] = prop
-        if spec.required and not spec.has_default:
-            required.append(name)
-    return {
-        "type": "object",
-        "properties": properties,
-        "required": required,
-        "additionalProperties": False,
-    }
+            rule["description"] = spec.description
+        out[name] = rule
+    return out
 
 
 # --- config side ---------------------------------------------------------------------------

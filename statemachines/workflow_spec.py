@@ -12,6 +12,7 @@ The config format is documented in ``docs/workflows.md``.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import keyword
 import re
@@ -268,7 +269,9 @@ def parse_workflow(text: str, file: str = "<string>") -> WorkflowSpec:
 
 
 def _suggest(word: Any, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    options = [str(c) for c in choices]
+    same = [c for c in options if c.lower() == str(word).lower()]
+    close = same or difflib.get_close_matches(str(word), options, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -295,6 +298,7 @@ class _Loader:
         self.default_server: str | None = None
         self.command_timeout: float | None = None
         self.saved: set[str] = set()
+        self.cur_line = 1  # line of the state being built
 
     def err(self, line: int, message: str) -> None:
         self.errors.append(ConfigError(self.file, line or 1, message))
@@ -334,7 +338,7 @@ class _Loader:
 
         initial = self._target(root, "initial", "the initial state", required=True)
         on_abort = self._target(root, "on_abort", "the on_abort state")
-        if initial is not None and not self.errors:
+        if initial is not None and len(states) == len(raw_states):
             self._reachability(states, raw_states, initial, on_abort)
         if self.errors:
             raise ConfigErrors(sorted(self.errors, key=lambda e: e.line))
@@ -480,7 +484,7 @@ class _Loader:
                         f"allowed keys: {', '.join(allowed)}",
                     )
             save = body.get("save")
-            if save is not None:
+            if save is not None and kind in ("command", "await"):
                 self._check_save(body, name, save)
             kinds[name] = kind
         return kinds
@@ -502,6 +506,7 @@ class _Loader:
 
     def _state(self, name: str, body: Any, kind: str, line: int) -> StateSpec | None:
         before = len(self.errors)
+        self.cur_line = line
         key_lines = {k: _line(body, k) for k in body if isinstance(k, str)}
         spec: dict[str, Any] = {"description": self._text(body, "description", "a note") or ""}
         if kind == "command":
@@ -528,7 +533,7 @@ class _Loader:
     def _way_out(self, name: str, body: Any, kind: str) -> str | None:
         if "next" not in body:
             self.err(
-                _line(body),
+                self.cur_line,
                 f"{kind} state {name!r} has no way out: add next: STATE",
             )
             return None
@@ -540,13 +545,13 @@ class _Loader:
             if self.default_server is None:
                 if not self.servers:
                     self.err(
-                        _line(body),
+                        self.cur_line,
                         f"state {name!r} talks to a server but the workflow has no servers: "
                         'add servers: {device: "127.0.0.1:15769"}',
                     )
                 else:
                     self.err(
-                        _line(body),
+                        self.cur_line,
                         f"state {name!r} names no server and there is no default: add "
                         f"server: NAME or default_server: NAME ({', '.join(self.servers)})",
                     )
@@ -564,7 +569,7 @@ class _Loader:
         own = self._duration(body, "timeout", f"how long the {kind} may take")
         if own is None and "timeout" not in body and self.command_timeout is None:
             self.err(
-                _line(body),
+                self.cur_line,
                 f"{kind} state {name!r} has no timeout: add timeout: 5s to the state, "
                 "or command_timeout: 5s at the top",
             )
@@ -587,10 +592,8 @@ class _Loader:
                 self.err(_line(body, "params"), "params must be a mapping or a list")
             else:
                 self._check_templates(raw, _line(body, "params"), allowed=set())
-                try:
+                with contextlib.suppress(ExpressionError):  # reported by _check_templates
                     out["params"] = compile_template(raw)
-                except ExpressionError:
-                    pass  # reported with its line by _check_templates
                 out["raw_params"] = raw
         out["save"] = body.get("save")
         if "next" in body and "choices" in body:
@@ -789,8 +792,9 @@ class _Loader:
                         on.add(parsed)
         if len(self.errors) > before:
             return None
+        assert isinstance(attempts, int)
         return RetrySpec(
-            attempts=int(attempts),
+            attempts=attempts,
             interval=1.0 if interval is None else interval,
             backoff=float(backoff),
             max_delay=max_delay,
@@ -828,8 +832,10 @@ class _Loader:
 
 _TYPE_CHECKS: Mapping[str, Any] = {
     "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool)
-    or isinstance(v, float) and v.is_integer(),
+    "integer": lambda v: (
+        (isinstance(v, int) and not isinstance(v, bool))
+        or (isinstance(v, float) and v.is_integer())
+    ),
     "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
     "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
     "bool": lambda v: isinstance(v, bool),
@@ -851,9 +857,10 @@ def check_against(
     ``catalogs`` maps a *server name* of the workflow to that server's catalog, which maps a
     wire method to ``{"device", "command", "from": [...], "states": [...], "params": {name:
     {"type", "minimum", "maximum", "enum", "default", "required"}}}`` (``min``/``max``/
-    ``choices`` are accepted too). A server missing from ``catalogs`` is not checked; with one
-    catalog for every server, pass ``dict.fromkeys(spec.servers, catalog)``. Methods under
-    ``rpc.`` are always known and never checked.
+    ``choices`` are accepted too, and ``params`` may be a JSON Schema object with
+    ``properties`` and ``required``). The key ``"*"`` gives the catalog of every server without
+    its own; a server with neither is not checked. Methods under ``rpc.`` are always known
+    and never checked.
 
     Reported: a command the server does not have, a command whose ``from`` states are empty
     (it can never run), literal params that do not fit (unknown name, missing required param,
@@ -863,13 +870,13 @@ def check_against(
     for state in spec.states.values():
         if state.kind != "command" or state.command is None or state.server is None:
             continue
-        catalog = catalogs.get(state.server)
+        catalog = catalogs.get(state.server, catalogs.get("*"))
         method = state.command
         if catalog is None or method.startswith("rpc."):
             continue
 
-        def err(line: int, message: str) -> None:
-            errors.append(ConfigError(spec.path, line or state.line, message))
+        def err(line: int, message: str, at: int = state.line) -> None:
+            errors.append(ConfigError(spec.path, line or at, message))
 
         entry = catalog.get(method)
         if entry is None:
@@ -886,11 +893,24 @@ def check_against(
                 f"state {state.name!r}: {method} can never run: its device "
                 f"{entry.get('device', '?')!r} allows it from no state (check the device config)",
             )
-        _check_params(state, method, entry.get("params") or {}, err)
+        _check_params(state, method, entry.get("params"), err)
     return errors
 
 
-def _check_params(state: StateSpec, method: str, declared: Mapping[str, Any], err: Any) -> None:
+def _declared(params: Any) -> tuple[dict[str, Mapping[str, Any]], set[str]]:
+    """``(name -> rule, required names)`` from ``{name: rule}`` or a JSON Schema object."""
+    if not isinstance(params, Mapping):
+        return {}, set()
+    props = params.get("properties")
+    if params.get("type") == "object" and isinstance(props, Mapping):
+        rules = {str(k): v if isinstance(v, Mapping) else {} for k, v in props.items()}
+        return rules, {str(n) for n in params.get("required") or ()}
+    rules = {str(k): v if isinstance(v, Mapping) else {} for k, v in params.items()}
+    return rules, {n for n, r in rules.items() if r.get("required") and "default" not in r}
+
+
+def _check_params(state: StateSpec, method: str, params: Any, err: Any) -> None:
+    declared, required = _declared(params)
     raw = state.raw_params
     where = state.line_of("params")
     if raw is None:
@@ -899,7 +919,7 @@ def _check_params(state: StateSpec, method: str, declared: Mapping[str, Any], er
         names = list(declared)
         if len(raw) > len(names):
             err(where, f"{method} takes at most {len(names)} params, got {len(raw)}")
-        given = {n: (v, _line(raw, i)) for i, (n, v) in enumerate(zip(names, raw))}
+        given = {n: (v, _line(raw, i)) for i, (n, v) in enumerate(zip(names, raw, strict=False))}
     else:
         given = {k: (v, _line(raw, k)) for k, v in raw.items()}
     for pname, (value, line) in given.items():
@@ -913,11 +933,11 @@ def _check_params(state: StateSpec, method: str, declared: Mapping[str, Any], er
             continue
         if has_template(value):
             continue
-        problem = _param_problem(declared[pname] or {}, value)
+        problem = _param_problem(declared[pname], value)
         if problem:
             err(line, f"{method} param {pname!r}: {problem}")
-    for pname, rule in declared.items():
-        if pname not in given and (rule or {}).get("required") and "default" not in (rule or {}):
+    for pname in declared:
+        if pname in required and pname not in given:
             err(where, f"{method} needs param {pname!r}: add it under params")
 
 

@@ -7,6 +7,7 @@ re-checks a condition until a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -114,10 +115,14 @@ class RawConnection:
             self._buffer += chunk
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass
+
+
+@pytest.fixture(name="wait_until")
+def wait_until_fixture() -> Callable[..., Any]:
+    """:func:`wait_until` as a fixture (test modules do not import conftest)."""
+    return wait_until
 
 
 @pytest.fixture

@@ -1,0 +1,1 @@
+"""statelink benchmarks: ``python -m bench.run`` (see docs/performance.md)."""

@@ -1,0 +1,619 @@
+"""Run every statelink benchmark and print one table: ``python -m bench.run``.
+
+Each server (the three references of :mod:`bench.references` and statelink) runs as its own
+process; load comes from separate processes (:mod:`bench.load`), over 127.0.0.1 only, bounded
+in time. By default the server process is pinned to CPU 0 and the load processes to CPU 1
+(``--no-pin`` to let the kernel place them). Every ratio in the table compares numbers measured
+in the same run.
+
+Scenarios:
+
+* S1 request/reply, trivial command, 1/16/64 connections, one request in flight each;
+  statelink twice: ``async def`` on the I/O loop and plain ``def`` through the worker pool;
+* S2 one connection, 256 requests in flight (pipelined);
+* S3 64 connections calling a command that blocks 10 ms (statelink with 8 and 64 workers);
+* S4 the workflow engine (:mod:`bench.workflow_bench`): 1000 concurrent 10-step runs;
+* S5 footprint: idle RSS, RSS with 1000 idle connections, start to listening, client import.
+
+``--quick`` runs everything at tiny sizes (a smoke run, not a measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import load
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+#: display names of the servers, in table order
+REF1, REF2, REF3 = "ref1 thread/cmd+callback", "ref2 ThreadingTCPServer", "ref3 asyncio streams"
+SL_ASYNC, SL_SYNC = "statelink async def", "statelink def (pool)"
+REFS = (REF1, REF2, REF3)
+KIND = {REF1: "callback", REF2: "threading", REF3: "asyncio"}
+
+
+# --- server processes ------------------------------------------------------------------------
+
+
+class ServerProcess:
+    """One server in its own process; READY line on stdout; ends when we close its stdin."""
+
+    def __init__(self, kind: str, *, cpu: int | None = None, workers: int = 8,
+                 max_inflight: int | None = None, max_connections: int | None = None,
+                 timeout: float = 20.0) -> None:
+        self.kind = kind
+        self.workers = workers
+        cmd = [PY, "-m", "bench.references", kind, "--port", "0", "--workers", str(workers),
+               "--max-seconds", "900"]
+        if cpu is not None:
+            cmd += ["--cpu", str(cpu)]
+        if max_inflight is not None:
+            cmd += ["--max-inflight", str(max_inflight)]
+        if max_connections is not None:
+            cmd += ["--max-connections", str(max_connections)]
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL)
+        line = _read_line(self.proc, timeout)
+        #: seconds from process start (Popen) to listening (the READY line)
+        self.start_seconds = time.perf_counter() - t0
+        parts = line.split()
+        if len(parts) < 2 or parts[0] != "READY":
+            self.stop()
+            raise RuntimeError(f"{kind} server did not start: {line!r}")
+        self.port = int(parts[1])
+        self.pid = self.proc.pid
+
+    def rss_kb(self) -> int:
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()  # type: ignore[union-attr]
+            except OSError:
+                pass
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    import selectors
+
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    data = b""
+    while b"\n" not in data:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not sel.select(remaining):
+            proc.kill()
+            raise RuntimeError(f"no READY line within {timeout} s")
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        if not chunk:
+            raise RuntimeError("the server exited before listening")
+        data += chunk
+    sel.close()
+    return data.decode().strip()
+
+
+# --- measurements ------------------------------------------------------------------------------
+
+_CTX = mp.get_context("spawn")
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    k = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[k]
+
+
+def measure(spec: load.LoadSpec, procs: int = 1, timeout_extra: float = 30.0) -> dict[str, Any]:
+    """Run ``procs`` load processes (connections split between them) and merge their results."""
+    per = [spec.conns // procs + (1 if i < spec.conns % procs else 0) for i in range(procs)]
+    children = []
+    try:
+        for conns in per:
+            if conns == 0:
+                continue
+            parent_end, child_end = _CTX.Pipe()
+            args = dict(load.spec_dict(spec), conns=conns)
+            proc = _CTX.Process(target=load.load_process, args=(args, child_end), daemon=True)
+            proc.start()
+            child_end.close()
+            children.append((proc, parent_end))
+        for proc, pipe in children:
+            if not pipe.poll(30.0):
+                raise RuntimeError("a load process did not get ready")
+            kind, info = pipe.recv()
+            if kind != "ready":
+                raise RuntimeError(f"load process: {info}")
+        t_go = time.perf_counter() + 0.1
+        for _, pipe in children:
+            pipe.send(("go", t_go))
+        results = []
+        budget = spec.warmup + spec.duration + spec.drain + timeout_extra
+        for _, pipe in children:
+            if not pipe.poll(max(1.0, t_go + budget - time.perf_counter())):
+                raise RuntimeError("a load process did not report in time")
+            kind, info = pipe.recv()
+            if kind != "result":
+                raise RuntimeError(f"load process: {info}")
+            results.append(info)
+    finally:
+        for proc, pipe in children:
+            proc.join(5)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+            pipe.close()
+    lat = array("q")
+    for r in results:
+        lat.frombytes(r["latencies_ns"])
+    values = sorted(lat)
+    completed = sum(r["completed"] for r in results)
+    server_cpu = [r["server_cpu"] for r in results if r["server_cpu"] is not None]
+    return {
+        "throughput": completed / spec.duration,
+        "completed": completed,
+        "sent": sum(r["sent"] for r in results),
+        "errors": sum(r["errors"] for r in results),
+        "lost": sum(r["lost"] for r in results),
+        "p50_ms": percentile(values, 0.50) / 1e6,
+        "p99_ms": percentile(values, 0.99) / 1e6,
+        "load_cpu": sum(r["load_cpu"] for r in results),
+        "server_cpu": statistics.mean(server_cpu) if server_cpu else None,
+    }
+
+
+@dataclass
+class Row:
+    scenario: str
+    server: str
+    conns: int
+    depth: int
+    result: dict[str, Any]
+    note: str = ""
+    ratios: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Options:
+    duration: float
+    warmup: float
+    pin: bool
+    s1_conns: list[int]
+    s2_depth: int
+    s3_conns: int
+    s3_workers: list[int]
+    s4_runs: int
+    s5_conns: int
+    procs: int
+    scenarios: set[str]
+    quick: bool
+
+
+def cpus(opts: Options) -> tuple[int | None, int | None]:
+    """(server CPU, load CPU) when pinning."""
+    if not opts.pin or len(os.sched_getaffinity(0)) < 2:
+        return None, None
+    allowed = sorted(os.sched_getaffinity(0))
+    return allowed[0], allowed[1]
+
+
+def run_s1_s2_s3(opts: Options, log: Any) -> list[Row]:
+    rows: list[Row] = []
+    srv_cpu, load_cpu = cpus(opts)
+    need_s1, need_s2, need_s3 = ("S1" in opts.scenarios, "S2" in opts.scenarios,
+                                 "S3" in opts.scenarios)
+
+    def one(server: ServerProcess, name: str, scenario: str, conns: int, depth: int,
+            method: str, params: Any, note: str = "") -> None:
+        spec = load.LoadSpec(port=server.port, conns=conns, depth=depth, method=method,
+                             params=params, warmup=opts.warmup, duration=opts.duration,
+                             callback=server.kind == "callback", cpu=load_cpu,
+                             server_pid=server.pid)
+        result = measure(spec, procs=min(opts.procs, conns))
+        rows.append(Row(scenario, name, conns, depth, result, note))
+        log(f"  {scenario:<7} {name:<26} {result['throughput']:>10,.0f} req/s  "
+            f"p50 {result['p50_ms']:.3f} ms  p99 {result['p99_ms']:.3f} ms  "
+            f"errors {result['errors']} lost {result['lost']}")
+
+    if need_s1 or need_s2:
+        for name in (*REFS, SL_ASYNC, SL_SYNC):
+            kind = KIND.get(name, "statelink")
+            with ServerProcess(kind, cpu=srv_cpu) as server:
+                method = "bench.echo_sync" if name == SL_SYNC else "bench.echo"
+                if need_s1:
+                    for conns in opts.s1_conns:
+                        one(server, name, f"S1@{conns}", conns, 1, method, ["x"])
+                if need_s2:
+                    one(server, name, "S2", 1, opts.s2_depth, method, ["x"])
+    if need_s3:
+        conns = opts.s3_conns
+        for name in REFS:
+            # the asyncio reference gets one executor thread per connection, like ref1/ref2
+            with ServerProcess(KIND[name], cpu=srv_cpu, workers=conns) as server:
+                one(server, name, "S3", conns, 1, "bench.sleep", [],
+                    note=f"{conns} threads" if name != REF1 else "thread per command")
+        for workers in opts.s3_workers:
+            with ServerProcess("statelink", cpu=srv_cpu, workers=workers) as server:
+                theoretical = min(workers, conns) / 0.010
+                one(server, f"statelink {workers} workers", "S3", conns, 1, "bench.sleep", [],
+                    note=f"max {theoretical:,.0f}/s")
+                rows[-1].result["workers"] = workers
+                rows[-1].result["theoretical"] = theoretical
+    return rows
+
+
+def add_ratios(rows: list[Row]) -> None:
+    by_scenario: dict[str, dict[str, float]] = {}
+    for row in rows:
+        if row.server in REFS:
+            by_scenario.setdefault(row.scenario, {})[row.server] = row.result["throughput"]
+    for row in rows:
+        refs = by_scenario.get(row.scenario, {})
+        row.ratios = {ref: row.result["throughput"] / tp for ref, tp in refs.items() if tp > 0}
+
+
+# --- S4 and S5 ---------------------------------------------------------------------------------
+
+
+def run_s4(opts: Options, log: Any) -> dict[str, Any]:
+    srv_cpu, load_cpu = cpus(opts)
+    # The runner shares one client (one connection) per server among all its runs, so
+    # 1000 concurrent runs put up to 1000 requests in flight on one connection.
+    max_inflight = max(2048, 2 * opts.s4_runs)
+    with ServerProcess("statelink", cpu=srv_cpu, max_inflight=max_inflight) as server:
+        cmd = [PY, "-m", "bench.workflow_bench", "--port", str(server.port),
+               "--runs", str(opts.s4_runs), "--server-pid", str(server.pid)]
+        if load_cpu is not None:
+            cmd += ["--cpu", str(load_cpu)]
+        if opts.quick:
+            cmd += ["--bare-runs", "50"]
+        try:
+            out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180,
+                                 check=False)
+        except subprocess.TimeoutExpired:
+            return {"ok": False, "missing": "the workflow benchmark did not finish in 180 s"}
+    try:
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        result = {"ok": False, "missing": f"no result (exit {out.returncode}): "
+                                          f"{out.stderr.strip()[-800:]}"}
+    result["server_max_inflight"] = max_inflight
+    if result.get("ok"):
+        log(f"  S4      {result['transitions_per_s']:>10,.0f} transitions/s, engine "
+            f"{result['engine_us']:.1f} us vs bare {result['bare_us']:.1f} us per transition "
+            f"({result['engine_vs_bare']:.2f}x)")
+    else:
+        log(f"  S4      not measured: {result.get('missing')}")
+    return result
+
+
+def import_time(module: str, repeat: int) -> dict[str, Any]:
+    """Seconds to import ``module`` in a fresh interpreter (median), and the top imports."""
+    code = ("import time; t = time.perf_counter(); import " + module +
+            "; print(time.perf_counter() - t)")
+    samples = []
+    for _ in range(repeat):
+        out = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                             timeout=60, check=True)
+        samples.append(float(out.stdout.strip()))
+    bare = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        subprocess.run([PY, "-c", "pass"], cwd=ROOT, check=True, timeout=60)
+        bare.append(time.perf_counter() - t0)
+    out = subprocess.run([PY, "-X", "importtime", "-c", "import " + module], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60, check=True)
+    top: list[tuple[int, str]] = []
+    for line in out.stderr.splitlines():
+        if not line.startswith("import time:") or "cumulative" in line:
+            continue
+        _, _, rest = line.partition(":")
+        parts = rest.split("|")
+        name = parts[2].rstrip()
+        depth = (len(name) - len(name.lstrip())) // 2
+        if depth <= 2:
+            top.append((int(parts[1]), name.strip()))
+    top.sort(reverse=True)
+    return {"seconds": statistics.median(samples), "interpreter_seconds": statistics.median(bare),
+            "top_us": top[:8]}
+
+
+def run_s5(opts: Options, log: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"servers": {}, "conns": opts.s5_conns}
+    for name, kind in ((SL_ASYNC, "statelink"), (REF2, "threading"), (REF3, "asyncio"),
+                       (REF1, "callback")):
+        starts = []
+        # start to listening: several fresh starts, median (the first one warms the disk cache)
+        for _ in range(1 if opts.quick else 3):
+            with ServerProcess(kind) as probe:
+                starts.append(probe.start_seconds)
+        with ServerProcess(kind, max_connections=max(1024, opts.s5_conns + 16)) as server:
+            time.sleep(0.3)
+            idle = server.rss_kb()
+            parent_end, child_end = _CTX.Pipe()
+            spec = load.LoadSpec(port=server.port, conns=opts.s5_conns)
+            proc = _CTX.Process(target=load.hold_process, args=(load.spec_dict(spec), child_end),
+                                daemon=True)
+            proc.start()
+            child_end.close()
+            try:
+                if not parent_end.poll(60.0):
+                    raise RuntimeError("the connection holder did not report")
+                kind_msg, info = parent_end.recv()
+                if kind_msg != "held":
+                    raise RuntimeError(f"connection holder: {info}")
+                time.sleep(0.3)
+                loaded = server.rss_kb()
+                parent_end.send("release")
+            finally:
+                proc.join(10)
+                if proc.is_alive():
+                    proc.terminate()
+                parent_end.close()
+        per_conn = (loaded - idle) / opts.s5_conns
+        out["servers"][name] = {"start_s": statistics.median(starts), "idle_rss_mb": idle / 1024,
+                                "rss_conns_mb": loaded / 1024, "kb_per_conn": per_conn}
+        log(f"  S5      {name:<26} start {statistics.median(starts) * 1000:.0f} ms, idle "
+            f"{idle / 1024:.1f} MB, {opts.s5_conns} conns {loaded / 1024:.1f} MB "
+            f"({per_conn:.1f} KB/conn)")
+    out["client_import"] = import_time("controller.client", 1 if opts.quick else 5)
+    log(f"  S5      import controller.client {out['client_import']['seconds'] * 1000:.0f} ms "
+        f"(interpreter start {out['client_import']['interpreter_seconds'] * 1000:.0f} ms)")
+    return out
+
+
+# --- targets and the table -----------------------------------------------------------------------
+
+
+def _find(rows: list[Row], scenario: str, server: str) -> Row | None:
+    return next((r for r in rows if r.scenario == scenario and r.server == server), None)
+
+
+def evaluate(rows: list[Row], s4: dict[str, Any] | None, s5: dict[str, Any] | None,
+             opts: Options) -> list[dict[str, Any]]:
+    targets: list[dict[str, Any]] = []
+
+    def add(name: str, met: bool | None, detail: str) -> None:
+        targets.append({"target": name, "met": met, "detail": detail})
+
+    top = f"S1@{max(opts.s1_conns)}" if opts.s1_conns else None
+    refs = {ref: _find(rows, top, ref) for ref in REFS} if top else {}
+    for variant in (SL_ASYNC, SL_SYNC):
+        row = _find(rows, top, variant) if top else None
+        if row is None or not all(refs.values()):
+            continue
+        r1, r2, r3 = (refs[REF1], refs[REF2], refs[REF3])
+        assert r1 and r2 and r3
+        best = max(r2, r3, key=lambda r: r.result["throughput"])
+        tp = row.result["throughput"]
+        add(f"{top} {variant} >= 1.0x best of ref2/ref3", tp >= best.result["throughput"],
+            f"{tp:,.0f} vs {best.result['throughput']:,.0f} ({best.server}) = "
+            f"{tp / best.result['throughput']:.2f}x")
+        ratio1 = tp / r1.result["throughput"]
+        add(f"{top} {variant} >= 20x ref1", ratio1 >= 20,
+            f"{tp:,.0f} vs {r1.result['throughput']:,.0f} = {ratio1:.1f}x")
+        best_p99 = min(r.result["p99_ms"] for r in (r1, r2, r3))
+        add(f"{top} {variant} p99 <= best reference p99", row.result["p99_ms"] <= best_p99,
+            f"{row.result['p99_ms']:.3f} ms vs {best_p99:.3f} ms")
+    for variant in (SL_ASYNC, SL_SYNC):
+        s2 = _find(rows, "S2", variant)
+        s1 = _find(rows, top, variant) if top else None
+        if s2 and s1:
+            ratio = s2.result["throughput"] / s1.result["throughput"]
+            add(f"S2 {variant} >= 1.5x {top}", ratio >= 1.5,
+                f"{s2.result['throughput']:,.0f} vs {s1.result['throughput']:,.0f} = {ratio:.2f}x")
+    for row in rows:
+        if row.scenario == "S3" and "theoretical" in row.result:
+            share = row.result["throughput"] / row.result["theoretical"]
+            add(f"S3 {row.server} within 10% of workers/10ms", share >= 0.9,
+                f"{row.result['throughput']:,.0f} of {row.result['theoretical']:,.0f}/s = "
+                f"{share:.1%}")
+    if s4 is not None:
+        if s4.get("ok"):
+            add("S4 >= 5,000 transitions/s", s4["transitions_per_s"] >= 5000,
+                f"{s4['transitions_per_s']:,.0f} transitions/s")
+            add("S4 engine cost <= 3x bare Machine(queued=True)", s4["engine_vs_bare"] <= 3,
+                f"{s4['engine_us']:.1f} us vs {s4['bare_us']:.1f} us = "
+                f"{s4['engine_vs_bare']:.2f}x")
+        else:
+            add("S4 workflow engine", None, f"not measured: {s4.get('missing')}")
+    if s5 is not None:
+        sl = s5["servers"].get(SL_ASYNC)
+        if sl:
+            add("S5 idle RSS <= 40 MB", sl["idle_rss_mb"] <= 40, f"{sl['idle_rss_mb']:.1f} MB")
+            add("S5 <= 60 KB per idle connection", sl["kb_per_conn"] <= 60,
+                f"{sl['kb_per_conn']:.1f} KB ({s5['conns']} connections)")
+            add("S5 start to listening <= 0.5 s", sl["start_s"] <= 0.5,
+                f"{sl['start_s'] * 1000:.0f} ms")
+    return targets
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render(rows: list[Row], s4: dict[str, Any] | None, s5: dict[str, Any] | None,
+           targets: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    out = [f"statelink benchmark - {meta['machine']}; {meta['pinning']}; "
+           f"{meta['duration']} s per measurement after {meta['warmup']} s warm-up", ""]
+    if rows:
+        head = (f"| {'scenario':<8} | {'server':<26} | {'conns x depth':>13} | {'req/s':>9} | "
+                f"{'p50 ms':>8} | {'p99 ms':>8} | {'srv CPU':>7} | {'vs ref1':>7} | "
+                f"{'vs ref2':>7} | {'vs ref3':>7} | note")
+        out += [head, "|" + "|".join("-" * (len(c) + 2) if c else "" for c in
+                                     head.strip("|").split("|")[:-1]) + "|------|"]
+        for r in rows:
+            res = r.result
+            ratios = [r.ratios.get(ref) for ref in REFS]
+            note = r.note
+            if res["errors"] or res["lost"]:
+                note += f" errors={res['errors']} lost={res['lost']}"
+            out.append(
+                f"| {r.scenario:<8} | {r.server:<26} | {f'{r.conns} x {r.depth}':>13} | "
+                f"{res['throughput']:>9,.0f} | {res['p50_ms']:>8.3f} | {res['p99_ms']:>8.3f} | "
+                f"{_fmt(res['server_cpu'] and res['server_cpu'] * 100, '>6.0f')}% | "
+                + " | ".join(f"{_fmt(x, '>6.2f')}x" if x is not None else f"{'-':>7}"
+                             for x in ratios)
+                + f" | {note.strip()}")
+        out.append("")
+    if s4 is not None:
+        if s4.get("ok"):
+            out.append(
+                f"S4 workflow engine: {s4['runs']} concurrent runs x {s4['steps']} steps "
+                f"({s4['transitions']} transitions) in {s4['elapsed_s']:.2f} s = "
+                f"{s4['transitions_per_s']:,.0f} transitions/s; run time p50 "
+                f"{s4['run_p50_ms']:.0f} ms p99 {s4['run_p99_ms']:.0f} ms; outcomes "
+                f"{s4['outcomes']}")
+            out.append(
+                f"   engine in-process {s4['engine_us']:.1f} us/transition vs bare "
+                f"transitions.Machine(queued=True) {s4['bare_us']:.1f} us = "
+                f"{s4['engine_vs_bare']:.2f}x; new run {s4['new_run_us']:.0f} us; "
+                f"runner process CPU {s4['runner_cpu_us']:.0f} us/transition; server CPU "
+                f"{_fmt(s4.get('server_cpu_us'), '.0f')} us/transition")
+        else:
+            out.append(f"S4 workflow engine: not measured: {s4.get('missing')}")
+            if "bare_us" in s4:
+                out.append(f"   bare transitions.Machine(queued=True): {s4['bare_us']:.1f} us/transition")
+        out.append("")
+    if s5 is not None:
+        out.append(f"| S5 footprint {'':<13} | start to listening | idle RSS | RSS, "
+                   f"{s5['conns']} idle conns | per conn |")
+        out.append("|---|---|---|---|---|")
+        for name, v in s5["servers"].items():
+            out.append(f"| {name:<26} | {v['start_s'] * 1000:>15.0f} ms | {v['idle_rss_mb']:>5.1f} MB"
+                       f" | {v['rss_conns_mb']:>18.1f} MB | {v['kb_per_conn']:>5.1f} KB |")
+        ci = s5["client_import"]
+        out.append(f"client: `import controller.client` {ci['seconds'] * 1000:.0f} ms in a fresh "
+                   f"interpreter (interpreter start alone {ci['interpreter_seconds'] * 1000:.0f} "
+                   f"ms); largest: " + ", ".join(f"{n} {us / 1000:.0f} ms" for us, n in
+                                                  ci["top_us"][:5]))
+        out.append("")
+    if targets:
+        out.append("Targets:")
+        for t in targets:
+            mark = {True: "MET   ", False: "MISSED", None: "N/A   "}[t["met"]]
+            out.append(f"  {mark} {t['target']}: {t['detail']}")
+    return "\n".join(out)
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes and 0.3 s per measurement (a smoke run)")
+    p.add_argument("--duration", type=float, help="measured seconds per measurement (3)")
+    p.add_argument("--warmup", type=float, help="unmeasured seconds before each (0.5)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--scenarios", default="S1,S2,S3,S4,S5", help="comma-separated subset")
+    p.add_argument("--no-pin", action="store_true",
+                   help="do not pin the server to CPU 0 and the load to CPU 1")
+    p.add_argument("--s1-conns", help="S1 connection counts (1,16,64)")
+    p.add_argument("--s2-depth", type=int, help="S2 requests in flight (256)")
+    p.add_argument("--s3-conns", type=int, help="S3 connections (64)")
+    p.add_argument("--s3-workers", help="S3 statelink worker counts (8,64)")
+    p.add_argument("--s4-runs", type=int, help="S4 concurrent workflow runs (1000)")
+    p.add_argument("--s5-conns", type=int, help="S5 idle connections (1000)")
+    p.add_argument("--procs", type=int, default=1, help="load processes per measurement (1)")
+    a = p.parse_args(argv)
+    q = a.quick
+    opts = Options(
+        duration=a.duration if a.duration is not None else (0.3 if q else 3.0),
+        warmup=a.warmup if a.warmup is not None else (0.1 if q else 0.5),
+        pin=not a.no_pin,
+        s1_conns=_ints(a.s1_conns) if a.s1_conns else ([1, 4] if q else [1, 16, 64]),
+        s2_depth=a.s2_depth or (16 if q else 256),
+        s3_conns=a.s3_conns or (4 if q else 64),
+        s3_workers=_ints(a.s3_workers) if a.s3_workers else ([2] if q else [8, 64]),
+        s4_runs=a.s4_runs or (20 if q else 1000),
+        s5_conns=a.s5_conns or (20 if q else 1000),
+        procs=max(1, a.procs),
+        scenarios={s.strip().upper() for s in a.scenarios.split(",") if s.strip()},
+        quick=q,
+    )
+    return opts, a
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts, args = parse_args(argv)
+    t0 = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    srv_cpu, load_cpu = cpus(opts)
+    meta = {
+        "machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
+                   f"Python {platform.python_version()}, Linux {platform.release()}",
+        "pinning": (f"server pinned to CPU {srv_cpu}, load to CPU {load_cpu}"
+                    if srv_cpu is not None else "not pinned"),
+        "duration": opts.duration,
+        "warmup": opts.warmup,
+        "command": "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "scenarios": sorted(opts.scenarios),
+    }
+    log(f"statelink benchmark ({meta['pinning']})")
+    rows = run_s1_s2_s3(opts, log) if opts.scenarios & {"S1", "S2", "S3"} else []
+    add_ratios(rows)
+    s4 = run_s4(opts, log) if "S4" in opts.scenarios else None
+    s5 = run_s5(opts, log) if "S5" in opts.scenarios else None
+    targets = evaluate(rows, s4, s5, opts) if not opts.quick else []
+    meta["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    print(render(rows, s4, s5, targets, meta))
+    print(f"\n(total {meta['elapsed_s']} s)")
+    if args.json:
+        data = {
+            "meta": meta,
+            "rows": [{"scenario": r.scenario, "server": r.server, "conns": r.conns,
+                      "depth": r.depth, "note": r.note,
+                      "ratios": {ref.split()[0]: v for ref, v in r.ratios.items()},
+                      **r.result} for r in rows],
+            "s4": s4,
+            "s5": s5,
+            "targets": targets,
+        }
+        Path(args.json).write_text(json.dumps(data, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""Every bound of ``Limits`` (docs/reliability.md): each test hits the bound, checks the
+documented error, and checks that the server goes on serving other clients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import socket
+from concurrent.futures import Future
+
+import pytest
+from reliability_helpers import (
+    REPO,
+    WAIT,
+    ChildServer,
+    Raw,
+    error_code,
+    listener,
+    ping_ok,
+    serve,
+    stats,
+    wait_until,
+)
+
+from controller import BusyError, Client, Limits, cli
+
+BUSY, INVALID_REQUEST, PARSE_ERROR, UNAUTHORIZED = -32003, -32600, -32700, -32004
+
+
+def request_line(method: str, params: object = None, id: object = 1) -> bytes:
+    message: dict[str, object] = {"jsonrpc": "2.0", "id": id, "method": method}
+    if params is not None:
+        message["params"] = params
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+def test_max_connections():
+    with serve(limits=Limits(max_connections=3)) as server:
+        conns = [Raw(server.address) for _ in range(3)]
+        try:
+            for conn in conns:
+                assert conn.call("rpc.ping")["result"] == "pong"
+            with Raw(server.address) as extra:
+                reply = extra.json()
+                assert error_code(reply) == BUSY and reply["id"] is None
+                assert "too many connections (limit 3)" in reply["error"]["message"]
+                assert reply["error"]["data"] == {"max_connections": 3}
+                assert extra.closed(WAIT)
+            with pytest.raises(BusyError):
+                Client(server.address, reconnect=False)
+            assert conns[0].call("echo", [1])["result"] == 1  # the others go on
+            conns.pop().close()
+
+            def admitted() -> bool:
+                try:
+                    return ping_ok(server.address)
+                except BusyError:
+                    return False
+
+            wait_until(admitted, what="a free slot after one client left")
+        finally:
+            for conn in conns:
+                conn.close()
+        wait_until(lambda: stats(server.address)["connections"] == 1)
+        assert stats(server.address)["closed_by_reason"]["max_connections"] == 2
+
+
+def test_max_inflight_per_connection():
+    with serve(limits=Limits(max_inflight=3), workers=4) as server, Raw(server.address) as raw:
+        for i in range(3):
+            raw.request("hang", [30], id=i)
+        reply = raw.call("echo", ["one too many"], id="extra")
+        assert error_code(reply) == BUSY
+        assert reply["error"]["data"] == {"max_inflight": 3, "retry": True}
+        assert "too many requests in flight on this connection (limit 3)" in \
+            reply["error"]["message"]
+        with Client(server.address, reconnect=False) as other:  # per connection, not global
+            assert other.call("echo", ["served"]) == "served"
+            assert other.call("rpc.stats")["requests_in_flight"] == 4  # 3 hang + this call
+        server.test_release.set()
+        assert sorted(raw.json()["id"] for _ in range(3)) == [0, 1, 2]
+        assert raw.call("echo", ["again"])["result"] == "again"
+
+
+def test_worker_queue_full_is_busy_at_once():
+    with serve(workers=1, limits=Limits(max_queue=2)) as server, \
+            Client(server.address, reconnect=False) as client:
+        hung = [client.send_command("hang", [30], timeout=WAIT) for _ in range(3)]  # 1 + 2
+        busy = client.send_command("echo", ["no room"], timeout=WAIT)
+        with pytest.raises(BusyError, match=r"worker queue full \(1 workers, 2 queued\)") as info:
+            busy.result(timeout=2.0)  # at once, although the only worker is blocked
+        assert info.value.data == {"retry": True}
+        assert client.call("rpc.ping") == "pong"  # built-ins run on the I/O thread
+        assert ping_ok(server.address)
+        server.test_release.set()
+        assert [f.result(timeout=WAIT) for f in hung] == ["released"] * 3
+        assert client.call("echo", ["room again"]) == "room again"
+        assert stats(server.address)["errors_by_code"] == {str(BUSY): 1}
+
+
+def test_frame_size():
+    limit = 1024
+    with serve(limits=Limits(max_frame=limit)) as server:
+        with Raw(server.address) as raw:
+            pad = limit - (len(request_line("echo", [""])) - 1)
+            line = request_line("echo", ["x" * pad])
+            assert len(line) - 1 == limit  # exactly at the bound: accepted
+            raw.send(line)
+            assert raw.json()["result"] == "x" * pad
+            raw.send(request_line("echo", ["x" * 2 * limit]))
+            reply = raw.json()
+            assert error_code(reply) == INVALID_REQUEST
+            assert reply["error"]["data"] == {"max_frame": limit}
+            assert f"frame limit of {limit} bytes" in reply["error"]["message"]
+            assert raw.closed(WAIT)
+        with Raw(server.address) as unterminated:  # no newline at all: same bound
+            unterminated.send(b"[" * (limit + 10))
+            assert error_code(unterminated.json()) == INVALID_REQUEST
+            assert unterminated.closed(WAIT)
+        assert ping_ok(server.address)
+        assert stats(server.address)["closed_by_reason"]["frame_limit"] == 2
+
+
+def test_batch_size():
+    with serve(limits=Limits(max_batch=5)) as server, Raw(server.address) as raw:
+        batch = [{"jsonrpc": "2.0", "id": i, "method": "echo", "params": [i]} for i in range(6)]
+        raw.send_json(batch)
+        reply = raw.json()
+        assert error_code(reply) == INVALID_REQUEST
+        assert reply["error"]["data"] == {"max_batch": 5}
+        assert "batch of 6 calls exceeds the limit of 5" in reply["error"]["message"]
+        raw.send_json(batch[:5])
+        assert sorted(r["result"] for r in raw.json()) == [0, 1, 2, 3, 4]
+        assert ping_ok(server.address)
+
+
+def nested(depth: int) -> object:
+    value: object = "core"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_json_nesting_depth():
+    with serve(limits=Limits(max_depth=8)) as server, Raw(server.address) as raw:
+        assert raw.call("echo", [nested(6)])["result"] == nested(6)  # 1 + 1 + 6 = 8 levels
+        raw.request("echo", [nested(7)], id="deep")
+        reply = raw.json()
+        assert error_code(reply) == PARSE_ERROR
+        assert reply["error"]["data"] == {"max_depth": 8}
+        assert "nesting deeper than 8 levels" in reply["error"]["message"]
+        raw.send_line(b"[" * 200_000)  # refused cheaply, never recursed into
+        assert error_code(raw.json()) == PARSE_ERROR
+        assert raw.call("echo", ["still here"])["result"] == "still here"
+        assert ping_ok(server.address)
+
+
+def test_idle_timeout():
+    with serve(limits=Limits(idle_timeout=0.3)) as server, Raw(server.address) as silent, \
+            Raw(server.address) as working:
+        working.request("hang", [30], id="work")
+        assert silent.closed(WAIT), "an idle connection is closed"
+        # a connection waiting for a reply is not idle
+        server.test_release.set()
+        assert working.json()["result"] == "released"
+        assert working.closed(WAIT), "idle once answered"
+        snapshot = stats(server.address)
+        assert snapshot["closed_by_reason"]["idle_timeout"] == 2
+        assert snapshot["limits"]["idle_timeout"] == 0.3
+
+
+def test_handshake_timeout():
+    secret = "s3cret-for-the-handshake-test"
+    limits = Limits(handshake_timeout=0.3)
+    with serve(secret=secret, limits=limits) as server, \
+            Client(server.address, secret=secret, reconnect=False) as client, \
+            Raw(server.address) as silent, Raw(server.address) as halfway:
+        halfway.call("rpc.hello", {"nonce": "n"})  # asked for a challenge, never answers
+        assert silent.closed(WAIT)
+        assert halfway.closed(WAIT)
+        assert client.call("echo", ["authenticated clients stay"]) == \
+            "authenticated clients stay"
+        assert client.call("rpc.stats")["closed_by_reason"]["handshake_timeout"] == 2
+
+
+def test_outgoing_buffer_of_a_client_that_stops_reading(tmp_path):
+    """A client pipelines requests with big results and never reads: the server closes it,
+    counts it, keeps its memory bounded, and serves everyone else."""
+    requests, size = 600, 64 * 1024  # 600 x 64 KiB = 37.5 MiB of replies if nothing bounded
+    args = ["--max-outgoing", str(256 * 1024), "--max-inflight", "2000", "--max-queue", "2000"]
+    with ChildServer("test-server", args, tmp_path / "log") as child:
+        assert ping_ok(child.address)
+        baseline = child.rss_kib()
+        with Raw(child.address, rcvbuf=4096) as hog:
+            hog.send(b"".join(request_line("big", [size], id=i) for i in range(requests)))
+            wait_until(lambda: stats(child.address)["closed_by_reason"].get("outgoing_buffer"),
+                       what="the server to drop the client that does not read")
+            grown = child.rss_kib() - baseline
+            snapshot = stats(child.address)
+            assert snapshot["connections"] == 1  # only this stats client
+            wait_until(lambda: stats(child.address)["requests_in_flight"] == 1)
+        assert grown < 24 * 1024, f"server RSS grew by {grown} KiB"
+        with Client(child.address, reconnect=False) as client:
+            assert client.call("big", [size]) == "x" * size
+
+
+def test_outgoing_buffer_of_a_callback_link_that_stops_reading():
+    with serve(limits=Limits(max_outgoing=256 * 1024)) as server, Raw(server.address) as raw:
+        sink = listener()
+        sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        with sink:
+            raw.call("rpc.hello", {"callback_port": sink.getsockname()[1]})
+            raw.send(b"".join(request_line("big", [65536], id=i) for i in range(200)))
+            assert raw.closed(WAIT)
+            snapshot = stats(server.address)
+            assert snapshot["closed_by_reason"]["outgoing_buffer"] == 1
+        assert ping_ok(server.address)
+
+
+def test_stats_reports_connections_inflight_totals_and_errors():
+    with serve() as server, Client(server.address, reconnect=False) as client:
+        base = client.call("rpc.stats")
+        assert base["connections"] == 1 and base["requests_in_flight"] == 1
+        hung: Future[object] = client.send_command("hang", [30], timeout=WAIT)
+        for bad in ("nope", "fail"):
+            with pytest.raises(Exception):  # noqa: B017 - any error; codes checked below
+                client.call(bad)
+        with Raw(server.address) as raw:
+            raw.send_line(b"{not json")
+            assert error_code(raw.json()) == PARSE_ERROR
+            now = client.call("rpc.stats")
+            assert now["connections"] == 2
+            assert now["requests_in_flight"] == 2  # hang + this stats call
+            assert now["requests_total"] == base["requests_total"] + 4
+            assert now["errors_by_code"] == {"-32700": 1, "-32601": 1, "-32006": 1}
+            assert set(now) >= {"connections_total", "replies_total", "closed_by_reason",
+                                "late_outcomes", "worker_queue", "uptime", "limits"}
+        server.test_release.set()
+        assert hung.result(timeout=WAIT) == "released"
+        wait_until(lambda: client.call("rpc.stats")["connections"] == 1)
+
+
+# -- documented and configurable -------------------------------------------------------------
+LIMIT_OPTIONS = {"max_connections", "max_inflight", "max_queue", "max_frame", "max_batch",
+                 "max_depth", "idle_timeout", "handshake_timeout", "max_outgoing"}
+
+
+def test_every_limit_is_documented_with_its_default():
+    text = (REPO / "docs" / "reliability.md").read_text()
+    for field in dataclasses.fields(Limits):
+        default = field.default
+        assert f"`{field.name}`" in text, f"{field.name} is not in docs/reliability.md"
+        row = next(line for line in text.splitlines() if f"`{field.name}`" in line)
+        shown = {int: lambda v: [str(v), f"{v:,}"], float: lambda v: [f"{v:g}"]}[type(default)](
+            default)
+        assert any(re.search(rf"\b{re.escape(s)}\b", row) for s in shown), (field.name, row)
+
+
+def test_every_bound_is_a_serve_option():
+    serve_parser = cli.build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    dests = {action.dest: action.default for action in serve_parser._actions}
+    defaults = Limits()
+    for name in LIMIT_OPTIONS:
+        assert name in dests, f"statelink serve has no --{name.replace('_', '-')}"
+        assert dests[name] == getattr(defaults, name), name

@@ -1,0 +1,124 @@
+"""The ``statelink`` command line, run as real processes against real servers on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_DEVICE = ROOT / "config" / "devices" / "demo.yaml"
+WAIT = 20.0
+
+
+def statelink(*args: str, timeout: float = 60, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "controller", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT, **kwargs)  # type: ignore[call-overload]
+
+
+class ServeProcess:
+    """``statelink serve --port 0 ...`` in the background; ``address`` parsed from its log."""
+
+    def __init__(self, *args: str):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "controller", "serve", "--port", "0", *args],
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT)
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.address = self._wait_for_address()
+
+    def _pump(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.put(line)
+        self.lines.put("")
+
+    def _wait_for_address(self) -> tuple[str, int]:
+        while True:
+            line = self.lines.get(timeout=WAIT)
+            if not line:
+                raise AssertionError(f"statelink serve exited with {self.proc.wait(5)}")
+            match = re.search(r"serving on ([\d.]+):(\d+)", line)
+            if match:
+                return match.group(1), int(match.group(2))
+
+    @property
+    def server(self) -> str:
+        return f"{self.address[0]}:{self.address[1]}"
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(WAIT)
+
+
+@pytest.fixture
+def served() -> Iterator[ServeProcess]:
+    proc = ServeProcess("--device", str(DEMO_DEVICE), "--simulate")
+    yield proc
+    if proc.proc.poll() is None:
+        proc.proc.kill()
+        proc.proc.wait(WAIT)
+
+
+def test_raw_line_ping_like_nc(served: ServeProcess) -> None:
+    with socket.create_connection(served.address, timeout=WAIT) as sock:
+        sock.sendall(b'{"jsonrpc":"2.0","id":1,"method":"rpc.ping"}\n')
+        reply = sock.makefile("rb").readline()
+    assert json.loads(reply) == {"jsonrpc": "2.0", "id": 1, "result": "pong"}
+
+
+def test_call_prints_result_and_exit_codes(served: ServeProcess) -> None:
+    ok = statelink("call", "--server", served.server, "demo.calibrate", '{"steps": 1, "delay": 0}')
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["steps"] == 1
+    refused = statelink("call", "--server", served.server, "demo.reset")
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("error -32001: ")
+    unknown = statelink("call", "--server", served.server, "nope")
+    assert unknown.returncode == 1 and unknown.stderr.startswith("error -32601: ")
+    bad_json = statelink("call", "--server", served.server, "demo.blink", "{nope")
+    assert bad_json.returncode == 2
+
+
+def test_sigterm_stops_cleanly(served: ServeProcess) -> None:
+    assert served.stop() == 0
+
+
+def test_call_unreachable_server_exits_3() -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = statelink("call", "--server", f"127.0.0.1:{port}", "rpc.ping")
+    assert result.returncode == 3 and "cannot reach" in result.stderr
+
+
+def test_serve_port_in_use_exits_nonzero_with_one_line_reason() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = statelink("serve", "--port", str(port), timeout=WAIT)
+    assert result.returncode == 1
+    assert "in use" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_serve_refuses_public_address_without_secret() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "STATELINK_SECRET"}
+    result = statelink("serve", "--host", "0.0.0.0", timeout=WAIT, env=env)
+    assert result.returncode == 2 and "secret" in result.stderr and "--insecure" in result.stderr
+
+
+def test_python_m_controller_matches_console_script() -> None:
+    result = statelink("--help")
+    assert result.returncode == 0 and "serve" in result.stdout and "demo" in result.stdout

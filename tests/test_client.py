@@ -1,0 +1,487 @@
+"""Client against live servers on 127.0.0.1: futures, callbacks, typed errors, reconnects,
+callback delivery and authentication. Every wait is on an event or future, bounded."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import Future
+
+import pytest
+
+from controller import (
+    CallbackListener,
+    CancelledError,
+    Client,
+    CommandTimeoutError,
+    ConnectionLostError,
+    DeviceFaultError,
+    InvalidParamsError,
+    Limits,
+    MethodNotFoundError,
+    RpcError,
+    UnauthorizedError,
+    auth,
+)
+
+WAIT = 10.0
+
+
+@pytest.fixture
+def clients():
+    """``clients(address, **kwargs)``: a connected Client, closed at teardown."""
+    made: list[Client] = []
+
+    def make(address, **kwargs) -> Client:
+        client = Client(address, **kwargs)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
+
+
+@pytest.fixture
+def busy_server(make_server, release):
+    """A server with ``slow`` (blocks on ``release``, then returns its argument) and friends."""
+    server = make_server()
+    server.started = threading.Event()
+
+    @server.command("add")
+    def add(a, b):
+        return a + b
+
+    @server.command("slow", timeout=60)
+    def slow(value="slow"):
+        server.started.set()
+        release.wait(WAIT)
+        return value
+
+    @server.command("fail")
+    def fail():
+        raise RuntimeError("no power")
+
+    return server
+
+
+class Outcomes:
+    """Counts callback invocations per future (callbacks run on client threads)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.calls: dict[int, int] = {}
+        self.done = threading.Event()
+
+    def callback(self, future: Future) -> None:
+        with self.lock:
+            self.calls[id(future)] = self.calls.get(id(future), 0) + 1
+        self.done.set()
+
+    def count(self, future: Future) -> int:
+        with self.lock:
+            return self.calls.get(id(future), 0)
+
+
+# -- send_command -------------------------------------------------------------------------
+
+
+def test_send_command_returns_at_once_and_calls_back_once(busy_server, clients, release):
+    client = clients(busy_server.address)
+    outcomes = Outcomes()
+    t0 = time.monotonic()
+    future = client.send_command("slow", ["result"], callback=outcomes.callback, timeout=30)
+    assert time.monotonic() - t0 < 1.0
+    assert busy_server.started.wait(WAIT)
+    assert not future.done() and outcomes.count(future) == 0
+    assert client.pending == 1
+    release.set()
+    assert future.result(WAIT) == "result"
+    assert outcomes.done.wait(WAIT)
+    assert client.call("rpc.ping") == "pong"
+    assert outcomes.count(future) == 1
+    assert client.pending == 0
+
+
+def test_server_error_is_a_typed_exception(busy_server, clients):
+    client = clients(busy_server.address)
+    outcomes = Outcomes()
+    future = client.send_command("fail", callback=outcomes.callback)
+    error = future.exception(WAIT)
+    assert isinstance(error, DeviceFaultError) and isinstance(error, RpcError)
+    assert error.code == -32006 and error.kind == "device_fault"
+    assert error.data == {"exception": "RuntimeError", "message": "no power"}
+    assert outcomes.done.wait(WAIT) and outcomes.count(future) == 1
+
+
+def test_client_timeout_then_late_reply_is_dropped(busy_server, clients, release):
+    client = clients(busy_server.address)
+    outcomes = Outcomes()
+    t0 = time.monotonic()
+    future = client.send_command("slow", callback=outcomes.callback, timeout=0.2)
+    error = future.exception(WAIT)
+    assert time.monotonic() - t0 >= 0.2
+    assert isinstance(error, CommandTimeoutError) and isinstance(error, TimeoutError)
+    assert error.code == -32002
+    assert error.data == {"timeout": 0.2, "method": "slow", "source": "client"}
+    release.set()  # the server now answers; the client must drop that reply
+    assert client.call("rpc.ping") == "pong"  # on the same connection: after the late reply
+    assert outcomes.count(future) == 1
+    assert client.pending == 0
+
+
+def test_call_raises_typed_errors(busy_server, clients):
+    client = clients(busy_server.address)
+    assert client.call("add", [1, 2]) == 3
+    assert client.call("add", {"a": "x", "b": "y"}) == "xy"
+    with pytest.raises(MethodNotFoundError) as info:
+        client.call("missing")
+    assert info.value.code == -32601 and info.value.kind == "unknown_command"
+    with pytest.raises(InvalidParamsError) as info:
+        client.call("add", [1])
+    assert "missing a required argument" in info.value.data["reason"]
+    with pytest.raises(DeviceFaultError, match="no power"):
+        client.call("fail")
+    with pytest.raises(CommandTimeoutError):
+        client.call("slow", timeout=0.1)
+
+
+def test_params_that_are_not_json(busy_server, clients):
+    client = clients(busy_server.address)
+    future = client.send_command("add", [object(), 1])
+    assert isinstance(future.exception(WAIT), TypeError)
+    assert client.pending == 0
+
+
+def test_many_threads_at_once(make_server, clients):
+    # more calls in flight than the default limits (256 per connection, 1024 queued) allow
+    server = make_server(limits=Limits(max_inflight=4096, max_queue=4096))
+
+    @server.command("add")
+    def add(a, b):
+        return a + b
+
+    client = clients(server.address)
+    outcomes = Outcomes()
+    n_threads, per_thread = 16, 100
+    barrier = threading.Barrier(n_threads)
+    futures: dict[tuple[int, int], Future] = {}
+    lock = threading.Lock()
+
+    def worker(t: int) -> None:
+        barrier.wait(WAIT)
+        for i in range(per_thread):
+            future = client.send_command("add", [t * 1000, i], callback=outcomes.callback)
+            with lock:
+                futures[(t, i)] = future
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(n_threads)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT)
+    assert len(futures) == n_threads * per_thread
+    for (t, i), future in futures.items():
+        assert future.result(WAIT) == t * 1000 + i
+    assert client.call("rpc.ping") == "pong"
+    assert all(outcomes.count(f) == 1 for f in futures.values())
+    assert client.pending == 0
+
+
+def test_notify(busy_server, clients):
+    got: list = []
+    seen = threading.Event()
+
+    @busy_server.command("record")
+    def record(*args):
+        got.append(args)
+        seen.set()
+
+    client = clients(busy_server.address)
+    assert client.notify("record", [1, "two"]) is True
+    assert seen.wait(WAIT)
+    assert got == [(1, "two")]
+    assert client.pending == 0
+    assert client.notify("no.such.method") is True  # no reply, ever
+    assert client.call("rpc.ping") == "pong"
+
+
+def test_subscribe_handler(busy_server, clients):
+    client = clients(busy_server.address)
+    got: list = []
+    seen = threading.Event()
+
+    def handler(params):
+        got.append(params)
+        seen.set()
+
+    unsubscribe = client.subscribe("device.state", handler)
+    params = {"device": "pump", "state": "on", "previous": "off", "command": "start"}
+    busy_server.call_soon(busy_server.publish, "device.state", params)
+    assert seen.wait(WAIT)
+    assert got == [params]
+    unsubscribe()
+    assert client.call("rpc.ping") == "pong"  # the rpc.unsubscribe went first
+    busy_server.call_soon(busy_server.publish, "device.state", params)
+    assert client.call("rpc.ping") == "pong"  # published before this ping: nothing came
+    assert got == [params]
+
+
+def test_progress_notifications_reach_a_subscriber(busy_server, clients):
+    from controller.server import FunctionCommand
+
+    class WithProgress(FunctionCommand):
+        def start(self, call):
+            call.progress(0.25, "quarter")
+            busy_server.call_soon(call.resolve, "done")
+
+    busy_server.register("job", WithProgress(busy_server, "job", lambda: None, None, None))
+    client = clients(busy_server.address)
+    got: list = []
+    client.subscribe("rpc.progress", got.append)
+    future = client.send_command("job")
+    assert future.result(WAIT) == "done"
+    assert got == [{"id": got[0]["id"], "progress": 0.25, "message": "quarter"}]
+
+
+# -- losing the connection ----------------------------------------------------------------
+
+
+def fake_server(script):
+    """A listening socket whose one connection runs ``script(conn, lines)`` on a thread."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(WAIT)
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            script(conn, conn.makefile("rb"))
+        listener.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener.getsockname()[:2], thread
+
+
+def test_connection_dropped_mid_request_gives_connection_lost(clients):
+    got_request = threading.Event()
+
+    def script(conn, lines):
+        hello = json.loads(lines.readline())
+        conn.sendall(json.dumps({"jsonrpc": "2.0", "id": hello["id"],
+                                 "result": {"server": "fake", "auth": None}}).encode() + b"\n")
+        lines.readline()  # the request: never answered
+        got_request.set()
+
+    address, thread = fake_server(script)
+    client = clients(address, reconnect=False)
+    outcomes = Outcomes()
+    future = client.send_command("anything", callback=outcomes.callback, timeout=30)
+    error = future.exception(WAIT)
+    assert got_request.is_set()
+    assert isinstance(error, ConnectionLostError) and isinstance(error, ConnectionError)
+    assert error.code == -32010 and error.kind == "connection_lost"
+    assert error.data == {"method": "anything"}
+    assert outcomes.count(future) == 1
+    thread.join(WAIT)
+    # not connected any more: at once, not after the timeout
+    later = client.send_command("rpc.ping", timeout=30)
+    assert isinstance(later.exception(1.0), ConnectionLostError)
+
+
+def test_server_stopped_mid_request_then_reconnect(make_server, clients, release):
+    server = make_server(grace=0.1)
+    started = threading.Event()
+
+    @server.command("slow", timeout=60)
+    def slow():
+        started.set()
+        release.wait(WAIT)
+
+    port = server.address[1]
+    client = clients(server.address, max_backoff=0.2)
+    up, down = threading.Event(), threading.Event()
+    client.on_connection(lambda connected: (up if connected else down).set())
+    got: list = []
+    client.subscribe("device.state", got.append)
+
+    future = client.send_command("slow", timeout=30)
+    assert started.wait(WAIT)
+    server.stop()
+    # stop() answers what is still running after the grace period: cancelled (shutdown)
+    error = future.exception(WAIT)
+    assert isinstance(error, CancelledError)
+    assert error.data == {"reason": "shutdown"}
+    assert down.wait(WAIT)
+    assert not client.connected
+    lost = client.send_command("rpc.ping", timeout=30)
+    assert isinstance(lost.exception(1.0), ConnectionLostError)
+    assert "reconnecting" in lost.exception().message
+
+    # a new server on the same port: the client reconnects by itself
+    again = make_server(port=port)
+
+    @again.command("add")
+    def add(a, b):
+        return a + b
+
+    assert up.wait(WAIT)
+    assert client.connected and client.reconnects == 1
+    assert client.call("add", [2, 3]) == 5
+    # the subscription was renewed on the new connection (before that call)
+    params = {"device": "d", "state": "s", "previous": "p", "command": "c"}
+    again.call_soon(again.publish, "device.state", params)
+    assert client.call("rpc.ping") == "pong"
+    assert got == [params]
+
+
+SERVER_SCRIPT = r"""
+import sys, threading
+from controller import CommandServer
+
+server = CommandServer(port=0)
+
+@server.command("slow", timeout=60)
+def slow():
+    print("started", flush=True)
+    threading.Event().wait()
+
+server.start()
+print(server.address[1], flush=True)
+threading.Event().wait()
+"""
+
+
+def read_line(stream, timeout: float = WAIT) -> str:
+    deadline = time.monotonic() + timeout
+    data = b""
+    while not data.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"no line from the server process; got {data!r}"
+        ready, _, _ = select.select([stream], [], [], remaining)
+        if ready:
+            chunk = os.read(stream.fileno(), 1)
+            assert chunk, f"the server process ended; got {data!r}"
+            data += chunk
+    return data.decode().strip()
+
+
+def test_server_process_killed_mid_request(clients):
+    proc = subprocess.Popen([sys.executable, "-c", SERVER_SCRIPT], stdout=subprocess.PIPE,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        port = int(read_line(proc.stdout))
+        client = clients(("127.0.0.1", port), reconnect=False)
+        assert client.call("rpc.ping") == "pong"
+        outcomes = Outcomes()
+        future = client.send_command("slow", callback=outcomes.callback, timeout=30)
+        assert read_line(proc.stdout) == "started"
+        os.kill(proc.pid, signal.SIGKILL)
+        error = future.exception(WAIT)
+        assert isinstance(error, ConnectionLostError)
+        assert outcomes.count(future) == 1
+    finally:
+        proc.kill()
+        proc.wait(WAIT)
+        proc.stdout.close()
+
+
+def test_connect_refused_is_an_oserror():
+    sock = socket.create_server(("127.0.0.1", 0))
+    address = sock.getsockname()[:2]
+    sock.close()
+    with pytest.raises(OSError):
+        Client(address, reconnect=False)
+
+
+# -- callback delivery --------------------------------------------------------------------
+
+
+def test_callback_listener_end_to_end(busy_server, clients):
+    with CallbackListener() as listener:
+        client = clients(busy_server.address, callback_listener=listener)
+        assert client.server_info["callback"] == {"host": "127.0.0.1",
+                                                  "port": listener.address[1]}
+        assert listener.received == 0  # the handshake is answered on the request connection
+        assert client.call("add", [40, 2]) == 42
+        assert listener.received == 1
+        futures = [client.send_command("add", [i, i]) for i in range(20)]
+        assert [f.result(WAIT) for f in futures] == [2 * i for i in range(20)]
+        assert listener.received == 21
+        with pytest.raises(DeviceFaultError):
+            client.call("fail")
+        assert listener.received == 22
+        client.close()
+
+
+def test_callback_port_must_be_a_port(busy_server, raw):
+    conn = raw(busy_server.address)
+    reply = conn.call("rpc.hello", {"callback_port": 70000})
+    assert reply["error"]["code"] == -32602
+
+
+# -- authentication -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def secret_server(make_server):
+    server = make_server(secret="s3cret")
+
+    @server.command("add")
+    def add(a, b):
+        return a + b
+
+    return server
+
+
+def test_right_secret_works(secret_server, clients):
+    client = clients(secret_server.address, secret="s3cret")
+    assert client.server_info["authenticated"] is True
+    assert client.server_info["auth"] == "hmac-sha256"
+    assert client.call("add", [1, 2]) == 3
+
+
+def test_wrong_secret_is_unauthorized(secret_server):
+    with pytest.raises(UnauthorizedError) as info:
+        Client(secret_server.address, secret="wrong", reconnect=False)
+    assert info.value.code == -32004
+
+
+def test_no_secret_is_unauthorized(secret_server):
+    with pytest.raises(UnauthorizedError, match="requires a secret"):
+        Client(secret_server.address, reconnect=False)
+
+
+def test_raw_call_before_hello_is_refused_then_closed(secret_server, raw):
+    conn = raw(secret_server.address)
+    for i in range(3):
+        reply = conn.call("rpc.ping", id=i)
+        assert reply["error"]["code"] == -32004
+        assert reply["error"]["data"] == {"auth": "hmac-sha256"}
+    assert conn.closed()
+
+
+def test_raw_wrong_response_is_refused(secret_server, raw):
+    conn = raw(secret_server.address)
+    hello = conn.call("rpc.hello", {"nonce": "abc"})["result"]
+    assert hello["authenticated"] is False and hello["challenge"]
+    reply = conn.call("rpc.hello", {"response": "0" * 64})
+    assert reply["error"]["code"] == -32004
+
+
+def test_raw_handshake(secret_server, raw):
+    conn = raw(secret_server.address)
+    secret, nonce = b"s3cret", "client-nonce-1"
+    hello = conn.call("rpc.hello", {"client": "raw", "nonce": nonce})["result"]
+    challenge = hello["challenge"]
+    assert hello["proof"] == auth.digest(secret, "server", challenge, nonce)
+    reply = conn.call("rpc.hello", {"response": auth.digest(secret, "client", challenge, nonce)})
+    assert reply["result"]["authenticated"] is True
+    assert conn.call("add", [2, 2])["result"] == 4

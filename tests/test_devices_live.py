@@ -1,0 +1,203 @@
+"""Devices served over real loopback sockets: states, params, faults, notifications, progress,
+cancellation, serialisation per device, parallelism across devices, and GPIO pin levels on
+gpiozero's MockFactory."""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controller import (
+    CancelledError,
+    Client,
+    CommandServer,
+    DeviceFaultError,
+    InvalidParamsError,
+    NotAllowedError,
+)
+from statemachines.device import load_device
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "config" / "devices" / "demo.yaml"
+WAIT = 10.0
+
+
+@pytest.fixture
+def demo() -> Iterator[tuple[CommandServer, Client]]:
+    server = CommandServer(port=0, grace=0.5)
+    server.add_device(load_device(DEMO), simulate=True)
+    with server, Client(server.address) as client:
+        yield server, client
+
+
+def _lane_device(tmp_path: Path, name: str) -> Path:
+    """A device whose `slow` command waits on a gate the test opens."""
+    (tmp_path / f"{name}_hw.py").write_text(textwrap.dedent("""
+        import threading
+        gate = threading.Event()
+        order = []
+
+        def slow(ctx):
+            gate.wait(10)
+            order.append("slow")
+            return "slow"
+
+        def fast(ctx):
+            order.append("fast")
+            return "fast"
+    """))
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(textwrap.dedent(f"""
+        device: {name}
+        states: [idle, busy]
+        commands:
+          slow: {{from: "*", running: busy, handler: {name}_hw:slow, timeout: 20s}}
+          fast: {{from: "*", handler: {name}_hw:fast}}
+    """))
+    return path
+
+
+def test_command_refused_in_wrong_state_with_documented_error(demo: Any) -> None:
+    _, client = demo
+    with pytest.raises(NotAllowedError) as refused:
+        client.call("demo.reset")
+    assert refused.value.code == -32001
+    assert refused.value.data == {"device": "demo", "state": "idle", "allowed": ["fault"],
+                                  "command": "reset"}
+    assert client.call("demo.state") == {"device": "demo", "state": "idle"}
+
+
+def test_params_validated_before_the_handler(demo: Any) -> None:
+    _, client = demo
+    with pytest.raises(InvalidParamsError) as exc:
+        client.call("demo.calibrate", {"steps": 500})
+    assert exc.value.code == -32602 and "steps" in exc.value.message
+    with pytest.raises(InvalidParamsError, match="speed"):
+        client.call("demo.calibrate", {"speed": 1})
+    with pytest.raises(InvalidParamsError, match="steps"):
+        client.call("demo.calibrate", {"steps": "many"})
+    assert client.call("demo.state")["state"] == "idle"
+
+
+def test_fault_then_reset_with_ordered_state_notifications(demo: Any) -> None:
+    _, client = demo
+    changes: queue.Queue[dict[str, Any]] = queue.Queue()
+    client.subscribe("device.state", changes.put)
+    assert client.call("demo.calibrate", {"steps": 2, "delay": 0}) == {
+        "steps": 2, "offset": pytest.approx(0.0, abs=0.1)}
+    with pytest.raises(DeviceFaultError) as fault:
+        client.call("demo.selftest", {"fail": True})
+    assert fault.value.code == -32006 and "Traceback" not in fault.value.message
+    assert client.call("demo.state")["state"] == "fault"
+    with pytest.raises(NotAllowedError):
+        client.call("demo.calibrate")
+    assert client.call("demo.reset") == {"ok": True}
+    seen = [changes.get(timeout=WAIT) for _ in range(4)]
+    assert [(c["previous"], c["state"], c["command"]) for c in seen] == [
+        ("idle", "calibrating", "calibrate"),
+        ("calibrating", "idle", "calibrate"),
+        ("idle", "fault", "selftest"),
+        ("fault", "idle", "reset"),
+    ]
+    assert all(c["device"] == "demo" for c in seen)
+
+
+def test_progress_then_cancel(demo: Any) -> None:
+    _, client = demo
+    progress: queue.Queue[dict[str, Any]] = queue.Queue()
+    client.subscribe("rpc.progress", progress.put)
+    future = client.send_command("demo.calibrate", {"steps": 50, "delay": 0.2}, timeout=WAIT)
+    first = progress.get(timeout=WAIT)
+    assert first["id"] == future.request_id and 0 < first["progress"] <= 1
+    assert client.cancel(future).result(WAIT) == {"cancelled": True}
+    with pytest.raises(CancelledError) as cancelled:
+        future.result(WAIT)
+    assert cancelled.value.code == -32005
+    assert client.call("demo.state")["state"] == "idle"  # cancelled is not a fault
+
+
+def test_commands_serialised_per_device_parallel_across_devices(tmp_path: Path) -> None:
+    spec_a = load_device(_lane_device(tmp_path, "alpha"))
+    spec_b = load_device(_lane_device(tmp_path, "beta"))
+    gate = spec_a.commands["slow"].handler.__globals__["gate"]  # type: ignore[union-attr]
+    order = spec_a.commands["slow"].handler.__globals__["order"]  # type: ignore[union-attr]
+    server = CommandServer(port=0, workers=4, grace=0.5)
+    server.add_device(spec_a)
+    server.add_device(spec_b)
+    with server, Client(server.address) as client:
+        try:
+            slow = client.send_command("alpha.slow", timeout=WAIT)
+            fast = client.send_command("alpha.fast", timeout=WAIT)
+            # beta runs while alpha is blocked: devices are parallel
+            assert client.call("beta.fast") == "fast"
+            assert client.call("alpha.state")["state"] == "busy"
+            assert not fast.done()  # queued behind alpha.slow: serialised in arrival order
+        finally:
+            gate.set()
+        assert slow.result(WAIT) == "slow" and fast.result(WAIT) == "fast"
+        assert order == ["slow", "fast"]
+
+
+def test_gpio_pin_levels_follow_commands_over_sockets(demo: Any) -> None:
+    server, client = demo
+    led = server.devices["demo"].board.objects["led"]
+    client.call("demo.led_on")
+    assert led.pin.state == 1 and led.is_lit
+    client.call("demo.led_off")
+    assert led.pin.state == 0
+    reading = client.call("demo.read_sensor")
+    assert 0 <= reading["distance"] <= 2
+    assert isinstance(client.call("demo.read_button")["pressed"], bool)
+    button = server.devices["demo"].board.objects["button"]
+    button.pin.drive_low()  # pressed (pull-up wiring)
+    assert client.call("demo.read_button") == {"pressed": True}
+
+
+def test_discover_describes_devices(demo: Any) -> None:
+    _, client = demo
+    described = client.call("rpc.discover")
+    (device,) = described["devices"]
+    assert device["name"] == "demo" and "calibrating" in device["states"]
+    methods = {m["name"]: m for m in described["methods"]}
+    assert methods["demo.calibrate"]["x-allowed-states"] == ["idle"]
+    assert {p["name"] for p in methods["demo.calibrate"]["params"]} == {"steps", "delay"}
+
+
+def _statelink(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "controller", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT, env={**os.environ})
+
+
+@pytest.mark.parametrize("body, message", [
+    ("device: d\nstates: [a]\ncommands:\n  go: {from: [b], handler: x:y}\n", "unknown state"),
+    ("device: d\nstates: [a]\ngpio:\n  l: {kind: lamp, pin: 1}\ncommands: {}\n", "lamp"),
+    ("device: d\nstates: [a]\ncommands:\n  go: {from: [a]}\n", "handler"),
+    ("device: d\nstates: [a]\ncolour: red\ncommands: {}\n", "colour"),
+    ("device: d\nstates: [a\n", "invalid YAML"),
+])
+def test_serve_rejects_invalid_device_config_before_binding(tmp_path: Path, body: str,
+                                                            message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(body)
+    # port 1 would need root to bind and is never reached: the config fails first
+    result = _statelink("serve", "--port", "1", "--device", str(path))
+    assert result.returncode == 2, result.stderr
+    first = result.stderr.strip().splitlines()[0]
+    assert first.startswith(f"{path}:") and message in result.stderr
+    assert int(first.split(":")[1]) >= 1
+
+
+def test_graph_of_a_device_is_mermaid_by_default_and_dot_on_request() -> None:
+    mermaid = _statelink("graph", str(DEMO))
+    assert mermaid.returncode == 0 and "stateDiagram-v2" in mermaid.stdout
+    assert "calibrating" in mermaid.stdout
+    dot = _statelink("graph", str(DEMO), "--format", "dot")
+    assert dot.returncode == 0 and dot.stdout.lstrip().startswith("digraph")
