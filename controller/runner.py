@@ -48,6 +48,8 @@ class RunHandle:
         self._journal = journal
         self._observers = observers
         self._done = threading.Event()
+        #: requests this run has in flight: token -> (client, future); cancelled on abort
+        self.inflight: dict[int, tuple[Client, Future[Any]]] = {}
 
     @property
     def state(self) -> str:
@@ -76,8 +78,12 @@ class RunHandle:
         return self.run.outcome if self._done.is_set() else None
 
     def abort(self) -> None:
-        """Abort: the run enters its ``on_abort`` state (if any) and finishes as "aborted"."""
+        """Abort: cancel the command in flight (``rpc.cancel``, so the device is free for the
+        clean-up), then enter the ``on_abort`` state (if any); the outcome is "aborted"."""
         self.runner.post(self.run.abort)
+        for client, future in list(self.inflight.values()):
+            if not future.done():
+                client.cancel(future)
 
 
 class WorkflowRunner:
@@ -242,7 +248,10 @@ class _Effects:
                         {"server": server})
             return
 
+        inflight = self.handle.inflight
+
         def deliver(future: Future[Any]) -> None:
+            inflight.pop(token, None)
             error = future.exception()
             if error is None:
                 runner.post(run.on_reply, token, future.result())
@@ -252,7 +261,10 @@ class _Effects:
                 runner.post(run.on_error, token, "internal_error", ek.INTERNAL_ERROR,
                             f"{type(error).__name__}: {error}", None)
 
-        client.send_command(method, params, callback=deliver, timeout=timeout)
+        future = client.send_command(method, params, timeout=timeout)
+        if not future.done():
+            inflight[token] = (client, future)
+        future.add_done_callback(deliver)
 
     def start_timer(self, run: WorkflowRun, token: int, delay: float) -> None:
         self.runner.scheduler.call_later(delay, self.runner.post, run.on_timer, token)

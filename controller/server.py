@@ -26,6 +26,7 @@ import asyncio
 import inspect
 import logging
 import math
+import os
 import ssl as ssl_module
 import threading
 import time
@@ -66,6 +67,8 @@ from .protocol import (
 from .workers import PoolFull, WorkerPool
 
 log = logging.getLogger("statelink.server")
+
+_FLUSH_AT = 64 * 1024  #: bytes of replies queued on a connection before they are flushed at once
 
 PROTOCOL_VERSION = "1.0"
 
@@ -339,6 +342,7 @@ class Connection(asyncio.Protocol):
         self.callback: CallbackLink | None = None
         self.callback_port: int | None = None  #: asked for in rpc.hello; linked once authenticated
         self._out: list[bytes] = []
+        self._out_bytes = 0
         self._flush_scheduled = False
 
     # -- asyncio.Protocol -------------------------------------------------------------------
@@ -510,13 +514,19 @@ class Connection(asyncio.Protocol):
         if self.closing or self.transport is None:
             return
         self._out.append(data)
-        if not self._flush_scheduled:
+        self._out_bytes += len(data)
+        if self._out_bytes >= _FLUSH_AT:
+            # Many (or big) replies in one loop iteration: hand them to the transport now, so
+            # that max_outgoing is checked before more pile up here.
+            self._flush()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             self.server.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
         out, self._out = self._out, []
+        self._out_bytes = 0
         transport = self.transport
         if self.closing or transport is None or not out:
             return
@@ -531,6 +541,8 @@ class Connection(asyncio.Protocol):
         log.warning("closing %s:%s: it does not read its replies", *self.peer)
         self.server.stats.count_close("outgoing_buffer")
         self.closing = True
+        self._out.clear()
+        self._out_bytes = 0
         if self.callback is not None:
             self.callback.close()
         if self.transport is not None:
@@ -738,8 +750,9 @@ class CommandServer:
             self._thread = None
             exc = failure[0]
             if isinstance(exc, OSError):
+                reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
                 raise OSError(exc.errno, f"cannot listen on {self.host}:{self.port}: "
-                                         f"{exc.strerror or exc}") from exc
+                                         f"{reason}") from exc
             raise exc
         for hook in self._on_start:
             hook()

@@ -85,11 +85,36 @@ _METHODS: dict[type, frozenset[str]] = {
     tuple: frozenset({"count", "index"}),
     str: frozenset(
         {
-            "capitalize", "casefold", "count", "endswith", "find", "isalnum", "isalpha",
-            "isdigit", "islower", "isnumeric", "isspace", "isupper", "join", "lower",
-            "lstrip", "partition", "removeprefix", "removesuffix", "replace", "rfind",
-            "rpartition", "rsplit", "rstrip", "split", "splitlines", "startswith", "strip",
-            "title", "upper", "zfill",
+            "capitalize",
+            "casefold",
+            "count",
+            "endswith",
+            "find",
+            "isalnum",
+            "isalpha",
+            "isdigit",
+            "islower",
+            "isnumeric",
+            "isspace",
+            "isupper",
+            "join",
+            "lower",
+            "lstrip",
+            "partition",
+            "removeprefix",
+            "removesuffix",
+            "replace",
+            "rfind",
+            "rpartition",
+            "rsplit",
+            "rstrip",
+            "split",
+            "splitlines",
+            "startswith",
+            "strip",
+            "title",
+            "upper",
+            "zfill",
         }
     ),
     int: frozenset({"bit_length", "real", "imag"}),
@@ -220,9 +245,7 @@ def _check(node: ast.AST, text: str, bound: frozenset[str], names: set[str]) -> 
     """Reject unsupported syntax; collect free names into ``names``."""
     kind = type(node)
     if kind not in _ALLOWED_NODES:
-        raise ExpressionError(
-            text, f"{kind.__name__} is not allowed in expressions ({text!r})"
-        )
+        raise ExpressionError(text, f"{kind.__name__} is not allowed in expressions ({text!r})")
     if isinstance(node, ast.Name):
         if isinstance(node.ctx, ast.Load) and node.id not in bound and node.id not in FUNCTIONS:
             names.add(node.id)
@@ -363,8 +386,7 @@ def _compile_string(text: str, exprs: list[Expression]) -> _Render:
 
     def render(names: Mapping[str, Any]) -> str:
         return "".join(
-            piece if isinstance(piece, str) else _to_text(piece.evaluate(names))
-            for piece in frozen
+            piece if isinstance(piece, str) else _to_text(piece.evaluate(names)) for piece in frozen
         )
 
     return render

@@ -68,8 +68,16 @@ TOP_KEYS: tuple[str, ...] = (
 STATE_KEYS: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {
         "command": (
-            "command", "params", "server", "timeout", "save", "next", "choices",
-            "on_error", "retry", "description",
+            "command",
+            "params",
+            "server",
+            "timeout",
+            "save",
+            "next",
+            "choices",
+            "on_error",
+            "retry",
+            "description",
         ),
         "choice": ("choices", "description"),
         "wait": ("wait", "next", "description"),
@@ -367,9 +375,7 @@ class _Loader:
             return None
         return value
 
-    def _duration(
-        self, node: Any, key: str, what: str, *, positive: bool = True
-    ) -> float | None:
+    def _duration(self, node: Any, key: str, what: str, *, positive: bool = True) -> float | None:
         if key not in node:
             return None
         try:
@@ -715,7 +721,7 @@ class _Loader:
         self.err(
             line,
             f"unknown error kind {key!r}{_suggest(key, ROUTABLE_KINDS)}; use one of "
-            f"{', '.join(sorted(ROUTABLE_KINDS))}, an integer code or \"*\"",
+            f'{", ".join(sorted(ROUTABLE_KINDS))}, an integer code or "*"',
         )
         return None
 
@@ -729,7 +735,7 @@ class _Loader:
         if not isinstance(raw, dict) or not raw:
             self.err(
                 _line(body, "on_error"),
-                "on_error is a state name, or a mapping like {not_allowed: STATE, \"*\": STATE}",
+                'on_error is a state name, or a mapping like {not_allowed: STATE, "*": STATE}',
             )
             return ErrorRoutes()
         by_code: dict[int, str] = {}
@@ -776,9 +782,7 @@ class _Loader:
         interval = self._duration(raw, "interval", "the first retry delay", positive=False)
         backoff = raw.get("backoff", 2.0)
         if isinstance(backoff, bool) or not isinstance(backoff, (int, float)) or backoff < 1:
-            self.err(
-                _line(raw, "backoff"), f"retry.backoff must be a number >= 1, got {backoff!r}"
-            )
+            self.err(_line(raw, "backoff"), f"retry.backoff must be a number >= 1, got {backoff!r}")
         max_delay = self._duration(raw, "max_delay", "the longest retry delay")
         on: set[str | int] = set(DEFAULT_RETRY_ON)
         if raw_on is not None or "on" in raw or True in raw:
@@ -825,6 +829,24 @@ class _Loader:
                     _line(raw_states, name),
                     f"state {name!r} is unreachable from {roots}: remove it, or point a next, "
                     "choice or on_error at it",
+                )
+        # Every reachable state must have a path to a final state; otherwise a run there
+        # could only end by abort or timeout (e.g. two waits pointing at each other).
+        can_finish = {name for name, state in states.items() if state.final is not None}
+        grew = True
+        while grew:
+            grew = False
+            for name, state in states.items():
+                if name not in can_finish and any(t in can_finish for _, t in state.targets()):
+                    can_finish.add(name)
+                    grew = True
+        for name in states:
+            if name in seen and name not in can_finish:
+                self.err(
+                    _line(raw_states, name),
+                    f"no final state can be reached from state {name!r}: a run there could "
+                    "only end by abort or timeout; add a next, choice or on_error that leads "
+                    "to a state with final: success or final: failure",
                 )
 
 

@@ -186,24 +186,61 @@ def test_handshake_timeout():
 
 
 def test_outgoing_buffer_of_a_client_that_stops_reading(tmp_path):
-    """A client pipelines requests with big results and never reads: the server closes it,
-    counts it, keeps its memory bounded, and serves everyone else."""
-    requests, size = 600, 64 * 1024  # 600 x 64 KiB = 37.5 MiB of replies if nothing bounded
-    args = ["--max-outgoing", str(256 * 1024), "--max-inflight", "2000", "--max-queue", "2000"]
-    with ChildServer("test-server", args, tmp_path / "log") as child:
-        assert ping_ok(child.address)
+    """A client keeps sending requests with big results and never reads: the server closes it,
+    counts it, keeps its memory bounded, and serves everyone else. Unbounded, the server would
+    hold all 15 waves x 40 x 64 KiB = 37.5 MiB of replies."""
+    waves, per_wave, size = 15, 40, 64 * 1024
+    with ChildServer("test-server", ["--max-outgoing", str(256 * 1024)],
+                     tmp_path / "log") as child, Client(child.address, reconnect=False) as normal:
+        assert normal.call("rpc.ping") == "pong"
         baseline = child.rss_kib()
+        sent = 0
         with Raw(child.address, rcvbuf=4096) as hog:
-            hog.send(b"".join(request_line("big", [size], id=i) for i in range(requests)))
-            wait_until(lambda: stats(child.address)["closed_by_reason"].get("outgoing_buffer"),
-                       what="the server to drop the client that does not read")
+            for wave in range(waves):
+                total = normal.call("rpc.stats")["requests_total"]
+                try:
+                    hog.send(b"".join(request_line("big", [size], id=f"{wave}-{i}")
+                                      for i in range(per_wave)))
+                except OSError:
+                    break  # the server has closed it
+                sent += per_wave
+                wait_until(lambda t=total: normal.call("rpc.stats")["requests_total"]
+                           >= t + per_wave + 1 or dropped(normal), what="the wave handled")
+                if dropped(normal):
+                    break
+            assert dropped(normal) == 1, "closed with reason outgoing_buffer"
+            assert sent <= 2 * per_wave, f"dropped only after {sent} requests"
+            wait_until(lambda: normal.call("rpc.stats")["requests_in_flight"] == 1)
             grown = child.rss_kib() - baseline
-            snapshot = stats(child.address)
-            assert snapshot["connections"] == 1  # only this stats client
-            wait_until(lambda: stats(child.address)["requests_in_flight"] == 1)
-        assert grown < 24 * 1024, f"server RSS grew by {grown} KiB"
-        with Client(child.address, reconnect=False) as client:
-            assert client.call("big", [size]) == "x" * size
+        assert grown < 16 * 1024, f"server RSS grew by {grown} KiB"
+        assert normal.call("big", [size]) == "x" * size
+        wait_until(lambda: normal.call("rpc.stats")["connections"] == 1)
+
+
+def dropped(client: Client) -> int:
+    return client.call("rpc.stats")["closed_by_reason"].get("outgoing_buffer", 0)
+
+
+def test_replies_queued_in_one_loop_iteration_stay_under_the_flush_unit(monkeypatch):
+    """White-box: replies produced in one burst are handed to the transport every 64 KiB, so
+    max_outgoing is checked before more pile up (600 x 64 KiB arrive in one burst here)."""
+    from controller import server as server_module
+
+    queued: list[int] = []
+    real_flush = server_module.Connection._flush
+
+    def spy(self: server_module.Connection) -> None:
+        queued.append(sum(map(len, self._out)))
+        real_flush(self)
+
+    monkeypatch.setattr(server_module.Connection, "_flush", spy)
+    limits = Limits(max_outgoing=256 * 1024, max_inflight=1000, max_queue=1000)
+    with serve(limits=limits) as server, Raw(server.address, rcvbuf=4096) as hog:
+        hog.send(b"".join(request_line("big", [65536], id=i) for i in range(600)))
+        wait_until(lambda: stats(server.address)["closed_by_reason"], what="the hog dropped")
+        wait_until(lambda: stats(server.address)["requests_in_flight"] == 1)
+        assert stats(server.address)["closed_by_reason"] == {"outgoing_buffer": 1}
+    assert max(queued) <= server_module._FLUSH_AT + 65536 + 100
 
 
 def test_outgoing_buffer_of_a_callback_link_that_stops_reading():

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import re
-import signal
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from processes import ServeProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DEVICE = ROOT / "config" / "devices" / "demo.yaml"
@@ -26,49 +23,11 @@ def statelink(*args: str, timeout: float = 60, **kwargs: object) -> subprocess.C
                           text=True, timeout=timeout, cwd=ROOT, **kwargs)  # type: ignore[call-overload]
 
 
-class ServeProcess:
-    """``statelink serve --port 0 ...`` in the background; ``address`` parsed from its log."""
-
-    def __init__(self, *args: str):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "controller", "serve", "--port", "0", *args],
-            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT)
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-        self.address = self._wait_for_address()
-
-    def _pump(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.put(line)
-        self.lines.put("")
-
-    def _wait_for_address(self) -> tuple[str, int]:
-        while True:
-            line = self.lines.get(timeout=WAIT)
-            if not line:
-                raise AssertionError(f"statelink serve exited with {self.proc.wait(5)}")
-            match = re.search(r"serving on ([\d.]+):(\d+)", line)
-            if match:
-                return match.group(1), int(match.group(2))
-
-    @property
-    def server(self) -> str:
-        return f"{self.address[0]}:{self.address[1]}"
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(WAIT)
-
-
 @pytest.fixture
 def served() -> Iterator[ServeProcess]:
     proc = ServeProcess("--device", str(DEMO_DEVICE), "--simulate")
     yield proc
-    if proc.proc.poll() is None:
-        proc.proc.kill()
-        proc.proc.wait(WAIT)
+    proc.kill()
 
 
 def test_raw_line_ping_like_nc(served: ServeProcess) -> None:

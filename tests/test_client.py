@@ -485,3 +485,47 @@ def test_raw_handshake(secret_server, raw):
     reply = conn.call("rpc.hello", {"response": auth.digest(secret, "client", challenge, nonce)})
     assert reply["result"]["authenticated"] is True
     assert conn.call("add", [2, 2])["result"] == 4
+
+
+def test_callback_listener_with_authentication(secret_server, clients):
+    with CallbackListener() as listener:
+        client = clients(secret_server.address, secret="s3cret", callback_listener=listener)
+        assert client.server_info["authenticated"] is True
+        assert client.server_info["callback"]["port"] == listener.address[1]
+        assert listener.received == 0
+        assert client.call("add", [1, 2]) == 3
+        assert listener.received == 1
+        client.close()
+
+
+def test_callback_delivery_on_the_wire(busy_server, raw):
+    """Replies go to the peer's own address at callback_port; batches and notifications
+    stay on the request connection; rpc.hello is answered on the request connection."""
+    back = socket.create_server(("127.0.0.1", 0))
+    back.settimeout(WAIT)
+    try:
+        conn = raw(busy_server.address)
+        hello = conn.call("rpc.hello", {"callback_port": back.getsockname()[1]})["result"]
+        assert hello["callback"] == {"host": "127.0.0.1", "port": back.getsockname()[1]}
+        conn.request("add", [1, 2], id="via-callback")
+        link, _ = back.accept()  # the server connected back
+        with link:
+            link.settimeout(WAIT)
+            assert json.loads(link.makefile("rb").readline()) == \
+                {"jsonrpc": "2.0", "id": "via-callback", "result": 3}
+            conn.send_json([{"jsonrpc": "2.0", "id": "b1", "method": "rpc.ping"}])
+            assert conn.json() == [{"jsonrpc": "2.0", "id": "b1", "result": "pong"}]
+            result = conn.call("rpc.hello", {"client": "again"}, id="h2")  # on this connection
+            assert result["result"]["callback"]["port"] == back.getsockname()[1]
+    finally:
+        back.close()
+
+
+def test_callback_port_refused_falls_back_to_the_request_connection(busy_server, raw):
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: the connect is refused
+    conn = raw(busy_server.address)
+    conn.call("rpc.hello", {"callback_port": port})
+    assert conn.call("add", [2, 2], id="x")["result"] == 4
+    assert conn.call("add", [3, 3], id="y")["result"] == 6

@@ -138,8 +138,11 @@ def test_a_complete_workflow_loads(tmp_path: Path) -> None:
 
 def test_name_defaults_to_the_file_and_single_server_is_default(tmp_path: Path) -> None:
     spec = load_workflow(
-        write(tmp_path, HEAD.replace("name: t\n", "") + "  a: {command: x.y, next: b}\n"
-              "  b: {final: success}\n", name="my_flow.yaml")
+        write(
+            tmp_path,
+            HEAD.replace("name: t\n", "") + "  a: {command: x.y, next: b}\n  b: {final: success}\n",
+            name="my_flow.yaml",
+        )
     )
     assert spec.name == "my_flow" and spec.default_server == "device"
     assert spec.states["a"].timeout == 2.0
@@ -465,7 +468,7 @@ def test_unknown_error_kinds(tmp_path: Path) -> None:
     assert "unknown error kind 'tiemout'" in errors[0].message
     assert "did you mean 'timeout'" in errors[0].message
     assert "did you mean 'not_allowed'" in errors[1].message
-    assert "an integer code or \"*\"" in errors[1].message
+    assert 'an integer code or "*"' in errors[1].message
 
 
 @pytest.mark.parametrize(

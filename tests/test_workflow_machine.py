@@ -121,7 +121,10 @@ def test_success_path_sends_commands_and_saves_results(tmp_path: Path) -> None:
     run, fx = start(tmp_path, LINEAR)
     assert run.state == "a" and run.outcome is None and not run.done
     assert (fx.sent[0].server, fx.sent[0].method, fx.sent[0].params, fx.sent[0].timeout) == (
-        "device", "demo.led_on", None, 2.0,
+        "device",
+        "demo.led_on",
+        None,
+        2.0,
     )
     fx.reply(None)
     assert fx.sent[-1].params == {"steps": 3} and fx.sent[-1].timeout == 9.0
@@ -143,16 +146,29 @@ def test_journal_entries(tmp_path: Path) -> None:
     for entry in fx.entries:
         assert TIME.match(entry["time"]) and entry["state"] and entry["event"]
     assert fx.entries[0] == {
-        "time": fx.entries[0]["time"], "state": "a", "event": "start", "workflow": "t",
-        "run": "r1", "next": "a",
+        "time": fx.entries[0]["time"],
+        "state": "a",
+        "event": "start",
+        "workflow": "t",
+        "run": "r1",
+        "next": "a",
     }
     reply = fx.entries[2]
     assert {k: v for k, v in reply.items() if k != "time"} == {
-        "state": "b", "event": "reply", "server": "device", "command": "demo.calibrate",
-        "params": {"steps": 3}, "attempt": 1, "result": {"steps": 3}, "next": "c",
+        "state": "b",
+        "event": "reply",
+        "server": "device",
+        "command": "demo.calibrate",
+        "params": {"steps": 3},
+        "attempt": 1,
+        "result": {"steps": 3},
+        "next": "c",
     }
     assert {k: v for k, v in fx.entries[-1].items() if k != "time"} == {
-        "state": "ok", "event": "finished", "final": "success", "reason": None,
+        "state": "ok",
+        "event": "finished",
+        "final": "success",
+        "reason": None,
     }
 
 
@@ -261,10 +277,15 @@ def test_retry_then_success(tmp_path: Path) -> None:
     assert fx.events() == ["start", "error", "retry", "error", "retry", "reply", "finished"]
     commands = [e for e in fx.entries if "command" in e]
     assert [(e["attempt"], "result" in e, "error" in e) for e in commands] == [
-        (1, False, True), (2, False, True), (3, True, False),
+        (1, False, True),
+        (2, False, True),
+        (3, True, False),
     ]
     assert commands[0]["error"] == {
-        "kind": "busy", "code": -32003, "message": "boom", "data": {"detail": 1},
+        "kind": "busy",
+        "code": -32003,
+        "message": "boom",
+        "data": {"detail": 1},
     }
     assert commands[0]["retry_in"] == pytest.approx(0.1) and "next" not in commands[0]
     assert [e["attempt"] for e in fx.entries if e["event"] == "retry"] == [2, 3]
@@ -412,7 +433,11 @@ def test_wait_then_await_with_a_condition(tmp_path: Path) -> None:
     assert fx.events() == ["start", "waited", "notification", "finished"]
     note = fx.entries[2]
     assert (note["state"], note["server"], note["method"], note["params"], note["next"]) == (
-        "look", "device", "device.state", change, "ok",
+        "look",
+        "device",
+        "device.state",
+        change,
+        "ok",
     )
 
 

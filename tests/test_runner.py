@@ -1,0 +1,379 @@
+"""Workflows end to end: the shipped examples and small test workflows run against real servers
+on loopback; journals are read back from real files."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from processes import ROOT, ServeProcess
+
+from controller import BusyError, Client, CommandServer, Limits
+from controller.runner import RunHandle, WorkflowRunner
+from statemachines.device import load_device
+from statemachines.workflow import load_workflow, parse_workflow
+
+WORKFLOWS = ROOT / "config" / "workflows"
+DEMO_DEVICE = ROOT / "config" / "devices" / "demo.yaml"
+WAIT = 30.0
+
+
+def demo_server(**kwargs: Any) -> CommandServer:
+    server = CommandServer(port=0, grace=0.5, **kwargs)
+    server.add_device(load_device(DEMO_DEVICE), simulate=True)
+    return server
+
+
+@pytest.fixture
+def demo() -> Iterator[CommandServer]:
+    with demo_server() as server:
+        yield server
+
+
+@pytest.fixture
+def runner() -> Iterator[WorkflowRunner]:
+    with WorkflowRunner() as r:
+        yield r
+
+
+def journal(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def assert_complete(entries: list[dict[str, Any]], final: str) -> None:
+    assert entries[0]["event"] == "start"
+    assert entries[-1]["event"] == "finished" and entries[-1]["final"] == final
+    assert all({"time", "state", "event"} <= e.keys() for e in entries)
+    for entry in entries:
+        if entry["event"] in ("reply", "error"):
+            assert "command" in entry and "params" in entry
+            assert ("result" in entry) != ("error" in entry)
+
+
+def run(runner: WorkflowRunner, spec: Any, servers: dict[str, Any], tmp_path: Path,
+        observer: Callable[[RunHandle, dict[str, Any]], None] | None = None,
+        ) -> tuple[RunHandle, list[dict[str, Any]]]:
+    path = tmp_path / f"{spec.name}.jsonl"
+    handle = runner.start(spec, servers=servers, journal=path, observer=observer)
+    assert handle.wait(WAIT) is not None, f"run stuck in {handle.state}"
+    return handle, journal(path)
+
+
+def test_demo_workflow_success(runner: WorkflowRunner, demo: CommandServer, tmp_path: Path) -> None:
+    handle, entries = run(runner, load_workflow(WORKFLOWS / "demo.yaml"),
+                          {"device": demo.address}, tmp_path)
+    assert handle.outcome == "success"
+    assert_complete(entries, "success")
+    commands = [e["command"] for e in entries if e["event"] == "reply"]
+    assert "demo.calibrate" in commands and "demo.read_sensor" in commands
+    assert handle.history[-1]["final"] == "success"
+
+
+def test_retry_then_success(runner: WorkflowRunner, tmp_path: Path) -> None:
+    attempts = []
+
+    with CommandServer(port=0) as server:
+        @server.command("flaky")
+        def flaky() -> str:
+            attempts.append(1)
+            if len(attempts) < 3:
+                raise BusyError("not yet")
+            return "ok"
+
+        spec = parse_workflow(textwrap.dedent("""
+            name: flaky
+            servers: {s: "127.0.0.1:1"}
+            initial: call
+            states:
+              call:
+                command: flaky
+                timeout: 2s
+                retry: {attempts: 5, interval: 10ms, on: [busy]}
+                next: done
+                on_error: failed
+              done: {final: success}
+              failed: {final: failure}
+        """))
+        handle, entries = run(runner, spec, {"s": server.address}, tmp_path)
+    assert handle.outcome == "success"
+    tries = [e for e in entries if e.get("command") == "flaky"]
+    assert [e["attempt"] for e in tries] == [1, 2, 3]
+    assert [("error" in e) for e in tries] == [True, True, False]
+    assert_complete(entries, "success")
+
+
+def test_retry_exhausted_then_on_error(runner: WorkflowRunner, demo: CommandServer,
+                                       tmp_path: Path) -> None:
+    handle, entries = run(runner, load_workflow(WORKFLOWS / "retry.yaml"),
+                          {"device": demo.address}, tmp_path)
+    assert handle.outcome == "success"
+    selftests = [e for e in entries if e.get("command") == "demo.selftest"]
+    assert len(selftests) == 2 and all("error" in e for e in selftests)
+    assert selftests[-1]["next"] == "reset"
+    assert_complete(entries, "success")
+
+
+def test_not_allowed_reply_routed_to_its_own_state(runner: WorkflowRunner, demo: CommandServer,
+                                                   tmp_path: Path) -> None:
+    handle, entries = run(runner, load_workflow(WORKFLOWS / "not_allowed.yaml"),
+                          {"device": demo.address}, tmp_path)
+    assert handle.outcome == "success"
+    reset = next(e for e in entries if e.get("command") == "demo.reset")
+    assert reset["error"]["kind"] == "not_allowed" and reset["next"] == "blink_once"
+
+
+def test_command_timeout_takes_the_timeout_route(runner: WorkflowRunner, demo: CommandServer,
+                                                 tmp_path: Path) -> None:
+    spec = parse_workflow(textwrap.dedent("""
+        name: slow
+        servers: {device: "127.0.0.1:1"}
+        initial: calibrate
+        states:
+          calibrate:
+            command: demo.calibrate
+            params: {steps: 20, delay: 0.1}
+            timeout: 200ms
+            next: done
+            on_error: {timeout: too_slow, "*": failed}
+          too_slow: {final: failure}
+          done: {final: success}
+          failed: {final: failure}
+    """))
+    handle, entries = run(runner, spec, {"device": demo.address}, tmp_path)
+    assert handle.state == "too_slow" and handle.outcome == "failure"
+    error = next(e for e in entries if e["event"] == "error")["error"]
+    assert error["kind"] == "timeout" and error["code"] == -32002
+
+
+def test_branch_on_a_result(runner: WorkflowRunner, tmp_path: Path) -> None:
+    spec = parse_workflow(textwrap.dedent("""
+        name: branch
+        servers: {s: "127.0.0.1:1"}
+        command_timeout: 2s
+        initial: level
+        states:
+          level:
+            command: level
+            save: tank
+            choices:
+              - {if: "result.level > 0.5 and tank.unit == 'l'", next: high}
+              - {next: low}
+          high:
+            command: drain
+            params: {amount: "{{ tank.level * 2 }}"}
+            next: done
+          low: {final: failure}
+          done: {final: success}
+    """))
+    drained = []
+    with CommandServer(port=0) as server:
+        server.add_command("level", lambda: {"level": 0.75, "unit": "l"})
+        server.add_command("drain", lambda amount: drained.append(amount) or amount)
+        handle, _ = run(runner, spec, {"s": server.address}, tmp_path)
+    assert handle.outcome == "success" and drained == [1.5]  # a number stays a number
+
+
+def test_await_a_notification(runner: WorkflowRunner, demo: CommandServer, tmp_path: Path) -> None:
+    awaiting = threading.Event()
+
+    def observer(_handle: RunHandle, entry: dict[str, Any]) -> None:
+        if entry.get("next") == "wait_for_reset":
+            awaiting.set()
+
+    spec = load_workflow(WORKFLOWS / "await_state.yaml")
+    path = tmp_path / "await.jsonl"
+    handle = runner.start(spec, servers={"device": demo.address}, journal=path, observer=observer)
+    assert awaiting.wait(WAIT)
+    with Client(demo.address) as operator:  # someone else resets the device
+        assert operator.call("demo.reset") == {"ok": True}
+    assert handle.wait(WAIT) == "success"
+    entries = journal(path)
+    note = next(e for e in entries if e["event"] == "notification")
+    assert note["params"]["state"] == "idle" and note["next"] == "thank_you"
+    assert_complete(entries, "success")
+
+
+def test_abort_runs_on_abort(runner: WorkflowRunner, demo: CommandServer, tmp_path: Path) -> None:
+    calibrating = threading.Event()
+
+    def observer(_handle: RunHandle, entry: dict[str, Any]) -> None:
+        if entry.get("next") == "calibrate":
+            calibrating.set()
+
+    led = demo.devices["demo"].board.objects["led"]
+    path = tmp_path / "abort.jsonl"
+    handle = runner.start(load_workflow(WORKFLOWS / "abort.yaml"),
+                          servers={"device": demo.address}, journal=path, observer=observer)
+    assert calibrating.wait(WAIT)
+    handle.abort()
+    assert handle.wait(WAIT) == "aborted"
+    entries = journal(path)
+    assert any(e.get("command") == "demo.led_off" and "result" in e for e in entries)
+    assert not led.is_lit
+    assert_complete(entries, "aborted")
+
+
+def test_two_servers_in_one_workflow(runner: WorkflowRunner, tmp_path: Path) -> None:
+    with demo_server() as left, demo_server() as right:
+        handle, entries = run(runner, load_workflow(WORKFLOWS / "two_servers.yaml"),
+                              {"left": left.address, "right": right.address}, tmp_path)
+    assert handle.outcome == "success"
+    servers = {e["server"] for e in entries if e["event"] == "reply"}
+    assert servers == {"left", "right"}
+
+
+def test_server_killed_mid_run_gives_connection_lost(runner: WorkflowRunner,
+                                                     tmp_path: Path) -> None:
+    spec = parse_workflow(textwrap.dedent("""
+        name: killed
+        servers: {device: "127.0.0.1:1"}
+        initial: calibrate
+        states:
+          calibrate:
+            command: demo.calibrate
+            params: {steps: 50, delay: 0.2}
+            timeout: 20s
+            next: done
+            on_error: {connection_lost: lost, "*": failed}
+          lost: {final: failure}
+          done: {final: success}
+          failed: {final: failure}
+    """))
+    served = ServeProcess("--device", str(DEMO_DEVICE), "--simulate")
+    started = threading.Event()
+    try:
+        path = tmp_path / "killed.jsonl"
+        handle = runner.start(spec, servers={"device": served.address}, journal=path)
+        client = runner.client(served.address)
+        client.subscribe("rpc.progress", lambda _params: started.set())
+        assert started.wait(WAIT)
+        served.kill()
+        assert handle.wait(WAIT) == "failure"
+    finally:
+        served.kill()
+    assert handle.state == "lost"
+    entries = journal(path)
+    assert next(e for e in entries if e["event"] == "error")["error"]["kind"] == "connection_lost"
+    assert_complete(entries, "failure")
+
+
+def test_many_concurrent_runs_every_journal_complete(runner: WorkflowRunner,
+                                                     tmp_path: Path) -> None:
+    runs = 300  # the full 1000-run figure is in bench/ (S4)
+    spec = load_workflow(WORKFLOWS / "ten_steps.yaml")
+    server_name = next(iter(spec.servers))
+    # One runner multiplexes every run over one connection: allow that many in flight.
+    with demo_server(limits=Limits(max_inflight=2 * runs)) as demo:
+        handles = [runner.start(spec, servers={server_name: demo.address},
+                                journal=tmp_path / f"run-{i}.jsonl") for i in range(runs)]
+        outcomes = [h.wait(WAIT) for h in handles]
+    assert outcomes == ["success"] * runs
+    for i in range(runs):
+        entries = journal(tmp_path / f"run-{i}.jsonl")
+        assert_complete(entries, "success")
+        assert sum(1 for e in entries if e["event"] == "reply") == 10
+
+
+# -- the command line ------------------------------------------------------------------------
+def statelink(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "controller", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_statelink_demo_exits_0() -> None:
+    result = statelink("demo", "--plain")
+    assert result.returncode == 0, result.stderr
+    assert "success" in result.stdout
+
+
+def test_run_exit_codes_success_failure_invalid(tmp_path: Path) -> None:
+    served = ServeProcess("--device", str(DEMO_DEVICE), "--simulate")
+    try:
+        ok = statelink("run", str(WORKFLOWS / "not_allowed.yaml"), "--server",
+                       f"device={served.server}", "--journal", str(tmp_path / "j.jsonl"))
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert journal(tmp_path / "j.jsonl")[-1]["final"] == "success"
+        failing = tmp_path / "fail.yaml"
+        failing.write_text("name: f\nservers: {device: '127.0.0.1:1'}\ninitial: go\n"
+                           "states:\n  go: {command: demo.reset, timeout: 2s, next: ok, "
+                           "on_error: bad}\n  ok: {final: success}\n  bad: {final: failure}\n")
+        assert statelink("run", str(failing), "--server", f"device={served.server}"
+                         ).returncode == 1
+    finally:
+        served.kill()
+    invalid = tmp_path / "invalid.yaml"
+    invalid.write_text("name: x\ninitial: nowhere\nstates: {}\n")
+    bad = statelink("run", str(invalid))
+    assert bad.returncode == 2 and f"{invalid}:" in bad.stderr
+
+
+def test_run_ctrl_c_runs_on_abort_and_exits_130(tmp_path: Path) -> None:
+    served = ServeProcess("--device", str(DEMO_DEVICE), "--simulate")
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "controller", "run", str(WORKFLOWS / "abort.yaml"),
+             "--plain", "--server", f"device={served.server}", "--journal",
+             str(tmp_path / "abort.jsonl")],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        assert proc.stdout is not None
+        for line in proc.stdout:  # wait until calibration reports progress
+            if "progress" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=WAIT)[0]
+        assert proc.returncode == 130, rest
+    finally:
+        served.kill()
+    entries = journal(tmp_path / "abort.jsonl")
+    assert entries[-1]["final"] == "aborted"
+    assert any(e.get("command") == "demo.led_off" for e in entries)
+
+
+BROKEN = {
+    "unknown target": ("states:\n  a: {wait: 1s, next: b}\n", "unknown state 'b'"),
+    "unknown key": ("states:\n  a: {final: success, colour: red}\n", "colour"),
+    "missing timeout": ("servers: {s: '127.0.0.1:1'}\nstates:\n"
+                        "  a: {command: x.y, next: z}\n  z: {final: success}\n", "timeout"),
+    "bad expression": ("states:\n  a:\n    choices:\n      - {if: 'result >', next: z}\n"
+                       "      - {next: z}\n  z: {final: success}\n", "expression"),
+    "unknown name": ("states:\n  a:\n    choices:\n      - {if: 'nothing > 1', next: z}\n"
+                     "      - {next: z}\n  z: {final: success}\n", "nothing"),
+    "bad duration": ("states:\n  a: {wait: soon, next: z}\n  z: {final: success}\n", "duration"),
+    "unreachable": ("states:\n  a: {wait: 1s, next: z}\n  z: {final: success}\n"
+                    "  island: {final: failure}\n", "unreachable"),
+    "no way out": ("states:\n  a: {wait: 1s, next: b}\n  b: {wait: 1s, next: a}\n", "final"),
+    "bad final": ("states:\n  a: {final: maybe}\n", "success"),
+    "unknown error kind": ("servers: {s: '127.0.0.1:1'}\nstates:\n  a: {command: x.y, "
+                           "timeout: 1s, next: z, on_error: {oops: z}}\n  z: {final: success}\n",
+                           "oops"),
+    "unknown server": ("servers: {s: '127.0.0.1:1'}\nstates:\n  a: {command: x.y, server: t, "
+                       "timeout: 1s, next: z}\n  z: {final: success}\n", "'t'"),
+    "mixed kinds": ("states:\n  a: {wait: 1s, final: success, next: a}\n", "a"),
+    "bad YAML": ("states: [\n", "YAML"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_check_rejects_broken_workflows(tmp_path: Path, name: str) -> None:
+    body, expected = BROKEN[name]
+    path = tmp_path / "broken.yaml"
+    path.write_text(f"name: broken\ninitial: a\n{body}" if name != "bad YAML" else body)
+    result = statelink("check", str(path))
+    assert result.returncode == 2, (name, result.stdout)
+    assert result.stderr.startswith(f"{path}:"), result.stderr
+    assert expected in result.stderr, result.stderr
+
+
+def test_check_accepts_every_shipped_config() -> None:
+    files = sorted(str(p) for p in (ROOT / "config").rglob("*.yaml"))
+    result = statelink("check", *files, "--device", str(DEMO_DEVICE))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(": ok") == len(files)
