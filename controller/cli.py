@@ -15,7 +15,6 @@ import ssl
 import sys
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from statemachines.source import ConfigErrors
@@ -216,24 +215,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
               + ("" if args.simulate else " (use --simulate to run without hardware)"),
               file=sys.stderr)
         return EXIT_FAILED
-    try:
-        server.start()
-    except OSError as exc:
-        print(f"statelink serve: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_FAILED
-    host, port = server.address
     log = logging.getLogger("statelink")
-    devices = ", ".join(f"{s.name} ({s.path})" for s in specs) or "none"
-    log.info("serving on %s:%s; devices: %s%s", host, port, devices,
-             " [simulated GPIO]" if args.simulate else "")
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("%s received, stopping", signal.Signals(signum).name)
         stop.set()
 
+    # Installed before the port opens, so a signal at any time stops the server cleanly.
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    try:
+        server.start()
+    except OSError as exc:
+        print(f"statelink serve: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILED
+    host, port = server.address
+    devices = ", ".join(f"{s.name} ({s.path})" for s in specs) or "none"
+    log.info("serving on %s:%s; devices: %s%s", host, port, devices,
+             " [simulated GPIO]" if args.simulate else "")
     while not stop.wait(1.0):
         pass
     server.stop()

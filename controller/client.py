@@ -25,7 +25,6 @@ import logging
 import socket
 import ssl as ssl_module
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -320,6 +319,9 @@ class Client:
             data = encode(Request(method, params, request_id))
         except (TypeError, ValueError) as exc:
             future.set_exception(TypeError(f"params of {method} are not JSON: {exc}"))
+            return future
+        if self._closed.is_set():
+            future.set_exception(ConnectionLostError("the client is closed", {"method": method}))
             return future
         timer = self.scheduler.call_later(timeout, self._expire, request_id, timeout)
         with self._lock:

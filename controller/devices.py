@@ -163,7 +163,11 @@ class DeviceRuntime:
             task.add_done_callback(lambda t: self._finish(
                 job, None if t.cancelled() or t.exception() else t.result(),
                 t.exception() if not t.cancelled() else RpcError("task cancelled")))
-            call.on_timeout = lambda: (self._timed_out(job), task.cancel())  # type: ignore[func-returns-value]
+            def on_timeout() -> None:
+                self._timed_out(job)
+                task.cancel()
+
+            call.on_timeout = on_timeout
         else:
             try:
                 self.server.pool.submit(fn, args, kwargs, lambda r, e: self._finish(job, r, e))

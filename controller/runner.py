@@ -12,6 +12,7 @@ threads. One scheduler serves every timer; one client per server address serves 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -203,12 +204,15 @@ class WorkflowRunner:
                 continue
             try:
                 client = self.client(address)
-                client.subscribe(method, lambda params, a=address, m=method:
-                                 self.post(self._notify_runs, a, m, params))
+                client.subscribe(method, functools.partial(self._post_notification, address,
+                                                           method))
             except (OSError, RpcError) as exc:
                 log.warning("cannot subscribe to %s at %s:%s: %s", method, *address, exc)
                 continue
             self._subscribed.add((address, method))
+
+    def _post_notification(self, address: Address, method: str, params: Any) -> None:
+        self.post(self._notify_runs, address, method, params)
 
     def _notify_runs(self, address: Address, method: str, params: Any) -> None:
         for handle in list(self._active.values()):

@@ -131,7 +131,7 @@ class Call:
         self.timer: asyncio.TimerHandle | None = None
         self.cancel_event: threading.Event | None = None
         self.on_cancel: Callable[[], bool] | None = None
-        self.on_timeout: Callable[[], None] | None = None
+        self.on_timeout: Callable[[], object] | None = None
 
     @property
     def server(self) -> CommandServer:

@@ -66,7 +66,7 @@ class WorkerPool:
             fn, args, kwargs, done = job
             try:
                 outcomes.append((done, fn(*args, **kwargs), None))
-            except BaseException as exc:  # noqa: BLE001 - SystemExit in a handler must not kill us
+            except BaseException as exc:
                 outcomes.append((done, None, exc))
             if not self._wake_pending:
                 self._wake_pending = True

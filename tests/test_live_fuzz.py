@@ -89,9 +89,14 @@ HUGE = [b"1e400", b"-1e400", b"1e-400", b"1" * 5000, b"9" * 4000, b"-0", b"1.797
 
 def huge_numbers(rng: random.Random) -> bytes:
     number = rng.choice(HUGE)
-    where = rng.randrange(3)
+    where = rng.randrange(5)
     if where == 0:
         return b'{"jsonrpc":"2.0","id":' + number + b',"method":"echo","params":[1]}\n'
+    if where == 3:  # an invalid message whose id has no JSON form
+        return b'{"jsonrpc":"1.0","id":' + number + b',"method":"echo"}\n'
+    if where == 4:
+        return (b'[{"jsonrpc":"2.0","id":1,"method":"rpc.ping"},{"jsonrpc":"2.0","id":' + number
+                + b',"method":"rpc.ping"}]\n')
     if where == 1:
         return b'{"jsonrpc":"2.0","id":9,"method":"echo","params":[' + number + b"]}\n"
     return b'{"jsonrpc":"2.0","id":9,"method":"add","params":[' + number + b"," + number + b"]}\n"
@@ -274,3 +279,19 @@ def read_one_line_each(socks: list[socket.socket]) -> int:
                 done += 1
     selector.close()
     return done
+
+
+def test_ids_without_a_json_form_are_answered_with_a_null_id(fuzz_server):
+    """``"id": 1e400`` decodes to infinity, which JSON cannot carry back: the reply has id null,
+    the other calls of a batch are still answered, and the connection goes on."""
+    with Raw(fuzz_server.address) as raw:
+        raw.send_line(b'{"jsonrpc":"2.0","id":1e400,"method":"rpc.ping"}')
+        assert raw.json()["id"] is None
+        raw.send_line(b'{"jsonrpc":"1.0","id":-1e400,"method":"rpc.ping"}')
+        reply = raw.json()
+        assert reply["id"] is None and "error" in reply
+        raw.send_line(b'[{"jsonrpc":"2.0","id":1,"method":"echo","params":[1]},'
+                      b'{"jsonrpc":"2.0","id":1e999,"method":"rpc.ping"}]')
+        replies = raw.json()
+        assert {"jsonrpc": "2.0", "id": 1, "result": 1} in replies and len(replies) == 2
+        assert raw.call("rpc.ping")["result"] == "pong"

@@ -82,7 +82,6 @@ def test_slow_command_never_delays_ping(make_server, raw, release):
     for i in range(20):
         assert b.call("rpc.ping", id=i) == {"jsonrpc": "2.0", "id": i, "result": "pong"}
         assert a.call("rpc.ping", id=i) == {"jsonrpc": "2.0", "id": i, "result": "pong"}
-    assert not release.is_set()  # still running
     release.set()
     assert a.json() == {"jsonrpc": "2.0", "id": "slow", "result": "slow done"}
 
