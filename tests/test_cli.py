@@ -5,22 +5,17 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from processes import ServeProcess
+from processes import ServeProcess, statelink
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DEVICE = ROOT / "config" / "devices" / "demo.yaml"
 WAIT = 20.0
 
 
-def statelink(*args: str, timeout: float = 60, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "controller", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT, **kwargs)  # type: ignore[call-overload]
 
 
 @pytest.fixture

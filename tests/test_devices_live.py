@@ -4,16 +4,14 @@ gpiozero's MockFactory."""
 
 from __future__ import annotations
 
-import os
 import queue
-import subprocess
-import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import statelink
 
 from controller import (
     CancelledError,
@@ -171,9 +169,6 @@ def test_discover_describes_devices(demo: Any) -> None:
     assert {p["name"] for p in methods["demo.calibrate"]["params"]} == {"steps", "delay"}
 
 
-def _statelink(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "controller", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT, env={**os.environ})
 
 
 @pytest.mark.parametrize("body, message", [
@@ -188,7 +183,7 @@ def test_serve_rejects_invalid_device_config_before_binding(tmp_path: Path, body
     path = tmp_path / "bad.yaml"
     path.write_text(body)
     # port 1 would need root to bind and is never reached: the config fails first
-    result = _statelink("serve", "--port", "1", "--device", str(path))
+    result = statelink("serve", "--port", "1", "--device", str(path))
     assert result.returncode == 2, result.stderr
     first = result.stderr.strip().splitlines()[0]
     assert first.startswith(f"{path}:") and message in result.stderr
@@ -196,8 +191,8 @@ def test_serve_rejects_invalid_device_config_before_binding(tmp_path: Path, body
 
 
 def test_graph_of_a_device_is_mermaid_by_default_and_dot_on_request() -> None:
-    mermaid = _statelink("graph", str(DEMO))
+    mermaid = statelink("graph", str(DEMO))
     assert mermaid.returncode == 0 and "stateDiagram-v2" in mermaid.stdout
     assert "calibrating" in mermaid.stdout
-    dot = _statelink("graph", str(DEMO), "--format", "dot")
+    dot = statelink("graph", str(DEMO), "--format", "dot")
     assert dot.returncode == 0 and dot.stdout.lstrip().startswith("digraph")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from processes import ROOT, ServeProcess
+from processes import ROOT, ServeProcess, statelink
 
 from controller import BusyError, Client, CommandServer, Limits
 from controller.runner import RunHandle, WorkflowRunner
@@ -283,9 +283,6 @@ def test_many_concurrent_runs_every_journal_complete(runner: WorkflowRunner,
 
 
 # -- the command line ------------------------------------------------------------------------
-def statelink(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "controller", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
 
 
 def test_statelink_demo_exits_0() -> None:
