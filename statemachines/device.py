@@ -25,7 +25,7 @@ from transitions import Machine
 
 from .durations import parse_duration
 from .params import ParamError, ParamSpec, check_value, parse_param_specs, schema_to_json
-from .source import ConfigError, ConfigErrors, load_yaml, parse_yaml
+from .source import ConfigError, ConfigErrors, describe_type, load_yaml, parse_yaml
 from .source import line_of as _line_of
 
 #: Every device answers ``<device>.state`` itself; no config may declare it.
@@ -422,22 +422,6 @@ def parse_device(
     return _Parser(file, Path(base_dir) if base_dir is not None else None).build(data)
 
 
-def _kind_of(value: Any) -> str:
-    if value is None:
-        return "nothing"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, Mapping):
-        return "a mapping"
-    return type(value).__name__
-
-
 def _listing(names: Any) -> str:
     return ", ".join(str(n) for n in names) or "none"
 
@@ -483,7 +467,7 @@ class _Parser:
             return None
         if not isinstance(value, str):
             hint = _BOOL_HINT if isinstance(value, bool) else ""
-            self.err(at, f"{where}'{key}' must be a state name, got {_kind_of(value)}{hint}")
+            self.err(at, f"{where}'{key}' must be a state name, got {describe_type(value)}{hint}")
             return None
         if value not in self.states:
             self.err(
@@ -500,7 +484,7 @@ class _Parser:
             self.err(
                 _line_of(data) or 1,
                 f"a device config must be a mapping with keys {', '.join(DEVICE_KEYS)}, "
-                f"got {_kind_of(data)}",
+                f"got {describe_type(data)}",
             )
             raise ConfigErrors(self.errors)
         self.unknown_keys(data, DEVICE_KEYS, "")
@@ -533,7 +517,9 @@ class _Parser:
         if value is None:
             return ""
         if not isinstance(value, str):
-            self.err(_line_of(node, key), f"{where}'{key}' must be a string, got {_kind_of(value)}")
+            self.err(
+                _line_of(node, key), f"{where}'{key}' must be a string, got {describe_type(value)}"
+            )
             return ""
         return value.strip()
 
@@ -567,7 +553,7 @@ class _Parser:
         if not isinstance(raw, list) or not raw:
             self.err(
                 _line_of(data, "states"),
-                f"'states' must be a non-empty list of names, got {_kind_of(raw)}",
+                f"'states' must be a non-empty list of names, got {describe_type(raw)}",
             )
             return ()
         seen: dict[str, int] = {}
@@ -607,7 +593,7 @@ class _Parser:
         if not isinstance(raw, Mapping):
             self.err(
                 _line_of(data, "gpio"),
-                f"'gpio' must be a mapping of name -> object, got {_kind_of(raw)}",
+                f"'gpio' must be a mapping of name -> object, got {describe_type(raw)}",
             )
             return objects
         used_pins: dict[Any, tuple[str, int]] = {}
@@ -644,7 +630,8 @@ class _Parser:
         where = f"gpio '{name}': "
         if not isinstance(body, Mapping):
             self.err(
-                at, f"{where}expected a mapping like {{kind: led, pin: 17}}, got {_kind_of(body)}"
+                at,
+                f"{where}expected a mapping like {{kind: led, pin: 17}}, got {describe_type(body)}",
             )
             return None
         kind_name = body.get("kind")
@@ -776,7 +763,7 @@ class _Parser:
             self.err(
                 at,
                 f"{where}expected a mapping (keys: {', '.join(kind.simulate or ())}), "
-                f"got {_kind_of(raw)}",
+                f"got {describe_type(raw)}",
             )
             return None
         assert kind.simulate is not None
@@ -884,7 +871,8 @@ class _Parser:
             return commands
         if not isinstance(raw, Mapping):
             self.err(
-                _line_of(data, "commands"), f"'commands' must be a mapping, got {_kind_of(raw)}"
+                _line_of(data, "commands"),
+                f"'commands' must be a mapping, got {describe_type(raw)}",
             )
             return commands
         for name, body in raw.items():
@@ -1001,7 +989,7 @@ class _Parser:
             self.err(
                 fat,
                 f"{where}'from' must be a state, a list of states or \"*\" (quoted), "
-                f"got {_kind_of(raw)}",
+                f"got {describe_type(raw)}",
             )
             return ()
         result: list[str] = []

@@ -1,4 +1,4 @@
-"""Durations in configs: ``500ms``, ``2s``, ``1.5s``, ``1m``, ``1h`` or a plain number of seconds."""
+"""Durations in configs: ``500ms``, ``2s``, ``1m``, ``1h`` or a plain number of seconds."""
 
 from __future__ import annotations
 

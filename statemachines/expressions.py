@@ -37,6 +37,8 @@ from typing import Any
 
 import simpleeval
 
+from .source import describe_type
+
 __all__ = [
     "FUNCTIONS",
     "Expression",
@@ -140,7 +142,7 @@ class _Evaluator(simpleeval.EvalWithCompoundTypes):
         if isinstance(value, dict):
             keys = ", ".join(repr(k) for k in list(value)[:10]) or "none"
             raise _NoAttribute(f"no key {attr!r} (keys: {keys})")
-        raise _NoAttribute(f"{_type_name(value)} has no attribute {attr!r}")
+        raise _NoAttribute(f"{describe_type(value)} has no attribute {attr!r}")
 
 
 class _NoAttribute(simpleeval.InvalidExpression):
@@ -165,22 +167,6 @@ _ALLOWED_NODES: frozenset[type] = frozenset(
     | {ast.Expression, ast.Load, ast.Store, ast.comprehension, ast.And, ast.Or}
 ) - {ast.Assign, ast.AugAssign, ast.Import, ast.Expr}
 del _PROBE
-
-
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "None"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
 
 
 class Expression:

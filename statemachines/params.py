@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .source import ConfigError, ConfigErrors, line_of
+from .source import ConfigError, ConfigErrors, describe_type, line_of
 
 #: The param types, as named in configs and in JSON Schema.
 PARAM_TYPES: tuple[str, ...] = ("number", "integer", "string", "boolean")
@@ -92,30 +92,12 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, (list, tuple)):
-        return "an array"
-    if isinstance(value, Mapping):
-        return "an object"
-    return type(value).__name__
-
-
 def _coerce(spec: ParamSpec, value: Any) -> Any:
     """Return ``value`` converted to the spec's type, or raise ValueError with the rule broken."""
     kind = spec.type
     if kind == "number":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"must be a number, got {_type_name(value)} {value!r}")
+            raise ValueError(f"must be a number, got {describe_type(value)} {value!r}")
         if not math.isfinite(value):
             raise ValueError(f"must be a finite number, got {value!r}")
         value = float(value)
@@ -123,12 +105,12 @@ def _coerce(spec: ParamSpec, value: Any) -> Any:
         if isinstance(value, float) and math.isfinite(value) and value.is_integer():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"must be an integer, got {_type_name(value)} {value!r}")
+            raise ValueError(f"must be an integer, got {describe_type(value)} {value!r}")
     elif kind == "string":
         if not isinstance(value, str):
-            raise ValueError(f"must be a string, got {_type_name(value)} {value!r}")
+            raise ValueError(f"must be a string, got {describe_type(value)} {value!r}")
     elif kind == "boolean" and not isinstance(value, bool):
-        raise ValueError(f"must be true or false, got {_type_name(value)} {value!r}")
+        raise ValueError(f"must be true or false, got {describe_type(value)} {value!r}")
     if spec.min is not None and value < spec.min:
         raise ValueError(f"must be >= {_fmt(spec.min)}, got {_fmt(value)}")
     if spec.max is not None and value > spec.max:
@@ -176,7 +158,7 @@ def validate_params(
     elif isinstance(params, Mapping):
         given = dict(params)
     else:
-        raise ParamError(f"params must be an array or an object, got {_type_name(params)}")
+        raise ParamError(f"params must be an array or an object, got {describe_type(params)}")
 
     problems: list[tuple[str | None, str]] = []
     for key in given:
@@ -250,7 +232,7 @@ def parse_param_specs(
     if not isinstance(raw, Mapping):
         err(
             line_of(raw) or line,
-            f"'params' must be a mapping of name -> schema, got {_type_name(raw)}",
+            f"'params' must be a mapping of name -> schema, got {describe_type(raw)}",
         )
     else:
         for name, body in raw.items():
@@ -275,7 +257,10 @@ def _parse_one(name: Any, body: Any, at: int, err: Any) -> ParamSpec | None:
         return None
     where = f"param '{name}': "
     if not isinstance(body, Mapping):
-        err(at, f"{where}expected a mapping like {{type: number, min: 0}}, got {_type_name(body)}")
+        err(
+            at,
+            f"{where}expected a mapping like {{type: number, min: 0}}, got {describe_type(body)}",
+        )
         return None
     ok = True
     for key in body:
@@ -306,7 +291,7 @@ def _parse_one(name: Any, body: Any, at: int, err: Any) -> ParamSpec | None:
             err(kat(key), f"{where}'{key}' only applies to number and integer params")
             ok = False
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            err(kat(key), f"{where}'{key}' must be a number, got {_type_name(value)}")
+            err(kat(key), f"{where}'{key}' must be a number, got {describe_type(value)}")
             ok = False
         else:
             bounds[key] = value

@@ -118,3 +118,22 @@ def load_yaml(path: str | Path) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigErrors([ConfigError(file, 1, f"cannot read the file: {exc}")])
     return parse_yaml(text, file)
+
+
+def describe_type(value: Any) -> str:
+    """A value's type in words for error messages: "a string", "an integer", "a list", ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__

@@ -65,7 +65,7 @@ def test_read_only_methods_only() -> None:
         ("door.state", {}, "'door' has no value yet"),
         ("result > 1", {"result": None}, "not supported"),
         ("1 / x", {"x": 0}, "division by zero"),
-        ("result.level", {"result": None}, "None has no attribute 'level'"),
+        ("result.level", {"result": None}, "null has no attribute 'level'"),
         ("'x' * n", {"n": 10**9}, "failed"),
     ],
 )
