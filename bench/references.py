@@ -109,7 +109,9 @@ class Job:
         except TypeError as exc:
             return None if self.notification else _error(self.rid, -32602, f"Invalid params: {exc}")
         except Exception as exc:
-            return None if self.notification else _error(self.rid, -32000, f"{type(exc).__name__}: {exc}")
+            if self.notification:
+                return None
+            return _error(self.rid, -32000, f"{type(exc).__name__}: {exc}")
         return self.reply(result)
 
 
@@ -186,8 +188,11 @@ class CallbackServer:
                 with lock:
                     conn.sendall(reply)
                 return
-            with socket.create_connection((host, port), timeout=5.0) as back:
+            # a plain socket, not create_connection: no getaddrinfo per reply
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as back:
+                back.settimeout(5.0)
                 back.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                back.connect((host, port))
                 back.sendall(reply)
         except OSError:
             pass  # the client went away
@@ -268,7 +273,7 @@ def run_asyncio_server(port: int, workers: int, ready: Callable[[int], None]) ->
 
 
 def make_statelink_server(port: int, workers: int, max_inflight: int | None,
-                          max_connections: int | None) -> Any:
+                          max_connections: int | None, devices: list[str] | None = None) -> Any:
     from controller import CommandServer, Limits
 
     limits = Limits()
@@ -292,6 +297,11 @@ def make_statelink_server(port: int, workers: int, max_inflight: int | None,
         """One workflow step (S4)."""
         return {"ok": True, "n": n}
 
+    if devices:
+        from statemachines.device import load_device
+
+        for path in devices:  # simulated: gpiozero's mock pins
+            server.add_device(load_device(path), simulate=True)
     return server
 
 
@@ -334,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="statelink Limits.max_inflight (default: the server's default)")
     parser.add_argument("--max-connections", type=int, default=None,
                         help="statelink Limits.max_connections (default: the server's default)")
+    parser.add_argument("--device", action="append", default=[],
+                        help="statelink: also serve this device config, simulated")
     parser.add_argument("--max-seconds", type=float, default=900.0,
                         help="stop by itself after this many seconds")
     args = parser.parse_args(argv)
@@ -353,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         run_asyncio_server(args.port, args.workers, _announce)
     else:
         server = make_statelink_server(args.port, args.workers, args.max_inflight,
-                                       args.max_connections)
+                                       args.max_connections, args.device)
         server.start()
         _announce(server.address[1])
         threading.Event().wait()  # the stdin watcher or the timer ends the process

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ class ServerProcess:
 
     def __init__(self, kind: str, *, cpu: int | None = None, workers: int = 8,
                  max_inflight: int | None = None, max_connections: int | None = None,
-                 timeout: float = 20.0) -> None:
+                 extra: list[str] | None = None, timeout: float = 20.0) -> None:
         self.kind = kind
         self.workers = workers
         cmd = [PY, "-m", "bench.references", kind, "--port", "0", "--workers", str(workers),
@@ -65,6 +66,7 @@ class ServerProcess:
             cmd += ["--max-inflight", str(max_inflight)]
         if max_connections is not None:
             cmd += ["--max-connections", str(max_connections)]
+        cmd += extra or []
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL)
@@ -130,7 +132,7 @@ def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
 _CTX = mp.get_context("spawn")
 
 
-def percentile(sorted_values: list[float], q: float) -> float:
+def percentile(sorted_values: Sequence[float], q: float) -> float:
     if not sorted_values:
         return float("nan")
     k = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
@@ -151,7 +153,7 @@ def measure(spec: load.LoadSpec, procs: int = 1, timeout_extra: float = 30.0) ->
             proc.start()
             child_end.close()
             children.append((proc, parent_end))
-        for proc, pipe in children:
+        for _, pipe in children:
             if not pipe.poll(30.0):
                 raise RuntimeError("a load process did not get ready")
             kind, info = pipe.recv()
@@ -182,6 +184,9 @@ def measure(spec: load.LoadSpec, procs: int = 1, timeout_extra: float = 30.0) ->
     values = sorted(lat)
     completed = sum(r["completed"] for r in results)
     server_cpu = [r["server_cpu"] for r in results if r["server_cpu"] is not None]
+    load_cpu = sum(r["load_cpu"] for r in results)
+    srv = statistics.mean(server_cpu) if server_cpu else None
+    machine = statistics.mean(r["machine_cpu"] for r in results)
     return {
         "throughput": completed / spec.duration,
         "completed": completed,
@@ -190,9 +195,17 @@ def measure(spec: load.LoadSpec, procs: int = 1, timeout_extra: float = 30.0) ->
         "lost": sum(r["lost"] for r in results),
         "p50_ms": percentile(values, 0.50) / 1e6,
         "p99_ms": percentile(values, 0.99) / 1e6,
-        "load_cpu": sum(r["load_cpu"] for r in results),
-        "server_cpu": statistics.mean(server_cpu) if server_cpu else None,
+        "load_cpu": load_cpu,
+        "server_cpu": srv,
+        # CPU used by every other process of the machine during the window (noise)
+        "other_cpu": max(0.0, machine - load_cpu - (srv or 0.0)),
     }
+
+
+def failed(reason: str) -> dict[str, Any]:
+    return {"throughput": 0.0, "completed": 0, "sent": 0, "errors": 0, "lost": 0,
+            "p50_ms": float("nan"), "p99_ms": float("nan"), "load_cpu": 0.0,
+            "server_cpu": None, "other_cpu": None, "failed": reason}
 
 
 @dataclass
@@ -217,6 +230,7 @@ class Options:
     s3_workers: list[int]
     s4_runs: int
     s5_conns: int
+    repeat: int
     procs: int
     scenarios: set[str]
     quick: bool
@@ -231,47 +245,75 @@ def cpus(opts: Options) -> tuple[int | None, int | None]:
 
 
 def run_s1_s2_s3(opts: Options, log: Any) -> list[Row]:
+    """S1 and S2 in interleaved rounds (best of ``repeat`` per cell), then S3."""
     rows: list[Row] = []
     srv_cpu, load_cpu = cpus(opts)
-    need_s1, need_s2, need_s3 = ("S1" in opts.scenarios, "S2" in opts.scenarios,
-                                 "S3" in opts.scenarios)
 
     def one(server: ServerProcess, name: str, scenario: str, conns: int, depth: int,
-            method: str, params: Any, note: str = "") -> None:
+            method: str, params: Any) -> dict[str, Any]:
         spec = load.LoadSpec(port=server.port, conns=conns, depth=depth, method=method,
                              params=params, warmup=opts.warmup, duration=opts.duration,
                              callback=server.kind == "callback", cpu=load_cpu,
                              server_pid=server.pid)
-        result = measure(spec, procs=min(opts.procs, conns))
-        rows.append(Row(scenario, name, conns, depth, result, note))
+        try:
+            result = measure(spec, procs=min(opts.procs, conns))
+        except (RuntimeError, OSError, EOFError) as exc:
+            result = failed(f"{type(exc).__name__}: {exc}")
         log(f"  {scenario:<7} {name:<26} {result['throughput']:>10,.0f} req/s  "
-            f"p50 {result['p50_ms']:.3f} ms  p99 {result['p99_ms']:.3f} ms  "
-            f"errors {result['errors']} lost {result['lost']}")
+            f"p50 {result['p50_ms']:.3f} ms  p99 {result['p99_ms']:.3f} ms  errors "
+            f"{result['errors']} lost {result['lost']}  other CPU "
+            f"{_fmt(result['other_cpu'] and result['other_cpu'] * 100, '.0f')}%"
+            + (f"  FAILED {result['failed']}" if "failed" in result else ""))
+        return result
 
-    if need_s1 or need_s2:
-        for name in (*REFS, SL_ASYNC, SL_SYNC):
-            kind = KIND.get(name, "statelink")
-            with ServerProcess(kind, cpu=srv_cpu) as server:
-                method = "bench.echo_sync" if name == SL_SYNC else "bench.echo"
-                if need_s1:
-                    for conns in opts.s1_conns:
-                        one(server, name, f"S1@{conns}", conns, 1, method, ["x"])
-                if need_s2:
-                    one(server, name, "S2", 1, opts.s2_depth, method, ["x"])
-    if need_s3:
+    cells: list[tuple[str, int, int]] = []
+    if "S1" in opts.scenarios:
+        cells += [(f"S1@{conns}", conns, 1) for conns in opts.s1_conns]
+    if "S2" in opts.scenarios:
+        cells.append(("S2", 1, opts.s2_depth))
+    if cells:
+        names = (*REFS, SL_ASYNC, SL_SYNC)
+        servers: dict[str, ServerProcess] = {}
+        samples: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        try:
+            for name in names:
+                servers[name] = ServerProcess(KIND.get(name, "statelink"), cpu=srv_cpu)
+            for round_no in range(opts.repeat):
+                if opts.repeat > 1:
+                    log(f" round {round_no + 1} of {opts.repeat}")
+                for scenario, conns, depth in cells:
+                    for name in names:
+                        method = "bench.echo_sync" if name == SL_SYNC else "bench.echo"
+                        samples.setdefault((scenario, name), []).append(
+                            one(servers[name], name, scenario, conns, depth, method, ["x"]))
+        finally:
+            for server in servers.values():
+                server.stop()
+        for scenario, conns, depth in cells:
+            for name in names:
+                runs = samples.get((scenario, name), [])
+                if not runs:
+                    continue
+                best = dict(max(runs, key=lambda r: r["throughput"]))
+                best["samples"] = [round(r["throughput"]) for r in runs]
+                rows.append(Row(scenario, name, conns, depth, best))
+    if "S3" in opts.scenarios:
         conns = opts.s3_conns
         for name in REFS:
             # the asyncio reference gets one executor thread per connection, like ref1/ref2
             with ServerProcess(KIND[name], cpu=srv_cpu, workers=conns) as server:
-                one(server, name, "S3", conns, 1, "bench.sleep", [],
-                    note=f"{conns} threads" if name != REF1 else "thread per command")
+                result = one(server, name, "S3", conns, 1, "bench.sleep", [])
+            rows.append(Row("S3", name, conns, 1, result,
+                            "thread per command" if name == REF1 else f"{conns} threads"))
         for workers in opts.s3_workers:
             with ServerProcess("statelink", cpu=srv_cpu, workers=workers) as server:
-                theoretical = min(workers, conns) / 0.010
-                one(server, f"statelink {workers} workers", "S3", conns, 1, "bench.sleep", [],
-                    note=f"max {theoretical:,.0f}/s")
-                rows[-1].result["workers"] = workers
-                rows[-1].result["theoretical"] = theoretical
+                name = f"statelink {workers} workers"
+                result = one(server, name, "S3", conns, 1, "bench.sleep", [])
+            theoretical = min(workers, conns) / 0.010
+            result.update(workers=workers, theoretical=theoretical)
+            share = result["throughput"] / theoretical
+            rows.append(Row("S3", name, conns, 1, result,
+                            f"{share:.0%} of max {theoretical:,.0f}/s"))
     return rows
 
 
@@ -288,36 +330,51 @@ def add_ratios(rows: list[Row]) -> None:
 # --- S4 and S5 ---------------------------------------------------------------------------------
 
 
-def run_s4(opts: Options, log: Any) -> dict[str, Any]:
+DEMO_DEVICE = ROOT / "config" / "devices" / "demo.yaml"
+
+
+def run_s4(opts: Options, log: Any) -> list[dict[str, Any]]:
+    """The repository's ten_steps.yaml (demo device, simulated) and the built-in ten bench.step
+    workflow, each against a fresh statelink server."""
+    from .workflow_bench import REPO_WORKFLOW
+
     srv_cpu, load_cpu = cpus(opts)
     # The runner shares one client (one connection) per server among all its runs, so
-    # 1000 concurrent runs put up to 1000 requests in flight on one connection.
+    # 1000 concurrent runs put up to 1000 requests in flight on one connection: above the
+    # server's default Limits.max_inflight (256). The S4 server allows more.
     max_inflight = max(2048, 2 * opts.s4_runs)
-    with ServerProcess("statelink", cpu=srv_cpu, max_inflight=max_inflight) as server:
-        cmd = [PY, "-m", "bench.workflow_bench", "--port", str(server.port),
-               "--runs", str(opts.s4_runs), "--server-pid", str(server.pid)]
-        if load_cpu is not None:
-            cmd += ["--cpu", str(load_cpu)]
-        if opts.quick:
-            cmd += ["--bare-runs", "50"]
-        try:
-            out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180,
-                                 check=False)
-        except subprocess.TimeoutExpired:
-            return {"ok": False, "missing": "the workflow benchmark did not finish in 180 s"}
-    try:
-        result = json.loads(out.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        result = {"ok": False, "missing": f"no result (exit {out.returncode}): "
-                                          f"{out.stderr.strip()[-800:]}"}
-    result["server_max_inflight"] = max_inflight
-    if result.get("ok"):
-        log(f"  S4      {result['transitions_per_s']:>10,.0f} transitions/s, engine "
-            f"{result['engine_us']:.1f} us vs bare {result['bare_us']:.1f} us per transition "
-            f"({result['engine_vs_bare']:.2f}x)")
-    else:
-        log(f"  S4      not measured: {result.get('missing')}")
-    return result
+    variants: list[tuple[str, list[str]]] = [("builtin", [])]
+    if REPO_WORKFLOW.exists() and DEMO_DEVICE.exists():
+        variants.insert(0, (str(REPO_WORKFLOW), ["--device", str(DEMO_DEVICE)]))
+    results = []
+    for workflow, extra in variants:
+        with ServerProcess("statelink", cpu=srv_cpu, max_inflight=max_inflight,
+                           extra=extra) as server:
+            cmd = [PY, "-m", "bench.workflow_bench", "--port", str(server.port),
+                   "--runs", str(opts.s4_runs), "--server-pid", str(server.pid),
+                   "--workflow", workflow]
+            if load_cpu is not None:
+                cmd += ["--cpu", str(load_cpu)]
+            try:
+                out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                                     check=False)
+                result = json.loads(out.stdout.strip().splitlines()[-1])
+            except subprocess.TimeoutExpired:
+                result = {"ok": False, "missing": "the workflow benchmark did not finish in 240 s"}
+            except (ValueError, IndexError):
+                result = {"ok": False, "missing": f"no result (exit {out.returncode}): "
+                                                  f"{out.stderr.strip()[-800:]}"}
+        result["server_max_inflight"] = max_inflight
+        result.setdefault("workflow", workflow)
+        results.append(result)
+        if "transitions_per_s" in result:
+            log(f"  S4      {result['workflow']:<34} {result['transitions_per_s']:>8,.0f} "
+                f"transitions/s, engine {result['engine_us']:.1f} us vs bare "
+                f"{result['bare_us']:.1f} us per transition ({result['engine_vs_bare']:.2f}x)"
+                + ("" if result.get("ok") else f"  PROBLEM: {result.get('missing')}"))
+        else:
+            log(f"  S4      {result['workflow']}: not measured: {result.get('missing')}")
+    return results
 
 
 def import_time(module: str, repeat: int) -> dict[str, Any]:
@@ -336,17 +393,18 @@ def import_time(module: str, repeat: int) -> dict[str, Any]:
         bare.append(time.perf_counter() - t0)
     out = subprocess.run([PY, "-X", "importtime", "-c", "import " + module], cwd=ROOT,
                          capture_output=True, text=True, timeout=60, check=True)
-    top: list[tuple[int, str]] = []
+    # the largest imports below the module itself (cumulative us; each name once)
+    best: dict[str, int] = {}
+    skip = {module, module.split(".")[0], "site", "encodings"}
     for line in out.stderr.splitlines():
         if not line.startswith("import time:") or "cumulative" in line:
             continue
-        _, _, rest = line.partition(":")
-        parts = rest.split("|")
-        name = parts[2].rstrip()
-        depth = (len(name) - len(name.lstrip())) // 2
-        if depth <= 2:
-            top.append((int(parts[1]), name.strip()))
-    top.sort(reverse=True)
+        parts = line.partition(":")[2].split("|")
+        name = parts[2].strip()
+        if name in skip or name.startswith("__editable__"):
+            continue
+        best[name] = max(best.get(name, 0), int(parts[1]))
+    top = sorted(((us, name) for name, us in best.items()), reverse=True)
     return {"seconds": statistics.median(samples), "interpreter_seconds": statistics.median(bare),
             "top_us": top[:8]}
 
@@ -402,7 +460,7 @@ def _find(rows: list[Row], scenario: str, server: str) -> Row | None:
     return next((r for r in rows if r.scenario == scenario and r.server == server), None)
 
 
-def evaluate(rows: list[Row], s4: dict[str, Any] | None, s5: dict[str, Any] | None,
+def evaluate(rows: list[Row], s4: list[dict[str, Any]] | None, s5: dict[str, Any] | None,
              opts: Options) -> list[dict[str, Any]]:
     targets: list[dict[str, Any]] = []
 
@@ -441,15 +499,19 @@ def evaluate(rows: list[Row], s4: dict[str, Any] | None, s5: dict[str, Any] | No
             add(f"S3 {row.server} within 10% of workers/10ms", share >= 0.9,
                 f"{row.result['throughput']:,.0f} of {row.result['theoretical']:,.0f}/s = "
                 f"{share:.1%}")
-    if s4 is not None:
-        if s4.get("ok"):
-            add("S4 >= 5,000 transitions/s", s4["transitions_per_s"] >= 5000,
-                f"{s4['transitions_per_s']:,.0f} transitions/s")
-            add("S4 engine cost <= 3x bare Machine(queued=True)", s4["engine_vs_bare"] <= 3,
-                f"{s4['engine_us']:.1f} us vs {s4['bare_us']:.1f} us = "
-                f"{s4['engine_vs_bare']:.2f}x")
+    for res in s4 or []:
+        name = Path(str(res.get("workflow"))).name
+        if "transitions_per_s" in res:
+            add(f"S4 {name} >= 5,000 transitions/s", res["transitions_per_s"] >= 5000,
+                f"{res['transitions_per_s']:,.0f} transitions/s"
+                + ("" if res.get("ok") else f" (PROBLEM: {res.get('missing')})"))
         else:
-            add("S4 workflow engine", None, f"not measured: {s4.get('missing')}")
+            add(f"S4 {name} transitions/s", None, f"not measured: {res.get('missing')}")
+        if "engine_vs_bare" in res:
+            add(f"S4 {name} engine cost <= 3x bare Machine(queued=True)",
+                res["engine_vs_bare"] <= 3,
+                f"{res['engine_us']:.1f} us vs {res['bare_us']:.1f} us = "
+                f"{res['engine_vs_bare']:.2f}x")
     if s5 is not None:
         sl = s5["servers"].get(SL_ASYNC)
         if sl:
@@ -465,56 +527,80 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def render(rows: list[Row], s4: dict[str, Any] | None, s5: dict[str, Any] | None,
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.0f}%"
+
+
+def markdown_table(head: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    """A markdown table padded for reading as plain text too."""
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *rows, strict=True)]
+
+    def line(cells: list[str]) -> str:
+        padded = [str(c).rjust(w) if i in right else str(c).ljust(w)
+                  for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        return "| " + " | ".join(padded) + " |"
+
+    sep = "|" + "|".join(("-" * (w + 1) + ":") if i in right else "-" * (w + 2)
+                         for i, w in enumerate(widths)) + "|"
+    return [line(head), sep, *(line(r) for r in rows)]
+
+
+def render(rows: list[Row], s4: list[dict[str, Any]] | None, s5: dict[str, Any] | None,
            targets: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     out = [f"statelink benchmark - {meta['machine']}; {meta['pinning']}; "
-           f"{meta['duration']} s per measurement after {meta['warmup']} s warm-up", ""]
+           f"{meta['duration']} s per measurement after {meta['warmup']} s warm-up"
+           + (f"; S1/S2 best of {meta['repeat']} interleaved rounds" if meta["repeat"] > 1
+              else ""), ""]
     if rows:
-        head = (f"| {'scenario':<8} | {'server':<26} | {'conns x depth':>13} | {'req/s':>9} | "
-                f"{'p50 ms':>8} | {'p99 ms':>8} | {'srv CPU':>7} | {'vs ref1':>7} | "
-                f"{'vs ref2':>7} | {'vs ref3':>7} | note")
-        out += [head, "|" + "|".join("-" * (len(c) + 2) if c else "" for c in
-                                     head.strip("|").split("|")[:-1]) + "|------|"]
+        head = ["scenario", "server", "conns x depth", "req/s", "p50 ms", "p99 ms", "srv CPU",
+                "other CPU", "vs ref1", "vs ref2", "vs ref3", "note"]
+        body = []
         for r in rows:
             res = r.result
-            ratios = [r.ratios.get(ref) for ref in REFS]
             note = r.note
             if res["errors"] or res["lost"]:
                 note += f" errors={res['errors']} lost={res['lost']}"
-            out.append(
-                f"| {r.scenario:<8} | {r.server:<26} | {f'{r.conns} x {r.depth}':>13} | "
-                f"{res['throughput']:>9,.0f} | {res['p50_ms']:>8.3f} | {res['p99_ms']:>8.3f} | "
-                f"{_fmt(res['server_cpu'] and res['server_cpu'] * 100, '>6.0f')}% | "
-                + " | ".join(f"{_fmt(x, '>6.2f')}x" if x is not None else f"{'-':>7}"
-                             for x in ratios)
-                + f" | {note.strip()}")
+            if "failed" in res:
+                note += f" FAILED: {res['failed']}"
+            body.append([r.scenario, r.server, f"{r.conns} x {r.depth}",
+                         f"{res['throughput']:,.0f}", f"{res['p50_ms']:.3f}",
+                         f"{res['p99_ms']:.3f}", _pct(res["server_cpu"]), _pct(res["other_cpu"]),
+                         *(_fmt(r.ratios.get(ref), ".2f") + ("x" if ref in r.ratios else "")
+                           for ref in REFS),
+                         note.strip()])
+        out += markdown_table(head, body, right={2, 3, 4, 5, 6, 7, 8, 9, 10})
         out.append("")
-    if s4 is not None:
-        if s4.get("ok"):
-            out.append(
-                f"S4 workflow engine: {s4['runs']} concurrent runs x {s4['steps']} steps "
-                f"({s4['transitions']} transitions) in {s4['elapsed_s']:.2f} s = "
-                f"{s4['transitions_per_s']:,.0f} transitions/s; run time p50 "
-                f"{s4['run_p50_ms']:.0f} ms p99 {s4['run_p99_ms']:.0f} ms; outcomes "
-                f"{s4['outcomes']}")
-            out.append(
-                f"   engine in-process {s4['engine_us']:.1f} us/transition vs bare "
-                f"transitions.Machine(queued=True) {s4['bare_us']:.1f} us = "
-                f"{s4['engine_vs_bare']:.2f}x; new run {s4['new_run_us']:.0f} us; "
-                f"runner process CPU {s4['runner_cpu_us']:.0f} us/transition; server CPU "
-                f"{_fmt(s4.get('server_cpu_us'), '.0f')} us/transition")
-        else:
-            out.append(f"S4 workflow engine: not measured: {s4.get('missing')}")
-            if "bare_us" in s4:
-                out.append(f"   bare transitions.Machine(queued=True): {s4['bare_us']:.1f} us/transition")
+    if s4:
+        head = ["S4 workflow", "runs x steps", "transitions/s", "run p50 ms", "run p99 ms",
+                "engine us/tr", "bare us/tr", "engine/bare", "runner CPU us/tr",
+                "server CPU us/tr", "outcomes"]
+        body = []
+        for res in s4:
+            if "transitions_per_s" not in res:
+                body.append([Path(str(res.get("workflow"))).name, "-", "-", "-", "-",
+                             _fmt(res.get("engine_us"), ".1f"), _fmt(res.get("bare_us"), ".1f"),
+                             _fmt(res.get("engine_vs_bare"), ".2f"), "-", "-",
+                             f"not measured: {res.get('missing')}"])
+                continue
+            body.append([Path(str(res["workflow"])).name, f"{res['runs']} x {res['steps']}",
+                         f"{res['transitions_per_s']:,.0f}", f"{res['run_p50_ms']:.0f}",
+                         f"{res['run_p99_ms']:.0f}", f"{res['engine_us']:.1f}",
+                         f"{res['bare_us']:.1f}", f"{res['engine_vs_bare']:.2f}x",
+                         f"{res['runner_cpu_us']:.0f}", _fmt(res.get("server_cpu_us"), ".0f"),
+                         ", ".join(f"{k} {v}" for k, v in res["outcomes"].items())
+                         + ("" if res.get("ok") else f" PROBLEM: {res.get('missing')}")])
+        out += markdown_table(head, body, right={1, 2, 3, 4, 5, 6, 7, 8, 9})
+        out.append(f"(transitions: journal entries that move a run; "
+                   f"{s4[0].get('server_max_inflight')} requests in flight allowed per connection "
+                   f"on the S4 server)")
         out.append("")
     if s5 is not None:
-        out.append(f"| S5 footprint {'':<13} | start to listening | idle RSS | RSS, "
-                   f"{s5['conns']} idle conns | per conn |")
-        out.append("|---|---|---|---|---|")
-        for name, v in s5["servers"].items():
-            out.append(f"| {name:<26} | {v['start_s'] * 1000:>15.0f} ms | {v['idle_rss_mb']:>5.1f} MB"
-                       f" | {v['rss_conns_mb']:>18.1f} MB | {v['kb_per_conn']:>5.1f} KB |")
+        head = ["S5 footprint", "start to listening", "idle RSS",
+                f"RSS with {s5['conns']} idle conns", "per idle conn"]
+        body = [[name, f"{v['start_s'] * 1000:.0f} ms", f"{v['idle_rss_mb']:.1f} MB",
+                 f"{v['rss_conns_mb']:.1f} MB", f"{v['kb_per_conn']:.1f} KB"]
+                for name, v in s5["servers"].items()]
+        out += markdown_table(head, body, right={1, 2, 3, 4})
         ci = s5["client_import"]
         out.append(f"client: `import controller.client` {ci['seconds'] * 1000:.0f} ms in a fresh "
                    f"interpreter (interpreter start alone {ci['interpreter_seconds'] * 1000:.0f} "
@@ -553,11 +639,13 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     p.add_argument("--s3-workers", help="S3 statelink worker counts (8,64)")
     p.add_argument("--s4-runs", type=int, help="S4 concurrent workflow runs (1000)")
     p.add_argument("--s5-conns", type=int, help="S5 idle connections (1000)")
+    p.add_argument("--repeat", type=int,
+                   help="S1/S2 rounds, interleaved; the best round of each cell is shown (2)")
     p.add_argument("--procs", type=int, default=1, help="load processes per measurement (1)")
     a = p.parse_args(argv)
     q = a.quick
     opts = Options(
-        duration=a.duration if a.duration is not None else (0.3 if q else 3.0),
+        duration=a.duration if a.duration is not None else (0.3 if q else 2.5),
         warmup=a.warmup if a.warmup is not None else (0.1 if q else 0.5),
         pin=not a.no_pin,
         s1_conns=_ints(a.s1_conns) if a.s1_conns else ([1, 4] if q else [1, 16, 64]),
@@ -566,6 +654,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
         s3_workers=_ints(a.s3_workers) if a.s3_workers else ([2] if q else [8, 64]),
         s4_runs=a.s4_runs or (20 if q else 1000),
         s5_conns=a.s5_conns or (20 if q else 1000),
+        repeat=max(1, a.repeat or (1 if q else 2)),
         procs=max(1, a.procs),
         scenarios={s.strip().upper() for s in a.scenarios.split(",") if s.strip()},
         quick=q,
@@ -590,6 +679,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": opts.warmup,
         "command": "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:]),
         "scenarios": sorted(opts.scenarios),
+        "repeat": opts.repeat,
     }
     log(f"statelink benchmark ({meta['pinning']})")
     rows = run_s1_s2_s3(opts, log) if opts.scenarios & {"S1", "S2", "S3"} else []

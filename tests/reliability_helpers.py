@@ -29,6 +29,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -246,6 +247,13 @@ class Raw:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
+
+    def abort(self) -> None:
+        """Close with a reset (SO_LINGER 0): the server sees the connection lost at once,
+        unlike a plain close, which it may take for a half-close (EOF) and answer first."""
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close()
 
     def __enter__(self) -> Raw:
         return self

@@ -100,6 +100,31 @@ def test_worker_queue_full_is_busy_at_once():
         assert stats(server.address)["errors_by_code"] == {str(BUSY): 1}
 
 
+def test_device_lane_is_bounded_by_max_queue(tmp_path):
+    from reliability_helpers import write_device
+
+    from statemachines.device import load_device
+
+    with serve(limits=Limits(max_queue=2)) as server:
+        server.add_device(load_device(write_device(tmp_path)))
+        with Raw(server.address) as raw:
+            raw.request("testdev.slow", {"seconds": 20}, id="running")
+            wait_until(lambda: stats(server.address)["requests_in_flight"] == 2)
+            raw.request("testdev.ok", id="waiting-1")
+            raw.request("testdev.ok", id="waiting-2")
+            reply = raw.call("testdev.ok", id="one-too-many")
+            assert error_code(reply) == BUSY
+            assert "device testdev has 2 commands waiting" in reply["error"]["message"]
+            assert reply["error"]["data"] == {"device": "testdev", "retry": True}
+            assert ping_ok(server.address)
+            raw.abort()  # the running command is cancelled, the waiting ones dropped
+        wait_until(lambda: stats(server.address)["requests_in_flight"] == 1,
+                   what="the device lane to empty")
+        with Client(server.address, reconnect=False) as client:
+            assert client.call("testdev.ok") == {"ok": True}
+            assert client.call("testdev.state")["state"] == "idle"
+
+
 def test_frame_size():
     limit = 1024
     with serve(limits=Limits(max_frame=limit)) as server:
@@ -197,15 +222,14 @@ def test_outgoing_buffer_of_a_client_that_stops_reading(tmp_path):
         sent = 0
         with Raw(child.address, rcvbuf=4096) as hog:
             for wave in range(waves):
-                total = normal.call("rpc.stats")["requests_total"]
                 try:
                     hog.send(b"".join(request_line("big", [size], id=f"{wave}-{i}")
                                       for i in range(per_wave)))
                 except OSError:
                     break  # the server has closed it
                 sent += per_wave
-                wait_until(lambda t=total: normal.call("rpc.stats")["requests_total"]
-                           >= t + per_wave + 1 or dropped(normal), what="the wave handled")
+                # the wave is answered (its replies written or refused) before the next one
+                wait_until(lambda: wave_done(normal), what="the wave answered")
                 if dropped(normal):
                     break
             assert dropped(normal) == 1, "closed with reason outgoing_buffer"
@@ -215,6 +239,12 @@ def test_outgoing_buffer_of_a_client_that_stops_reading(tmp_path):
         assert grown < 16 * 1024, f"server RSS grew by {grown} KiB"
         assert normal.call("big", [size]) == "x" * size
         wait_until(lambda: normal.call("rpc.stats")["connections"] == 1)
+
+
+def wave_done(client: Client) -> bool:
+    snapshot = client.call("rpc.stats")
+    return snapshot["requests_in_flight"] == 1 or bool(
+        snapshot["closed_by_reason"].get("outgoing_buffer"))
 
 
 def dropped(client: Client) -> int:
@@ -253,6 +283,19 @@ def test_outgoing_buffer_of_a_callback_link_that_stops_reading():
             assert raw.closed(WAIT)
             snapshot = stats(server.address)
             assert snapshot["closed_by_reason"]["outgoing_buffer"] == 1
+        assert ping_ok(server.address)
+
+
+def test_max_subscriptions():
+    with serve(limits=Limits(max_subscriptions=2)) as server, Raw(server.address) as raw:
+        for method in ("a.one", "a.two", "a.two"):  # renewing one is not a new one
+            assert raw.call("rpc.subscribe", {"method": method})["result"] == {
+                "subscribed": method}
+        reply = raw.call("rpc.subscribe", {"method": "a.three"})
+        assert error_code(reply) == BUSY
+        assert "too many subscriptions (limit 2)" in reply["error"]["message"]
+        assert raw.call("rpc.unsubscribe", {"method": "a.one"})["result"]
+        assert "result" in raw.call("rpc.subscribe", {"method": "a.three"})
         assert ping_ok(server.address)
 
 

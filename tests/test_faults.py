@@ -123,22 +123,27 @@ def test_a_device_handler_that_overruns_its_timeout_faults_the_device(device_ser
 
 
 # -- clients that vanish ---------------------------------------------------------------------
-def test_a_client_that_disconnects_with_requests_in_flight_leaks_nothing(device_server):
+@pytest.mark.parametrize("how", ["reset", "close"])
+def test_a_client_that_disconnects_with_requests_in_flight_leaks_nothing(device_server, how):
+    """``reset``: the server sees the connection lost at once and cancels what it can.
+    ``close`` (FIN): indistinguishable from a half-close, so the server keeps the connection
+    to answer; its first reply meets the peer's reset. Either way nothing is left behind."""
     server = device_server
     base = stats(server.address)
+    seconds = 10 if how == "reset" else 0.3  # the device command: cancelled, or finishes
     for round_ in range(3):
         server.test_release.clear()
-        with Raw(server.address) as raw:
-            for i in range(2):
-                raw.request("hang", [30], id=f"hang-{i}")  # both workers blocked
-            for i in range(3):
-                raw.request("echo", [i], id=f"queued-{i}")  # waiting for a worker
-            raw.request("asleep", [0.2, "x"], id="async")  # a task on the loop
-            raw.request("testdev.slow", {"seconds": 10}, id="device-running")
-            raw.request("testdev.ok", id="device-queued")  # behind it in the device lane
-            wait_until(lambda: stats(server.address)["requests_in_flight"] == 8 + 1)
-        # gone with 8 requests in flight; let the blocked handlers finish
-        server.test_release.set()
+        raw = Raw(server.address)
+        for i in range(2):
+            raw.request("hang", [30], id=f"hang-{i}")  # both workers blocked
+        for i in range(3):
+            raw.request("echo", [i], id=f"queued-{i}")  # waiting for a worker
+        raw.request("asleep", [0.2, "x"], id="async")  # a task on the loop
+        raw.request("testdev.slow", {"seconds": seconds}, id="device-running")
+        raw.request("testdev.ok", id="device-queued")  # behind it in the device lane
+        wait_until(lambda: stats(server.address)["requests_in_flight"] == 8 + 1)
+        raw.abort() if how == "reset" else raw.close()
+        server.test_release.set()  # let the blocked handlers finish
         wait_until(lambda: (s := stats(server.address))["requests_in_flight"] == 1
                    and s["connections"] == 1, what=f"round {round_}: nothing left in flight")
     assert sum(len(conn.calls) for conn in server.connections) == 0
@@ -146,7 +151,7 @@ def test_a_client_that_disconnects_with_requests_in_flight_leaks_nothing(device_
     after = stats(server.address)
     assert after["connections"] == base["connections"] == 1
     with Client(server.address, reconnect=False) as client:
-        assert client.call("testdev.state")["state"] == "idle"  # cancelled, not faulted
+        assert client.call("testdev.state")["state"] == "idle"  # cancelled/finished, no fault
         assert client.call("echo", ["fine"]) == "fine"
 
 

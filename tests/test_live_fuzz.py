@@ -187,7 +187,7 @@ def test_live_fuzz(fuzz_server):
     peak = 0
     with Client(child.address, reconnect=False) as normal:
         rounds = 0
-        for rounds in range(1, ROUNDS + 1):  # noqa: B007 - the count is reported below
+        for rounds in range(1, ROUNDS + 1):
             generator = rng.choice(GENERATORS)
             payload = b"".join(generator(rng) for _ in range(rng.randint(1, 3)))
             where = f"seed {SEED} round {rounds} ({generator.__name__})"

@@ -20,7 +20,8 @@ SEED = int(os.environ.get("STATELINK_SOAK_SEED", "5000"))
 
 @pytest.fixture(scope="module")
 def soak() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("statelink_bench_soak", REPO / "bench" / "soak.py")
+    path = REPO / "bench" / "soak.py"
+    spec = importlib.util.spec_from_file_location("statelink_bench_soak", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up

@@ -1,0 +1,271 @@
+"""S4: the workflow engine under load, and its cost per transition against bare ``transitions``.
+
+``python -m bench.workflow_bench --port P [--runs 1000] [--workflow FILE]`` (run by
+``bench.run``, which starts the statelink server with the demo device, simulated) prints one
+JSON line:
+
+* **end to end**: ``--runs`` concurrent runs of a 10-step workflow through one
+  :class:`controller.runner.WorkflowRunner` against one statelink server; *transitions* are the
+  journal entries that move a run (``next`` set: the start and each step), per second from the
+  first ``start()`` to the last run finished;
+* **engine cost**: the same runs driven in-process with effects that answer at once (no I/O, no
+  threads), time per transition, against a bare ``transitions.Machine(queued=True)`` with the
+  same number of models and transitions, measured in the same process.
+
+The workflow is ``config/workflows/ten_steps.yaml`` when present (it calls the demo device),
+else :data:`TEN_STEPS` below (ten ``bench.step`` calls, which every benchmark server has).
+``--workflow builtin`` picks :data:`TEN_STEPS` explicitly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+REPO_WORKFLOW = ROOT / "config" / "workflows" / "ten_steps.yaml"
+
+#: ten quick commands in a row (only ``bench.step``, registered on the benchmark server)
+TEN_STEPS = (
+    'name: bench_ten_steps\nservers:\n  device: "127.0.0.1:15769"\n'
+    "command_timeout: 5s\ninitial: step1\nstates:\n"
+    + "".join(f"  step{i}: {{command: bench.step, params: {{n: {i}}}, "
+              f"next: {f'step{i + 1}' if i < 10 else 'done'}}}\n" for i in range(1, 11))
+    + "  done: {final: success}\n"
+)
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _proc_cpu(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _moves(history: list[dict[str, Any]]) -> int:
+    """Journal entries that moved the run to another state."""
+    return sum(1 for entry in history if entry.get("next"))
+
+
+def load_spec(workflow: str | None) -> tuple[Any, str]:
+    from statemachines.workflow import load_workflow, parse_workflow
+
+    if workflow == "builtin" or (workflow is None and not REPO_WORKFLOW.exists()):
+        return parse_workflow(TEN_STEPS, "bench/workflow_bench.py:TEN_STEPS"), "builtin TEN_STEPS"
+    path = Path(workflow) if workflow else REPO_WORKFLOW
+    return load_workflow(path), str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+
+
+# --- engine cost, in-process ---------------------------------------------------------------------
+
+
+class InlineEffects:
+    """Effects that answer every command at once (queued, answered in FIFO order like the
+    runner's dispatcher does), start no timers and record nothing."""
+
+    def __init__(self) -> None:
+        self.queue: deque[tuple[Any, int]] = deque()
+        self.done_runs = 0
+
+    def send_command(self, run: Any, token: int, server: str, method: str, params: Any,
+                     timeout: float) -> None:
+        self.queue.append((run, token))
+
+    def start_timer(self, run: Any, token: int, delay: float) -> None:
+        raise RuntimeError("the benchmark workflow starts no timers")
+
+    def record(self, run: Any, entry: dict[str, Any]) -> None:
+        pass
+
+    def finished(self, run: Any) -> None:
+        self.done_runs += 1
+
+
+def engine_cost(spec: Any, runs: int) -> dict[str, Any]:
+    """Microseconds per transition of the engine with instant replies (best of 3)."""
+    from statemachines.workflow import CompiledWorkflow
+
+    compiled = CompiledWorkflow(spec)
+    reply = {"ok": True}
+    best: dict[str, Any] | None = None
+    for _ in range(3):
+        effects = InlineEffects()
+        gc.collect()
+        t0 = time.perf_counter()
+        all_runs = [compiled.new_run(effects, f"r{i}") for i in range(runs)]
+        t1 = time.perf_counter()
+        for run in all_runs:
+            run.start()
+        queue = effects.queue
+        while queue:
+            run, token = queue.popleft()
+            run.on_reply(token, reply)
+        t2 = time.perf_counter()
+        moves = sum(_moves(run.history) for run in all_runs)
+        outcomes = {o: sum(1 for r in all_runs if r.outcome == o) for o in
+                    {r.outcome for r in all_runs}}
+        sample: dict[str, Any] = {
+                  "engine_us": (t2 - t1) / moves * 1e6, "new_run_us": (t1 - t0) / runs * 1e6,
+                  "engine_transitions": moves, "engine_outcomes": outcomes}
+        if best is None or sample["engine_us"] < best["engine_us"]:
+            best = sample
+    assert best is not None
+    return best
+
+
+def bare_cost(models: int, steps: int) -> dict[str, Any]:
+    """Microseconds per transition of a bare ``transitions.Machine(queued=True)``: ``models``
+    models on one machine, each moved through ``steps`` states in turn (best of 3)."""
+    from transitions import Machine
+
+    states = [f"s{i}" for i in range(steps + 1)]
+    edges = [{"trigger": "next", "source": states[i], "dest": states[i + 1]}
+             for i in range(steps)]
+    best = None
+    for _ in range(3):
+        machine = Machine(model=None, states=states, transitions=edges, initial="s0",
+                          queued=True, auto_transitions=False)
+        objs: list[Any] = [type("Model", (), {})() for _ in range(models)]
+        for obj in objs:
+            machine.add_model(obj)
+        gc.collect()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            for obj in objs:
+                obj.next()
+        t1 = time.perf_counter()
+        assert all(obj.state == states[-1] for obj in objs)
+        us = (t1 - t0) / (models * steps) * 1e6
+        best = us if best is None else min(best, us)
+    return {"bare_us": best}
+
+
+# --- end to end ----------------------------------------------------------------------------------
+
+
+def end_to_end(spec: Any, port: int, runs: int, server_pid: int | None,
+               timeout: float) -> dict[str, Any]:
+    from controller.runner import WorkflowRunner
+
+    servers = {name: f"127.0.0.1:{port}" for name in spec.servers}
+    finished_at: dict[str, float] = {}
+    lock = threading.Lock()
+
+    def observer(handle: Any, entry: dict[str, Any]) -> None:
+        if entry.get("event") == "finished":
+            with lock:
+                finished_at[handle.run_id] = time.perf_counter()
+
+    with WorkflowRunner(client_name="statelink-bench") as runner:
+        compiled = runner.compile(spec)
+        # connect (and subscribe) before the clock starts
+        warm = runner.start(compiled, servers=servers, run_id="warm-up", observer=observer)
+        warm.wait(timeout)
+        started_at: dict[str, float] = {}
+        cpu0, srv0 = _cpu(), _proc_cpu(server_pid)
+        t0 = time.perf_counter()
+        handles = []
+        for i in range(runs):
+            run_id = f"run-{i}"
+            started_at[run_id] = time.perf_counter()
+            handles.append(runner.start(compiled, servers=servers, run_id=run_id,
+                                        observer=observer))
+        deadline = t0 + timeout
+        for handle in handles:
+            handle.wait(max(0.0, deadline - time.perf_counter()))
+        t1 = max(finished_at.values(), default=time.perf_counter())
+        cpu1, srv1 = _cpu(), _proc_cpu(server_pid)
+        done = [h for h in handles if h.done]
+        outcomes: dict[str, int] = {}
+        reasons: dict[str, int] = {}
+        for h in handles:
+            key = str(h.outcome) if h.done else "unfinished"
+            outcomes[key] = outcomes.get(key, 0) + 1
+            if h.done and h.outcome != "success" and h.run.reason:
+                reasons[h.run.reason[:160]] = reasons.get(h.run.reason[:160], 0) + 1
+        moves = sum(_moves(h.history) for h in done)
+        lat = sorted(finished_at[h.run_id] - started_at[h.run_id] for h in done
+                     if h.run_id in finished_at)
+        elapsed = max(1e-9, t1 - t0)
+
+        def pct(q: float) -> float:
+            return lat[min(len(lat) - 1, round(q * (len(lat) - 1)))] * 1000 if lat else float("nan")
+
+        return {
+            "runs": runs,
+            "transitions": moves,
+            "elapsed_s": elapsed,
+            "transitions_per_s": moves / elapsed,
+            "run_p50_ms": pct(0.5),
+            "run_p99_ms": pct(0.99),
+            "outcomes": outcomes,
+            "failure_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])[:3]),
+            "runner_cpu_us": (cpu1 - cpu0) / max(1, moves) * 1e6,
+            "server_cpu_us": None if srv0 is None or srv1 is None
+            else (srv1 - srv0) / max(1, moves) * 1e6,
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.workflow_bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--port", type=int, required=True, help="the statelink server on 127.0.0.1")
+    p.add_argument("--runs", type=int, default=1000)
+    p.add_argument("--bare-runs", type=int, default=None,
+                   help="runs of the in-process engine/bare measurement (default --runs)")
+    p.add_argument("--workflow", default=None,
+                   help="a workflow file, or 'builtin' (default: config/workflows/ten_steps.yaml)")
+    p.add_argument("--server-pid", type=int, default=None)
+    p.add_argument("--cpu", type=int, default=None, help="pin this process to one CPU")
+    p.add_argument("--timeout", type=float, default=120.0, help="bound on the end-to-end part")
+    args = p.parse_args(argv)
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
+    result: dict[str, Any] = {"ok": False}
+    try:
+        spec, source = load_spec(args.workflow)
+        steps = sum(1 for st in spec.states.values() if st.kind != "final")
+        result.update(workflow=source, steps=steps)
+        # the bare reference works without the workflow engine: measure it first
+        bare_runs = args.bare_runs or args.runs
+        result.update(bare_cost(bare_runs, steps + 1))
+        result.update(engine_cost(spec, bare_runs))
+        result["engine_vs_bare"] = result["engine_us"] / result["bare_us"]
+        result.update(end_to_end(spec, args.port, args.runs, args.server_pid, args.timeout))
+        result["ok"] = result["outcomes"].get("success", 0) == args.runs
+        if not result["ok"]:
+            result["missing"] = (f"not every run succeeded: {result['outcomes']} "
+                                 f"{result['failure_reasons']}")
+    except ImportError as exc:
+        result["missing"] = f"the workflow engine is not importable: {exc}"
+    except Exception as exc:  # report, do not hide: the harness prints what is missing
+        result["missing"] = f"{type(exc).__name__}: {exc}"
+    if "bare_us" not in result:
+        try:
+            result.update(bare_cost(args.bare_runs or args.runs, 11))
+        except Exception as exc:
+            result["bare_error"] = f"{type(exc).__name__}: {exc}"
+    print(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
