@@ -121,8 +121,12 @@ class _Driver:
         for _ in range(spec.conns):
             sock = _connect(spec)
             if spec.callback:
-                hello = {"jsonrpc": "2.0", "id": "hello", "method": "rpc.hello",
-                         "params": {"callback_port": port}}
+                hello = {
+                    "jsonrpc": "2.0",
+                    "id": "hello",
+                    "method": "rpc.hello",
+                    "params": {"callback_port": port},
+                }
                 sock.sendall(json.dumps(hello).encode() + b"\n")
                 _recv_line(sock, time.monotonic() + 10.0)
             self.socks.append(sock)
@@ -209,8 +213,11 @@ class _Driver:
             if sending and now >= t_stop:
                 sending = False
             if cpu0 is None and now >= t_measure:
-                cpu0, srv0, all0 = self_cpu_seconds(), proc_cpu_seconds(srv_pid), \
-                    machine_busy_seconds()
+                cpu0, srv0, all0 = (
+                    self_cpu_seconds(),
+                    proc_cpu_seconds(srv_pid),
+                    machine_busy_seconds(),
+                )
                 t_cpu0 = now
             if not sending and (not sent_at or now >= t_stop + spec.drain):
                 break
@@ -262,7 +269,7 @@ class _Driver:
                         continue
                     end = line.find(b",", k)
                     try:
-                        rid = int(line[k + 5:end])
+                        rid = int(line[k + 5 : end])
                     except ValueError:
                         other += 1  # e.g. the hello reply or a notification
                         continue
@@ -281,8 +288,11 @@ class _Driver:
                 for i, n in refill.items():
                     send(i, n)
             if cpu0 is not None and cpu1 is None and not sending:
-                cpu1, srv1, all1 = self_cpu_seconds(), proc_cpu_seconds(srv_pid), \
-                    machine_busy_seconds()
+                cpu1, srv1, all1 = (
+                    self_cpu_seconds(),
+                    proc_cpu_seconds(srv_pid),
+                    machine_busy_seconds(),
+                )
                 t_cpu1 = perf()
         if cpu0 is None:
             cpu0, srv0, all0 = self_cpu_seconds(), proc_cpu_seconds(srv_pid), machine_busy_seconds()
@@ -345,8 +355,9 @@ def hold_process(spec_dict: dict[str, Any], pipe: Connection) -> None:
             for i in range(spec.conns):
                 sock = _connect(spec)
                 socks.append(sock)
-                sock.sendall(b'{"jsonrpc":"2.0","id":%d,"method":"bench.echo","params":["x"]}\n'
-                             % i)
+                sock.sendall(
+                    b'{"jsonrpc":"2.0","id":%d,"method":"bench.echo","params":["x"]}\n' % i
+                )
             deadline = time.monotonic() + 30.0
             for sock in socks:
                 _recv_line(sock, deadline)

@@ -72,8 +72,9 @@ _loads = json.loads
 
 
 def _error(rid: Any, code: int, message: str) -> bytes:
-    return (_dumps({"jsonrpc": "2.0", "id": rid, "error": {"code": code, "message": message}})
-            + "\n").encode()
+    return (
+        _dumps({"jsonrpc": "2.0", "id": rid, "error": {"code": code, "message": message}}) + "\n"
+    ).encode()
 
 
 class Job:
@@ -81,8 +82,9 @@ class Job:
 
     __slots__ = ("args", "blocking", "func", "kwargs", "notification", "rid")
 
-    def __init__(self, rid: Any, func: Callable[..., Any], params: Any, blocking: bool,
-                 notification: bool):
+    def __init__(
+        self, rid: Any, func: Callable[..., Any], params: Any, blocking: bool, notification: bool
+    ):
         self.rid = rid
         self.func = func
         self.blocking = blocking
@@ -124,8 +126,11 @@ def parse(line: bytes) -> Job | bytes | None:
         req = _loads(line)
     except ValueError:
         return _error(None, -32700, "Parse error")
-    if not isinstance(req, dict) or req.get("jsonrpc") != "2.0" or not isinstance(
-            req.get("method"), str):
+    if (
+        not isinstance(req, dict)
+        or req.get("jsonrpc") != "2.0"
+        or not isinstance(req.get("method"), str)
+    ):
         return _error(req.get("id") if isinstance(req, dict) else None, -32600, "Invalid Request")
     rid = req.get("id")
     entry = METHODS.get(req["method"])
@@ -167,19 +172,29 @@ class CallbackServer:
                     try:
                         req = _loads(line)
                         callback_port = int(req["params"]["callback_port"])
-                        reply = (_dumps({"jsonrpc": "2.0", "id": req.get("id"),
-                                         "result": {"callback": callback_port}}) + "\n").encode()
+                        reply = (
+                            _dumps(
+                                {
+                                    "jsonrpc": "2.0",
+                                    "id": req.get("id"),
+                                    "result": {"callback": callback_port},
+                                }
+                            )
+                            + "\n"
+                        ).encode()
                     except (ValueError, KeyError, TypeError):
                         reply = _error(None, -32602, "rpc.hello needs callback_port")
                     with lock:
                         conn.sendall(reply)
                     continue
-                threading.Thread(target=self._answer,
-                                 args=(line, host, callback_port, conn, lock), daemon=True).start()
+                threading.Thread(
+                    target=self._answer, args=(line, host, callback_port, conn, lock), daemon=True
+                ).start()
 
     @staticmethod
-    def _answer(line: bytes, host: str, port: int | None, conn: socket.socket,
-                lock: threading.Lock) -> None:
+    def _answer(
+        line: bytes, host: str, port: int | None, conn: socket.socket, lock: threading.Lock
+    ) -> None:
         reply = handle_line(line)
         if reply is None:
             return
@@ -272,8 +287,13 @@ def run_asyncio_server(port: int, workers: int, ready: Callable[[int], None]) ->
 # --- statelink ---------------------------------------------------------------------------------
 
 
-def make_statelink_server(port: int, workers: int, max_inflight: int | None,
-                          max_connections: int | None, devices: list[str] | None = None) -> Any:
+def make_statelink_server(
+    port: int,
+    workers: int,
+    max_inflight: int | None,
+    max_connections: int | None,
+    devices: list[str] | None = None,
+) -> Any:
     from controller import CommandServer, Limits
 
     limits = Limits()
@@ -288,8 +308,9 @@ def make_statelink_server(port: int, workers: int, max_inflight: int | None,
         """Trivial command on the I/O loop (async def)."""
         return value
 
-    server.add_command("bench.echo_sync", echo,
-                       description="Trivial command through the worker pool (plain def).")
+    server.add_command(
+        "bench.echo_sync", echo, description="Trivial command through the worker pool (plain def)."
+    )
     server.add_command("bench.sleep", sleep_10ms, description="Blocks 10 ms on a worker.")
 
     @server.command("bench.step")
@@ -333,21 +354,41 @@ def _exit_on_stdin_eof(max_seconds: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.references", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.references",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("kind", choices=KINDS)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--cpu", type=int, default=None, help="pin this process to one CPU")
-    parser.add_argument("--workers", type=int, default=8,
-                        help="statelink worker pool size / asyncio executor threads")
-    parser.add_argument("--max-inflight", type=int, default=None,
-                        help="statelink Limits.max_inflight (default: the server's default)")
-    parser.add_argument("--max-connections", type=int, default=None,
-                        help="statelink Limits.max_connections (default: the server's default)")
-    parser.add_argument("--device", action="append", default=[],
-                        help="statelink: also serve this device config, simulated")
-    parser.add_argument("--max-seconds", type=float, default=900.0,
-                        help="stop by itself after this many seconds")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=8,
+        help="statelink worker pool size / asyncio executor threads",
+    )
+    parser.add_argument(
+        "--max-inflight",
+        type=int,
+        default=None,
+        help="statelink Limits.max_inflight (default: the server's default)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        help="statelink Limits.max_connections (default: the server's default)",
+    )
+    parser.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        help="statelink: also serve this device config, simulated",
+    )
+    parser.add_argument(
+        "--max-seconds", type=float, default=900.0, help="stop by itself after this many seconds"
+    )
     args = parser.parse_args(argv)
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
@@ -364,8 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.kind == "asyncio":
         run_asyncio_server(args.port, args.workers, _announce)
     else:
-        server = make_statelink_server(args.port, args.workers, args.max_inflight,
-                                       args.max_connections, args.device)
+        server = make_statelink_server(
+            args.port, args.workers, args.max_inflight, args.max_connections, args.device
+        )
         server.start()
         _announce(server.address[1])
         threading.Event().wait()  # the stdin watcher or the timer ends the process

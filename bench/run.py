@@ -53,13 +53,31 @@ KIND = {REF1: "callback", REF2: "threading", REF3: "asyncio"}
 class ServerProcess:
     """One server in its own process; READY line on stdout; ends when we close its stdin."""
 
-    def __init__(self, kind: str, *, cpu: int | None = None, workers: int = 8,
-                 max_inflight: int | None = None, max_connections: int | None = None,
-                 extra: list[str] | None = None, timeout: float = 20.0) -> None:
+    def __init__(
+        self,
+        kind: str,
+        *,
+        cpu: int | None = None,
+        workers: int = 8,
+        max_inflight: int | None = None,
+        max_connections: int | None = None,
+        extra: list[str] | None = None,
+        timeout: float = 20.0,
+    ) -> None:
         self.kind = kind
         self.workers = workers
-        cmd = [PY, "-m", "bench.references", kind, "--port", "0", "--workers", str(workers),
-               "--max-seconds", "900"]
+        cmd = [
+            PY,
+            "-m",
+            "bench.references",
+            kind,
+            "--port",
+            "0",
+            "--workers",
+            str(workers),
+            "--max-seconds",
+            "900",
+        ]
         if cpu is not None:
             cmd += ["--cpu", str(cpu)]
         if max_inflight is not None:
@@ -68,8 +86,9 @@ class ServerProcess:
             cmd += ["--max-connections", str(max_connections)]
         cmd += extra or []
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
         line = _read_line(self.proc, timeout)
         #: seconds from process start (Popen) to listening (the READY line)
         self.start_seconds = time.perf_counter() - t0
@@ -203,9 +222,19 @@ def measure(spec: load.LoadSpec, procs: int = 1, timeout_extra: float = 30.0) ->
 
 
 def failed(reason: str) -> dict[str, Any]:
-    return {"throughput": 0.0, "completed": 0, "sent": 0, "errors": 0, "lost": 0,
-            "p50_ms": float("nan"), "p99_ms": float("nan"), "load_cpu": 0.0,
-            "server_cpu": None, "other_cpu": None, "failed": reason}
+    return {
+        "throughput": 0.0,
+        "completed": 0,
+        "sent": 0,
+        "errors": 0,
+        "lost": 0,
+        "p50_ms": float("nan"),
+        "p99_ms": float("nan"),
+        "load_cpu": 0.0,
+        "server_cpu": None,
+        "other_cpu": None,
+        "failed": reason,
+    }
 
 
 @dataclass
@@ -249,21 +278,38 @@ def run_s1_s2_s3(opts: Options, log: Any) -> list[Row]:
     rows: list[Row] = []
     srv_cpu, load_cpu = cpus(opts)
 
-    def one(server: ServerProcess, name: str, scenario: str, conns: int, depth: int,
-            method: str, params: Any) -> dict[str, Any]:
-        spec = load.LoadSpec(port=server.port, conns=conns, depth=depth, method=method,
-                             params=params, warmup=opts.warmup, duration=opts.duration,
-                             callback=server.kind == "callback", cpu=load_cpu,
-                             server_pid=server.pid)
+    def one(
+        server: ServerProcess,
+        name: str,
+        scenario: str,
+        conns: int,
+        depth: int,
+        method: str,
+        params: Any,
+    ) -> dict[str, Any]:
+        spec = load.LoadSpec(
+            port=server.port,
+            conns=conns,
+            depth=depth,
+            method=method,
+            params=params,
+            warmup=opts.warmup,
+            duration=opts.duration,
+            callback=server.kind == "callback",
+            cpu=load_cpu,
+            server_pid=server.pid,
+        )
         try:
             result = measure(spec, procs=min(opts.procs, conns))
         except (RuntimeError, OSError, EOFError) as exc:
             result = failed(f"{type(exc).__name__}: {exc}")
-        log(f"  {scenario:<7} {name:<26} {result['throughput']:>10,.0f} req/s  "
+        log(
+            f"  {scenario:<7} {name:<26} {result['throughput']:>10,.0f} req/s  "
             f"p50 {result['p50_ms']:.3f} ms  p99 {result['p99_ms']:.3f} ms  errors "
             f"{result['errors']} lost {result['lost']}  other CPU "
             f"{_fmt(result['other_cpu'] and result['other_cpu'] * 100, '.0f')}%"
-            + (f"  FAILED {result['failed']}" if "failed" in result else ""))
+            + (f"  FAILED {result['failed']}" if "failed" in result else "")
+        )
         return result
 
     cells: list[tuple[str, int, int]] = []
@@ -285,7 +331,8 @@ def run_s1_s2_s3(opts: Options, log: Any) -> list[Row]:
                     for name in names:
                         method = "bench.echo_sync" if name == SL_SYNC else "bench.echo"
                         samples.setdefault((scenario, name), []).append(
-                            one(servers[name], name, scenario, conns, depth, method, ["x"]))
+                            one(servers[name], name, scenario, conns, depth, method, ["x"])
+                        )
         finally:
             for server in servers.values():
                 server.stop()
@@ -303,8 +350,16 @@ def run_s1_s2_s3(opts: Options, log: Any) -> list[Row]:
             # the asyncio reference gets one executor thread per connection, like ref1/ref2
             with ServerProcess(KIND[name], cpu=srv_cpu, workers=conns) as server:
                 result = one(server, name, "S3", conns, 1, "bench.sleep", [])
-            rows.append(Row("S3", name, conns, 1, result,
-                            "thread per command" if name == REF1 else f"{conns} threads"))
+            rows.append(
+                Row(
+                    "S3",
+                    name,
+                    conns,
+                    1,
+                    result,
+                    "thread per command" if name == REF1 else f"{conns} threads",
+                )
+            )
         for workers in opts.s3_workers:
             with ServerProcess("statelink", cpu=srv_cpu, workers=workers) as server:
                 name = f"statelink {workers} workers"
@@ -312,8 +367,9 @@ def run_s1_s2_s3(opts: Options, log: Any) -> list[Row]:
             theoretical = min(workers, conns) / 0.010
             result.update(workers=workers, theoretical=theoretical)
             share = result["throughput"] / theoretical
-            rows.append(Row("S3", name, conns, 1, result,
-                            f"{share:.0%} of max {theoretical:,.0f}/s"))
+            rows.append(
+                Row("S3", name, conns, 1, result, f"{share:.0%} of max {theoretical:,.0f}/s")
+            )
     return rows
 
 
@@ -348,30 +404,46 @@ def run_s4(opts: Options, log: Any) -> list[dict[str, Any]]:
         variants.insert(0, (str(REPO_WORKFLOW), ["--device", str(DEMO_DEVICE)]))
     results = []
     for workflow, extra in variants:
-        with ServerProcess("statelink", cpu=srv_cpu, max_inflight=max_inflight,
-                           extra=extra) as server:
-            cmd = [PY, "-m", "bench.workflow_bench", "--port", str(server.port),
-                   "--runs", str(opts.s4_runs), "--server-pid", str(server.pid),
-                   "--workflow", workflow]
+        with ServerProcess(
+            "statelink", cpu=srv_cpu, max_inflight=max_inflight, extra=extra
+        ) as server:
+            cmd = [
+                PY,
+                "-m",
+                "bench.workflow_bench",
+                "--port",
+                str(server.port),
+                "--runs",
+                str(opts.s4_runs),
+                "--server-pid",
+                str(server.pid),
+                "--workflow",
+                workflow,
+            ]
             if load_cpu is not None:
                 cmd += ["--cpu", str(load_cpu)]
             try:
-                out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
-                                     check=False)
+                out = subprocess.run(
+                    cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, check=False
+                )
                 result = json.loads(out.stdout.strip().splitlines()[-1])
             except subprocess.TimeoutExpired:
                 result = {"ok": False, "missing": "the workflow benchmark did not finish in 240 s"}
             except (ValueError, IndexError):
-                result = {"ok": False, "missing": f"no result (exit {out.returncode}): "
-                                                  f"{out.stderr.strip()[-800:]}"}
+                result = {
+                    "ok": False,
+                    "missing": f"no result (exit {out.returncode}): {out.stderr.strip()[-800:]}",
+                }
         result["server_max_inflight"] = max_inflight
         result.setdefault("workflow", workflow)
         results.append(result)
         if "transitions_per_s" in result:
-            log(f"  S4      {result['workflow']:<34} {result['transitions_per_s']:>8,.0f} "
+            log(
+                f"  S4      {result['workflow']:<34} {result['transitions_per_s']:>8,.0f} "
                 f"transitions/s, engine {result['engine_us']:.1f} us vs bare "
                 f"{result['bare_us']:.1f} us per transition ({result['engine_vs_bare']:.2f}x)"
-                + ("" if result.get("ok") else f"  PROBLEM: {result.get('missing')}"))
+                + ("" if result.get("ok") else f"  PROBLEM: {result.get('missing')}")
+            )
         else:
             log(f"  S4      {result['workflow']}: not measured: {result.get('missing')}")
     return results
@@ -379,20 +451,30 @@ def run_s4(opts: Options, log: Any) -> list[dict[str, Any]]:
 
 def import_time(module: str, repeat: int) -> dict[str, Any]:
     """Seconds to import ``module`` in a fresh interpreter (median), and the top imports."""
-    code = ("import time; t = time.perf_counter(); import " + module +
-            "; print(time.perf_counter() - t)")
+    code = (
+        "import time; t = time.perf_counter(); import "
+        + module
+        + "; print(time.perf_counter() - t)"
+    )
     samples = []
     for _ in range(repeat):
-        out = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                             timeout=60, check=True)
+        out = subprocess.run(
+            [PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
+        )
         samples.append(float(out.stdout.strip()))
     bare = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         subprocess.run([PY, "-c", "pass"], cwd=ROOT, check=True, timeout=60)
         bare.append(time.perf_counter() - t0)
-    out = subprocess.run([PY, "-X", "importtime", "-c", "import " + module], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(
+        [PY, "-X", "importtime", "-c", "import " + module],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     # the largest imports below the module itself (cumulative us; each name once)
     best: dict[str, int] = {}
     skip = {module, module.split(".")[0], "site", "encodings"}
@@ -405,14 +487,21 @@ def import_time(module: str, repeat: int) -> dict[str, Any]:
             continue
         best[name] = max(best.get(name, 0), int(parts[1]))
     top = sorted(((us, name) for name, us in best.items()), reverse=True)
-    return {"seconds": statistics.median(samples), "interpreter_seconds": statistics.median(bare),
-            "top_us": top[:8]}
+    return {
+        "seconds": statistics.median(samples),
+        "interpreter_seconds": statistics.median(bare),
+        "top_us": top[:8],
+    }
 
 
 def run_s5(opts: Options, log: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"servers": {}, "conns": opts.s5_conns}
-    for name, kind in ((SL_ASYNC, "statelink"), (REF2, "threading"), (REF3, "asyncio"),
-                       (REF1, "callback")):
+    for name, kind in (
+        (SL_ASYNC, "statelink"),
+        (REF2, "threading"),
+        (REF3, "asyncio"),
+        (REF1, "callback"),
+    ):
         starts = []
         # start to listening: several fresh starts, median (the first one warms the disk cache)
         for _ in range(1 if opts.quick else 3):
@@ -423,8 +512,9 @@ def run_s5(opts: Options, log: Any) -> dict[str, Any]:
             idle = server.rss_kb()
             parent_end, child_end = _CTX.Pipe()
             spec = load.LoadSpec(port=server.port, conns=opts.s5_conns)
-            proc = _CTX.Process(target=load.hold_process, args=(load.spec_dict(spec), child_end),
-                                daemon=True)
+            proc = _CTX.Process(
+                target=load.hold_process, args=(load.spec_dict(spec), child_end), daemon=True
+            )
             proc.start()
             child_end.close()
             try:
@@ -442,14 +532,22 @@ def run_s5(opts: Options, log: Any) -> dict[str, Any]:
                     proc.terminate()
                 parent_end.close()
         per_conn = (loaded - idle) / opts.s5_conns
-        out["servers"][name] = {"start_s": statistics.median(starts), "idle_rss_mb": idle / 1024,
-                                "rss_conns_mb": loaded / 1024, "kb_per_conn": per_conn}
-        log(f"  S5      {name:<26} start {statistics.median(starts) * 1000:.0f} ms, idle "
+        out["servers"][name] = {
+            "start_s": statistics.median(starts),
+            "idle_rss_mb": idle / 1024,
+            "rss_conns_mb": loaded / 1024,
+            "kb_per_conn": per_conn,
+        }
+        log(
+            f"  S5      {name:<26} start {statistics.median(starts) * 1000:.0f} ms, idle "
             f"{idle / 1024:.1f} MB, {opts.s5_conns} conns {loaded / 1024:.1f} MB "
-            f"({per_conn:.1f} KB/conn)")
+            f"({per_conn:.1f} KB/conn)"
+        )
     out["client_import"] = import_time("controller.client", 1 if opts.quick else 5)
-    log(f"  S5      import controller.client {out['client_import']['seconds'] * 1000:.0f} ms "
-        f"(interpreter start {out['client_import']['interpreter_seconds'] * 1000:.0f} ms)")
+    log(
+        f"  S5      import controller.client {out['client_import']['seconds'] * 1000:.0f} ms "
+        f"(interpreter start {out['client_import']['interpreter_seconds'] * 1000:.0f} ms)"
+    )
     return out
 
 
@@ -460,8 +558,9 @@ def _find(rows: list[Row], scenario: str, server: str) -> Row | None:
     return next((r for r in rows if r.scenario == scenario and r.server == server), None)
 
 
-def evaluate(rows: list[Row], s4: list[dict[str, Any]] | None, s5: dict[str, Any] | None,
-             opts: Options) -> list[dict[str, Any]]:
+def evaluate(
+    rows: list[Row], s4: list[dict[str, Any]] | None, s5: dict[str, Any] | None, opts: Options
+) -> list[dict[str, Any]]:
     targets: list[dict[str, Any]] = []
 
     def add(name: str, met: bool | None, detail: str) -> None:
@@ -477,49 +576,75 @@ def evaluate(rows: list[Row], s4: list[dict[str, Any]] | None, s5: dict[str, Any
         assert r1 and r2 and r3
         best = max(r2, r3, key=lambda r: r.result["throughput"])
         tp = row.result["throughput"]
-        add(f"{top} {variant} >= 1.0x best of ref2/ref3", tp >= best.result["throughput"],
+        add(
+            f"{top} {variant} >= 1.0x best of ref2/ref3",
+            tp >= best.result["throughput"],
             f"{tp:,.0f} vs {best.result['throughput']:,.0f} ({best.server}) = "
-            f"{tp / best.result['throughput']:.2f}x")
+            f"{tp / best.result['throughput']:.2f}x",
+        )
         ratio1 = tp / r1.result["throughput"]
-        add(f"{top} {variant} >= 20x ref1", ratio1 >= 20,
-            f"{tp:,.0f} vs {r1.result['throughput']:,.0f} = {ratio1:.1f}x")
+        add(
+            f"{top} {variant} >= 20x ref1",
+            ratio1 >= 20,
+            f"{tp:,.0f} vs {r1.result['throughput']:,.0f} = {ratio1:.1f}x",
+        )
         best_p99 = min(r.result["p99_ms"] for r in (r1, r2, r3))
-        add(f"{top} {variant} p99 <= best reference p99", row.result["p99_ms"] <= best_p99,
-            f"{row.result['p99_ms']:.3f} ms vs {best_p99:.3f} ms")
+        add(
+            f"{top} {variant} p99 <= best reference p99",
+            row.result["p99_ms"] <= best_p99,
+            f"{row.result['p99_ms']:.3f} ms vs {best_p99:.3f} ms",
+        )
     for variant in (SL_ASYNC, SL_SYNC):
         s2 = _find(rows, "S2", variant)
         s1 = _find(rows, top, variant) if top else None
         if s2 and s1:
             ratio = s2.result["throughput"] / s1.result["throughput"]
-            add(f"S2 {variant} >= 1.5x {top}", ratio >= 1.5,
-                f"{s2.result['throughput']:,.0f} vs {s1.result['throughput']:,.0f} = {ratio:.2f}x")
+            add(
+                f"S2 {variant} >= 1.5x {top}",
+                ratio >= 1.5,
+                f"{s2.result['throughput']:,.0f} vs {s1.result['throughput']:,.0f} = {ratio:.2f}x",
+            )
     for row in rows:
         if row.scenario == "S3" and "theoretical" in row.result:
             share = row.result["throughput"] / row.result["theoretical"]
-            add(f"S3 {row.server} within 10% of workers/10ms", share >= 0.9,
+            add(
+                f"S3 {row.server} within 10% of workers/10ms",
+                share >= 0.9,
                 f"{row.result['throughput']:,.0f} of {row.result['theoretical']:,.0f}/s = "
-                f"{share:.1%}")
+                f"{share:.1%}",
+            )
     for res in s4 or []:
         name = Path(str(res.get("workflow"))).name
         if "transitions_per_s" in res:
-            add(f"S4 {name} >= 5,000 transitions/s", res["transitions_per_s"] >= 5000,
+            add(
+                f"S4 {name} >= 5,000 transitions/s",
+                res["transitions_per_s"] >= 5000,
                 f"{res['transitions_per_s']:,.0f} transitions/s"
-                + ("" if res.get("ok") else f" (PROBLEM: {res.get('missing')})"))
+                + ("" if res.get("ok") else f" (PROBLEM: {res.get('missing')})"),
+            )
         else:
             add(f"S4 {name} transitions/s", None, f"not measured: {res.get('missing')}")
         if "engine_vs_bare" in res:
-            add(f"S4 {name} engine cost <= 3x bare Machine(queued=True)",
+            add(
+                f"S4 {name} engine cost <= 3x bare Machine(queued=True)",
                 res["engine_vs_bare"] <= 3,
                 f"{res['engine_us']:.1f} us vs {res['bare_us']:.1f} us = "
-                f"{res['engine_vs_bare']:.2f}x")
+                f"{res['engine_vs_bare']:.2f}x",
+            )
     if s5 is not None:
         sl = s5["servers"].get(SL_ASYNC)
         if sl:
             add("S5 idle RSS <= 40 MB", sl["idle_rss_mb"] <= 40, f"{sl['idle_rss_mb']:.1f} MB")
-            add("S5 <= 60 KB per idle connection", sl["kb_per_conn"] <= 60,
-                f"{sl['kb_per_conn']:.1f} KB ({s5['conns']} connections)")
-            add("S5 start to listening <= 0.5 s", sl["start_s"] <= 0.5,
-                f"{sl['start_s'] * 1000:.0f} ms")
+            add(
+                "S5 <= 60 KB per idle connection",
+                sl["kb_per_conn"] <= 60,
+                f"{sl['kb_per_conn']:.1f} KB ({s5['conns']} connections)",
+            )
+            add(
+                "S5 start to listening <= 0.5 s",
+                sl["start_s"] <= 0.5,
+                f"{sl['start_s'] * 1000:.0f} ms",
+            )
     return targets
 
 
@@ -536,24 +661,50 @@ def markdown_table(head: list[str], rows: list[list[str]], right: set[int]) -> l
     widths = [max(len(str(c)) for c in col) for col in zip(head, *rows, strict=True)]
 
     def line(cells: list[str]) -> str:
-        padded = [str(c).rjust(w) if i in right else str(c).ljust(w)
-                  for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        padded = [
+            str(c).rjust(w) if i in right else str(c).ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
         return "| " + " | ".join(padded) + " |"
 
-    sep = "|" + "|".join(("-" * (w + 1) + ":") if i in right else "-" * (w + 2)
-                         for i, w in enumerate(widths)) + "|"
+    sep = (
+        "|"
+        + "|".join(
+            ("-" * (w + 1) + ":") if i in right else "-" * (w + 2) for i, w in enumerate(widths)
+        )
+        + "|"
+    )
     return [line(head), sep, *(line(r) for r in rows)]
 
 
-def render(rows: list[Row], s4: list[dict[str, Any]] | None, s5: dict[str, Any] | None,
-           targets: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    out = [f"statelink benchmark - {meta['machine']}; {meta['pinning']}; "
-           f"{meta['duration']} s per measurement after {meta['warmup']} s warm-up"
-           + (f"; S1/S2 best of {meta['repeat']} interleaved rounds" if meta["repeat"] > 1
-              else ""), ""]
+def render(
+    rows: list[Row],
+    s4: list[dict[str, Any]] | None,
+    s5: dict[str, Any] | None,
+    targets: list[dict[str, Any]],
+    meta: dict[str, Any],
+) -> str:
+    out = [
+        f"statelink benchmark - {meta['machine']}; {meta['pinning']}; "
+        f"{meta['duration']} s per measurement after {meta['warmup']} s warm-up"
+        + (f"; S1/S2 best of {meta['repeat']} interleaved rounds" if meta["repeat"] > 1 else ""),
+        "",
+    ]
     if rows:
-        head = ["scenario", "server", "conns x depth", "req/s", "p50 ms", "p99 ms", "srv CPU",
-                "other CPU", "vs ref1", "vs ref2", "vs ref3", "note"]
+        head = [
+            "scenario",
+            "server",
+            "conns x depth",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "srv CPU",
+            "other CPU",
+            "vs ref1",
+            "vs ref2",
+            "vs ref3",
+            "note",
+        ]
         body = []
         for r in rows:
             res = r.result
@@ -562,50 +713,106 @@ def render(rows: list[Row], s4: list[dict[str, Any]] | None, s5: dict[str, Any] 
                 note += f" errors={res['errors']} lost={res['lost']}"
             if "failed" in res:
                 note += f" FAILED: {res['failed']}"
-            body.append([r.scenario, r.server, f"{r.conns} x {r.depth}",
-                         f"{res['throughput']:,.0f}", f"{res['p50_ms']:.3f}",
-                         f"{res['p99_ms']:.3f}", _pct(res["server_cpu"]), _pct(res["other_cpu"]),
-                         *(_fmt(r.ratios.get(ref), ".2f") + ("x" if ref in r.ratios else "")
-                           for ref in REFS),
-                         note.strip()])
+            body.append(
+                [
+                    r.scenario,
+                    r.server,
+                    f"{r.conns} x {r.depth}",
+                    f"{res['throughput']:,.0f}",
+                    f"{res['p50_ms']:.3f}",
+                    f"{res['p99_ms']:.3f}",
+                    _pct(res["server_cpu"]),
+                    _pct(res["other_cpu"]),
+                    *(
+                        _fmt(r.ratios.get(ref), ".2f") + ("x" if ref in r.ratios else "")
+                        for ref in REFS
+                    ),
+                    note.strip(),
+                ]
+            )
         out += markdown_table(head, body, right={2, 3, 4, 5, 6, 7, 8, 9, 10})
         out.append("")
     if s4:
-        head = ["S4 workflow", "runs x steps", "transitions/s", "run p50 ms", "run p99 ms",
-                "engine us/tr", "bare us/tr", "engine/bare", "runner CPU us/tr",
-                "server CPU us/tr", "outcomes"]
+        head = [
+            "S4 workflow",
+            "runs x steps",
+            "transitions/s",
+            "run p50 ms",
+            "run p99 ms",
+            "engine us/tr",
+            "bare us/tr",
+            "engine/bare",
+            "runner CPU us/tr",
+            "server CPU us/tr",
+            "outcomes",
+        ]
         body = []
         for res in s4:
             if "transitions_per_s" not in res:
-                body.append([Path(str(res.get("workflow"))).name, "-", "-", "-", "-",
-                             _fmt(res.get("engine_us"), ".1f"), _fmt(res.get("bare_us"), ".1f"),
-                             _fmt(res.get("engine_vs_bare"), ".2f"), "-", "-",
-                             f"not measured: {res.get('missing')}"])
+                body.append(
+                    [
+                        Path(str(res.get("workflow"))).name,
+                        "-",
+                        "-",
+                        "-",
+                        "-",
+                        _fmt(res.get("engine_us"), ".1f"),
+                        _fmt(res.get("bare_us"), ".1f"),
+                        _fmt(res.get("engine_vs_bare"), ".2f"),
+                        "-",
+                        "-",
+                        f"not measured: {res.get('missing')}",
+                    ]
+                )
                 continue
-            body.append([Path(str(res["workflow"])).name, f"{res['runs']} x {res['steps']}",
-                         f"{res['transitions_per_s']:,.0f}", f"{res['run_p50_ms']:.0f}",
-                         f"{res['run_p99_ms']:.0f}", f"{res['engine_us']:.1f}",
-                         f"{res['bare_us']:.1f}", f"{res['engine_vs_bare']:.2f}x",
-                         f"{res['runner_cpu_us']:.0f}", _fmt(res.get("server_cpu_us"), ".0f"),
-                         ", ".join(f"{k} {v}" for k, v in res["outcomes"].items())
-                         + ("" if res.get("ok") else f" PROBLEM: {res.get('missing')}")])
+            body.append(
+                [
+                    Path(str(res["workflow"])).name,
+                    f"{res['runs']} x {res['steps']}",
+                    f"{res['transitions_per_s']:,.0f}",
+                    f"{res['run_p50_ms']:.0f}",
+                    f"{res['run_p99_ms']:.0f}",
+                    f"{res['engine_us']:.1f}",
+                    f"{res['bare_us']:.1f}",
+                    f"{res['engine_vs_bare']:.2f}x",
+                    f"{res['runner_cpu_us']:.0f}",
+                    _fmt(res.get("server_cpu_us"), ".0f"),
+                    ", ".join(f"{k} {v}" for k, v in res["outcomes"].items())
+                    + ("" if res.get("ok") else f" PROBLEM: {res.get('missing')}"),
+                ]
+            )
         out += markdown_table(head, body, right={1, 2, 3, 4, 5, 6, 7, 8, 9})
-        out.append(f"(transitions: journal entries that move a run; "
-                   f"{s4[0].get('server_max_inflight')} requests in flight allowed per connection "
-                   f"on the S4 server)")
+        out.append(
+            f"(transitions: journal entries that move a run; "
+            f"{s4[0].get('server_max_inflight')} requests in flight allowed per connection "
+            f"on the S4 server)"
+        )
         out.append("")
     if s5 is not None:
-        head = ["S5 footprint", "start to listening", "idle RSS",
-                f"RSS with {s5['conns']} idle conns", "per idle conn"]
-        body = [[name, f"{v['start_s'] * 1000:.0f} ms", f"{v['idle_rss_mb']:.1f} MB",
-                 f"{v['rss_conns_mb']:.1f} MB", f"{v['kb_per_conn']:.1f} KB"]
-                for name, v in s5["servers"].items()]
+        head = [
+            "S5 footprint",
+            "start to listening",
+            "idle RSS",
+            f"RSS with {s5['conns']} idle conns",
+            "per idle conn",
+        ]
+        body = [
+            [
+                name,
+                f"{v['start_s'] * 1000:.0f} ms",
+                f"{v['idle_rss_mb']:.1f} MB",
+                f"{v['rss_conns_mb']:.1f} MB",
+                f"{v['kb_per_conn']:.1f} KB",
+            ]
+            for name, v in s5["servers"].items()
+        ]
         out += markdown_table(head, body, right={1, 2, 3, 4})
         ci = s5["client_import"]
-        out.append(f"client: `import controller.client` {ci['seconds'] * 1000:.0f} ms in a fresh "
-                   f"interpreter (interpreter start alone {ci['interpreter_seconds'] * 1000:.0f} "
-                   f"ms); largest: " + ", ".join(f"{n} {us / 1000:.0f} ms" for us, n in
-                                                  ci["top_us"][:5]))
+        out.append(
+            f"client: `import controller.client` {ci['seconds'] * 1000:.0f} ms in a fresh "
+            f"interpreter (interpreter start alone {ci['interpreter_seconds'] * 1000:.0f} "
+            f"ms); largest: " + ", ".join(f"{n} {us / 1000:.0f} ms" for us, n in ci["top_us"][:5])
+        )
         out.append("")
     if targets:
         out.append("Targets:")
@@ -623,24 +830,32 @@ def _ints(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
-    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="tiny sizes and 0.3 s per measurement (a smoke run)")
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="tiny sizes and 0.3 s per measurement (a smoke run)"
+    )
     p.add_argument("--duration", type=float, help="measured seconds per measurement (3)")
     p.add_argument("--warmup", type=float, help="unmeasured seconds before each (0.5)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--scenarios", default="S1,S2,S3,S4,S5", help="comma-separated subset")
-    p.add_argument("--no-pin", action="store_true",
-                   help="do not pin the server to CPU 0 and the load to CPU 1")
+    p.add_argument(
+        "--no-pin", action="store_true", help="do not pin the server to CPU 0 and the load to CPU 1"
+    )
     p.add_argument("--s1-conns", help="S1 connection counts (1,16,64)")
     p.add_argument("--s2-depth", type=int, help="S2 requests in flight (256)")
     p.add_argument("--s3-conns", type=int, help="S3 connections (64)")
     p.add_argument("--s3-workers", help="S3 statelink worker counts (8,64)")
     p.add_argument("--s4-runs", type=int, help="S4 concurrent workflow runs (1000)")
     p.add_argument("--s5-conns", type=int, help="S5 idle connections (1000)")
-    p.add_argument("--repeat", type=int,
-                   help="S1/S2 rounds, interleaved; the best round of each cell is shown (2)")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        help="S1/S2 rounds, interleaved; the best round of each cell is shown (2)",
+    )
     p.add_argument("--procs", type=int, default=1, help="load processes per measurement (1)")
     a = p.parse_args(argv)
     q = a.quick
@@ -672,9 +887,12 @@ def main(argv: list[str] | None = None) -> int:
     srv_cpu, load_cpu = cpus(opts)
     meta = {
         "machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
-                   f"Python {platform.python_version()}, Linux {platform.release()}",
-        "pinning": (f"server pinned to CPU {srv_cpu}, load to CPU {load_cpu}"
-                    if srv_cpu is not None else "not pinned"),
+        f"Python {platform.python_version()}, Linux {platform.release()}",
+        "pinning": (
+            f"server pinned to CPU {srv_cpu}, load to CPU {load_cpu}"
+            if srv_cpu is not None
+            else "not pinned"
+        ),
         "duration": opts.duration,
         "warmup": opts.warmup,
         "command": "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -693,10 +911,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         data = {
             "meta": meta,
-            "rows": [{"scenario": r.scenario, "server": r.server, "conns": r.conns,
-                      "depth": r.depth, "note": r.note,
-                      "ratios": {ref.split()[0]: v for ref, v in r.ratios.items()},
-                      **r.result} for r in rows],
+            "rows": [
+                {
+                    "scenario": r.scenario,
+                    "server": r.server,
+                    "conns": r.conns,
+                    "depth": r.depth,
+                    "note": r.note,
+                    "ratios": {ref.split()[0]: v for ref, v in r.ratios.items()},
+                    **r.result,
+                }
+                for r in rows
+            ],
             "s4": s4,
             "s5": s5,
             "targets": targets,

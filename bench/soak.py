@@ -107,10 +107,20 @@ def serve_main(workers: int, lifetime: float, parent: int) -> int:
 
 class ChildServer:
     def __init__(self, workers: int, lifetime: float):
-        argv = [sys.executable, str(Path(__file__).resolve()), "--serve", "--workers",
-                str(workers), "--lifetime", str(lifetime), "--parent", str(os.getpid())]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     cwd=str(REPO))
+        argv = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--serve",
+            "--workers",
+            str(workers),
+            "--lifetime",
+            str(lifetime),
+            "--parent",
+            str(os.getpid()),
+        ]
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=str(REPO)
+        )
         assert self.proc.stdout is not None
         line = self._readline(30.0)
         match = re.match(rb"READY ([\d.]+):(\d+)", line)
@@ -121,8 +131,10 @@ class ChildServer:
 
     def _readline(self, timeout: float) -> bytes:
         result: list[bytes] = []
-        reader = threading.Thread(target=lambda: result.append(self.proc.stdout.readline()),  # type: ignore[union-attr]
-                                  daemon=True)
+        reader = threading.Thread(
+            target=lambda: result.append(self.proc.stdout.readline()),  # type: ignore[union-attr]
+            daemon=True,
+        )
         reader.start()
         reader.join(timeout)
         return result[0] if result else b""
@@ -181,8 +193,16 @@ def _make_client_class() -> type:
 class Driver(threading.Thread):
     """One connection's worth of traffic (reconnecting after each random disconnect)."""
 
-    def __init__(self, index: int, count: int, options: Options, address: tuple[str, int],
-                 scheduler: Any, client_class: type, deadline: float):
+    def __init__(
+        self,
+        index: int,
+        count: int,
+        options: Options,
+        address: tuple[str, int],
+        scheduler: Any,
+        client_class: type,
+        deadline: float,
+    ):
         super().__init__(name=f"soak-{index}", daemon=True)
         self.index = index
         self.count = count
@@ -207,8 +227,13 @@ class Driver(threading.Thread):
         self._idle.set()
 
     def open(self) -> Any:
-        client = self.client_class(self.address, name=f"soak-{self.index}", reconnect=False,
-                                   scheduler=self.scheduler, connect_timeout=30.0)
+        client = self.client_class(
+            self.address,
+            name=f"soak-{self.index}",
+            reconnect=False,
+            scheduler=self.scheduler,
+            connect_timeout=30.0,
+        )
         self.hellos += 1
         self.clients.append(client)
         return client
@@ -265,8 +290,12 @@ class Driver(threading.Thread):
             with self._lock:
                 self._outstanding += 1
                 self._idle.clear()
-            client.send_command(method, params, timeout=timeout,
-                                callback=lambda future, r=record: self.settle(r, future))
+            client.send_command(
+                method,
+                params,
+                timeout=timeout,
+                callback=lambda future, r=record: self.settle(r, future),
+            )
         if not self._idle.wait(max(1.0, self.deadline - time.monotonic())):
             self.problems.append(f"connection {self.index}: requests never resolved")
         client.close()
@@ -285,8 +314,9 @@ class Driver(threading.Thread):
         error = future.exception()
         if error is None:
             outcome = "result" if future.result() == record.expected else "wrong_result"
-        elif isinstance(error, CommandTimeoutError) and (error.data or {}).get("source") == \
-                "client":
+        elif (
+            isinstance(error, CommandTimeoutError) and (error.data or {}).get("source") == "client"
+        ):
             outcome = "client_timeout"
         elif isinstance(error, ConnectionLostError):
             outcome = "lost" if "lost before the reply" in error.message else "not_sent"
@@ -313,13 +343,19 @@ def run_soak(options: Options, log: Callable[[str], None] = lambda _: None) -> d
     scheduler = Scheduler("soak-timers")
     client_class = _make_client_class()
     try:
-        per = [options.commands // options.connections
-               + (1 if i < options.commands % options.connections else 0)
-               for i in range(options.connections)]
-        drivers = [Driver(i, n, options, child.address, scheduler, client_class, deadline)
-                   for i, n in enumerate(per)]
-        log(f"soak: {options.commands} commands over {options.connections} connections, "
-            f"seed {options.seed}, server {child.address[0]}:{child.address[1]}")
+        per = [
+            options.commands // options.connections
+            + (1 if i < options.commands % options.connections else 0)
+            for i in range(options.connections)
+        ]
+        drivers = [
+            Driver(i, n, options, child.address, scheduler, client_class, deadline)
+            for i, n in enumerate(per)
+        ]
+        log(
+            f"soak: {options.commands} commands over {options.connections} connections, "
+            f"seed {options.seed}, server {child.address[0]}:{child.address[1]}"
+        )
         for driver in drivers:
             driver.start()
         for driver in drivers:
@@ -340,8 +376,14 @@ def run_soak(options: Options, log: Callable[[str], None] = lambda _: None) -> d
         child.stop()
 
 
-def _report(options: Options, drivers: list[Driver], stats: dict[str, Any], polls: int,
-            elapsed: float, address: tuple[str, int]) -> dict[str, Any]:
+def _report(
+    options: Options,
+    drivers: list[Driver],
+    stats: dict[str, Any],
+    polls: int,
+    elapsed: float,
+    address: tuple[str, int],
+) -> dict[str, Any]:
     mismatches: list[str] = []
     for driver in drivers:
         mismatches += driver.problems
@@ -362,8 +404,11 @@ def _report(options: Options, drivers: list[Driver], stats: dict[str, Any], poll
         for client in driver.clients:
             wire += sum(client.wire.values())
             duplicates += sum(n - 1 for n in client.wire.values() if n > 1)
-            unknown += sum(1 for i in client.wire if not (isinstance(i, int) or (
-                isinstance(i, str) and i.startswith("hello-"))))
+            unknown += sum(
+                1
+                for i in client.wire
+                if not (isinstance(i, int) or (isinstance(i, str) and i.startswith("hello-")))
+            )
             if client.pending:
                 mismatches.append(f"connection {driver.index}: {client.pending} left pending")
     if duplicates or unknown:
@@ -379,7 +424,8 @@ def _report(options: Options, drivers: list[Driver], stats: dict[str, Any], poll
     barriers = sum(d.barriers for d in drivers)
     expected_total = requests + notifications + hellos + barriers + polls
     expected_errors: Counter[str] = Counter(
-        str(r.expected) for r in records if r.kind in ("fail", "missing", "badparams", "expire"))
+        str(r.expected) for r in records if r.kind in ("fail", "missing", "badparams", "expire")
+    )
     server_errors = Counter(stats.get("errors_by_code", {}))
     checks = {
         "requests_total": (stats.get("requests_total"), expected_total),
@@ -392,8 +438,9 @@ def _report(options: Options, drivers: list[Driver], stats: dict[str, Any], poll
     }
     for name, (server_value, client_value) in checks.items():
         if server_value != client_value:
-            mismatches.append(f"rpc.stats {name} = {server_value}, the client expects "
-                              f"{client_value}")
+            mismatches.append(
+                f"rpc.stats {name} = {server_value}, the client expects {client_value}"
+            )
     return {
         "ok": not mismatches,
         "mismatches": mismatches,
@@ -408,45 +455,71 @@ def _report(options: Options, drivers: list[Driver], stats: dict[str, Any], poll
         "duplicated_replies": duplicates,
         "disconnects": sum(d.disconnects for d in drivers),
         "connections_opened": hellos,
-        "server_stats": {k: stats.get(k) for k in (
-            "requests_total", "replies_total", "errors_by_code", "connections_total",
-            "late_outcomes", "requests_in_flight", "closed_by_reason")},
+        "server_stats": {
+            k: stats.get(k)
+            for k in (
+                "requests_total",
+                "replies_total",
+                "errors_by_code",
+                "connections_total",
+                "late_outcomes",
+                "requests_in_flight",
+                "closed_by_reason",
+            )
+        },
         "expected": {"requests_total": expected_total, "errors_by_code": dict(expected_errors)},
     }
 
 
 def format_report(report: dict[str, Any]) -> str:
-    lines = [f"soak: {'OK' if report['ok'] else 'MISMATCH'}  ({report['requests']} requests + "
-             f"{report['notifications']} notifications in {report['elapsed_s']} s, "
-             f"{report['commands_per_s']}/s; {report['disconnects']} random disconnects, "
-             f"{report['connections_opened']} connections)"]
-    lines.append("client outcomes: " + ", ".join(f"{k}: {v}" for k, v in
-                                                 report["outcomes"].items()))
-    lines.append(f"wire replies: {report['wire_replies']}, duplicated: "
-                 f"{report['duplicated_replies']}")
+    lines = [
+        f"soak: {'OK' if report['ok'] else 'MISMATCH'}  ({report['requests']} requests + "
+        f"{report['notifications']} notifications in {report['elapsed_s']} s, "
+        f"{report['commands_per_s']}/s; {report['disconnects']} random disconnects, "
+        f"{report['connections_opened']} connections)"
+    ]
+    lines.append(
+        "client outcomes: " + ", ".join(f"{k}: {v}" for k, v in report["outcomes"].items())
+    )
+    lines.append(
+        f"wire replies: {report['wire_replies']}, duplicated: {report['duplicated_replies']}"
+    )
     server, expected = report["server_stats"], report["expected"]
-    lines.append(f"rpc.stats requests_total {server['requests_total']} (client expects "
-                 f"{expected['requests_total']}), errors_by_code {server['errors_by_code']} "
-                 f"(client expects {expected['errors_by_code']})")
-    lines.append(f"rpc.stats replies_total {server['replies_total']}, late_outcomes "
-                 f"{server['late_outcomes']}, closed_by_reason {server['closed_by_reason']}")
+    lines.append(
+        f"rpc.stats requests_total {server['requests_total']} (client expects "
+        f"{expected['requests_total']}), errors_by_code {server['errors_by_code']} "
+        f"(client expects {expected['errors_by_code']})"
+    )
+    lines.append(
+        f"rpc.stats replies_total {server['replies_total']}, late_outcomes "
+        f"{server['late_outcomes']}, closed_by_reason {server['closed_by_reason']}"
+    )
     lines += [f"MISMATCH: {m}" for m in report["mismatches"]]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.soak",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     defaults = Options()
     parser.add_argument("--commands", type=int, default=200_000)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--window", type=int, default=defaults.window,
-                        help="requests in flight per connection")
-    parser.add_argument("--disconnect", type=float, default=defaults.disconnect,
-                        help="chance of a random disconnect before each command (flaky half)")
-    parser.add_argument("--deadline", type=float, default=defaults.deadline,
-                        help="seconds the whole run may take")
+    parser.add_argument(
+        "--window", type=int, default=defaults.window, help="requests in flight per connection"
+    )
+    parser.add_argument(
+        "--disconnect",
+        type=float,
+        default=defaults.disconnect,
+        help="chance of a random disconnect before each command (flaky half)",
+    )
+    parser.add_argument(
+        "--deadline", type=float, default=defaults.deadline, help="seconds the whole run may take"
+    )
     parser.add_argument("--workers", type=int, default=defaults.workers)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -455,9 +528,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.serve:
         return serve_main(args.workers, args.lifetime, args.parent or os.getppid())
-    options = Options(commands=args.commands, connections=args.connections, seed=args.seed,
-                      window=args.window, disconnect=args.disconnect, deadline=args.deadline,
-                      workers=args.workers)
+    options = Options(
+        commands=args.commands,
+        connections=args.connections,
+        seed=args.seed,
+        window=args.window,
+        disconnect=args.disconnect,
+        deadline=args.deadline,
+        workers=args.workers,
+    )
     report = run_soak(options, log=lambda text: print(text, file=sys.stderr, flush=True))
     print(json.dumps(report, indent=2) if args.json else format_report(report), flush=True)
     return 0 if report["ok"] else 1

@@ -38,8 +38,11 @@ REPO_WORKFLOW = ROOT / "config" / "workflows" / "ten_steps.yaml"
 TEN_STEPS = (
     'name: bench_ten_steps\nservers:\n  device: "127.0.0.1:15769"\n'
     "command_timeout: 5s\ninitial: step1\nstates:\n"
-    + "".join(f"  step{i}: {{command: bench.step, params: {{n: {i}}}, "
-              f"next: {f'step{i + 1}' if i < 10 else 'done'}}}\n" for i in range(1, 11))
+    + "".join(
+        f"  step{i}: {{command: bench.step, params: {{n: {i}}}, "
+        f"next: {f'step{i + 1}' if i < 10 else 'done'}}}\n"
+        for i in range(1, 11)
+    )
     + "  done: {final: success}\n"
 )
 
@@ -85,8 +88,9 @@ class InlineEffects:
         self.queue: deque[tuple[Any, int]] = deque()
         self.done_runs = 0
 
-    def send_command(self, run: Any, token: int, server: str, method: str, params: Any,
-                     timeout: float) -> None:
+    def send_command(
+        self, run: Any, token: int, server: str, method: str, params: Any, timeout: float
+    ) -> None:
         self.queue.append((run, token))
 
     def start_timer(self, run: Any, token: int, delay: float) -> None:
@@ -120,11 +124,15 @@ def engine_cost(spec: Any, runs: int) -> dict[str, Any]:
             run.on_reply(token, reply)
         t2 = time.perf_counter()
         moves = sum(_moves(run.history) for run in all_runs)
-        outcomes = {o: sum(1 for r in all_runs if r.outcome == o) for o in
-                    {r.outcome for r in all_runs}}
+        outcomes = {
+            o: sum(1 for r in all_runs if r.outcome == o) for o in {r.outcome for r in all_runs}
+        }
         sample: dict[str, Any] = {
-                  "engine_us": (t2 - t1) / moves * 1e6, "new_run_us": (t1 - t0) / runs * 1e6,
-                  "engine_transitions": moves, "engine_outcomes": outcomes}
+            "engine_us": (t2 - t1) / moves * 1e6,
+            "new_run_us": (t1 - t0) / runs * 1e6,
+            "engine_transitions": moves,
+            "engine_outcomes": outcomes,
+        }
         if best is None or sample["engine_us"] < best["engine_us"]:
             best = sample
     assert best is not None
@@ -137,12 +145,17 @@ def bare_cost(models: int, steps: int) -> dict[str, Any]:
     from transitions import Machine
 
     states = [f"s{i}" for i in range(steps + 1)]
-    edges = [{"trigger": "next", "source": states[i], "dest": states[i + 1]}
-             for i in range(steps)]
+    edges = [{"trigger": "next", "source": states[i], "dest": states[i + 1]} for i in range(steps)]
     best = None
     for _ in range(3):
-        machine = Machine(model=None, states=states, transitions=edges, initial="s0",
-                          queued=True, auto_transitions=False)
+        machine = Machine(
+            model=None,
+            states=states,
+            transitions=edges,
+            initial="s0",
+            queued=True,
+            auto_transitions=False,
+        )
         objs: list[Any] = [type("Model", (), {})() for _ in range(models)]
         for obj in objs:
             machine.add_model(obj)
@@ -161,8 +174,9 @@ def bare_cost(models: int, steps: int) -> dict[str, Any]:
 # --- end to end ----------------------------------------------------------------------------------
 
 
-def end_to_end(spec: Any, port: int, runs: int, server_pid: int | None,
-               timeout: float) -> dict[str, Any]:
+def end_to_end(
+    spec: Any, port: int, runs: int, server_pid: int | None, timeout: float
+) -> dict[str, Any]:
     from controller.runner import WorkflowRunner
 
     servers = {name: f"127.0.0.1:{port}" for name in spec.servers}
@@ -186,8 +200,9 @@ def end_to_end(spec: Any, port: int, runs: int, server_pid: int | None,
         for i in range(runs):
             run_id = f"run-{i}"
             started_at[run_id] = time.perf_counter()
-            handles.append(runner.start(compiled, servers=servers, run_id=run_id,
-                                        observer=observer))
+            handles.append(
+                runner.start(compiled, servers=servers, run_id=run_id, observer=observer)
+            )
         deadline = t0 + timeout
         for handle in handles:
             handle.wait(max(0.0, deadline - time.perf_counter()))
@@ -202,8 +217,9 @@ def end_to_end(spec: Any, port: int, runs: int, server_pid: int | None,
             if h.done and h.outcome != "success" and h.run.reason:
                 reasons[h.run.reason[:160]] = reasons.get(h.run.reason[:160], 0) + 1
         moves = sum(_moves(h.history) for h in done)
-        lat = sorted(finished_at[h.run_id] - started_at[h.run_id] for h in done
-                     if h.run_id in finished_at)
+        lat = sorted(
+            finished_at[h.run_id] - started_at[h.run_id] for h in done if h.run_id in finished_at
+        )
         elapsed = max(1e-9, t1 - t0)
 
         def pct(q: float) -> float:
@@ -219,20 +235,31 @@ def end_to_end(spec: Any, port: int, runs: int, server_pid: int | None,
             "outcomes": outcomes,
             "failure_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])[:3]),
             "runner_cpu_us": (cpu1 - cpu0) / max(1, moves) * 1e6,
-            "server_cpu_us": None if srv0 is None or srv1 is None
+            "server_cpu_us": None
+            if srv0 is None or srv1 is None
             else (srv1 - srv0) / max(1, moves) * 1e6,
         }
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.workflow_bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.workflow_bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--port", type=int, required=True, help="the statelink server on 127.0.0.1")
     p.add_argument("--runs", type=int, default=1000)
-    p.add_argument("--bare-runs", type=int, default=None,
-                   help="runs of the in-process engine/bare measurement (default --runs)")
-    p.add_argument("--workflow", default=None,
-                   help="a workflow file, or 'builtin' (default: config/workflows/ten_steps.yaml)")
+    p.add_argument(
+        "--bare-runs",
+        type=int,
+        default=None,
+        help="runs of the in-process engine/bare measurement (default --runs)",
+    )
+    p.add_argument(
+        "--workflow",
+        default=None,
+        help="a workflow file, or 'builtin' (default: config/workflows/ten_steps.yaml)",
+    )
     p.add_argument("--server-pid", type=int, default=None)
     p.add_argument("--cpu", type=int, default=None, help="pin this process to one CPU")
     p.add_argument("--timeout", type=float, default=120.0, help="bound on the end-to-end part")
@@ -252,8 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         result.update(end_to_end(spec, args.port, args.runs, args.server_pid, args.timeout))
         result["ok"] = result["outcomes"].get("success", 0) == args.runs
         if not result["ok"]:
-            result["missing"] = (f"not every run succeeded: {result['outcomes']} "
-                                 f"{result['failure_reasons']}")
+            result["missing"] = (
+                f"not every run succeeded: {result['outcomes']} {result['failure_reasons']}"
+            )
     except ImportError as exc:
         result["missing"] = f"the workflow engine is not importable: {exc}"
     except Exception as exc:  # report, do not hide: the harness prints what is missing

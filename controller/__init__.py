@@ -3,24 +3,46 @@
 >>> from controller import CommandServer, Client
 """
 
-from .client import CallbackListener, Client, parse_address
-from .errors import (
-    BusyError,
-    CancelledError,
-    CommandTimeoutError,
-    ConnectionLostError,
-    DeviceFaultError,
-    InternalError,
-    InvalidParamsError,
-    InvalidRequestError,
-    MethodNotFoundError,
-    NotAllowedError,
-    ParseError,
-    RpcError,
-    UnauthorizedError,
-)
-from .scheduler import Scheduler
-from .server import CommandServer, Limits
+from importlib import import_module
+from typing import Any
+
+# Lazy: ``from controller import Client`` does not load the server (asyncio) and vice versa.
+_EXPORTS = {
+    "CallbackListener": "client",
+    "Client": "client",
+    "parse_address": "client",
+    "Scheduler": "scheduler",
+    "CommandServer": "server",
+    "Limits": "server",
+    **{
+        name: "errors"
+        for name in (
+            "BusyError",
+            "CancelledError",
+            "CommandTimeoutError",
+            "ConnectionLostError",
+            "DeviceFaultError",
+            "InternalError",
+            "InvalidParamsError",
+            "InvalidRequestError",
+            "MethodNotFoundError",
+            "NotAllowedError",
+            "ParseError",
+            "RpcError",
+            "UnauthorizedError",
+        )
+    },
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'controller' has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "BusyError",

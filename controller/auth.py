@@ -5,7 +5,8 @@ Handshake, both steps through ``rpc.hello``:
 1. client -> ``{"client": NAME, "nonce": CN}``; server -> ``{"challenge": SC,
    "proof": HMAC(secret, "server" | SC | CN), "authenticated": false, ...}``.
    The client checks ``proof`` to know it talks to a server holding the same secret.
-2. client -> ``{"response": HMAC(secret, "client" | SC | CN)}``; server -> ``{"authenticated": true}``.
+2. client -> ``{"response": HMAC(secret, "client" | SC | CN)}``;
+   server -> ``{"authenticated": true}``.
 
 All digests are hex; comparisons use :func:`hmac.compare_digest` (constant time).
 """
@@ -18,7 +19,7 @@ import os
 import secrets
 from pathlib import Path
 
-SECRET_ENV = "STATELINK_SECRET"
+SECRET_ENV = "STATELINK_SECRET"  # noqa: S105 - the name of the variable, not a secret
 MAX_NONCE = 128
 
 
@@ -48,7 +49,9 @@ def load_secret(secret_file: str | Path | None = None) -> bytes | None:
         except OSError as exc:
             raise ValueError(f"cannot read the secret file {secret_file}: {exc.strerror}")
         if not value:
-            raise ValueError(f"the secret file {secret_file} is empty; put a long random string in it")
+            raise ValueError(
+                f"the secret file {secret_file} is empty; put a long random string in it"
+            )
         return value
     env = os.environ.get(SECRET_ENV, "").strip()
     return env.encode() if env else None

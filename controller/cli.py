@@ -30,53 +30,95 @@ class UsageError(Exception):
 
 
 def _add_secret_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--secret-file", metavar="PATH",
-                        help="file holding the shared secret (default: $STATELINK_SECRET)")
+    parser.add_argument(
+        "--secret-file",
+        metavar="PATH",
+        help="file holding the shared secret (default: $STATELINK_SECRET)",
+    )
 
 
 def _add_client_tls_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls", action="store_true", help="connect with TLS (system CAs)")
-    parser.add_argument("--tls-ca", metavar="FILE", help="CA bundle to verify the server (implies --tls)")
+    parser.add_argument(
+        "--tls-ca", metavar="FILE", help="CA bundle to verify the server (implies --tls)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="statelink",
         description="State-machine driven device controller: JSON-RPC device server and "
-                    "workflow runner.")
-    parser.add_argument("--log-level", default="INFO",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log verbosity")
+        "workflow runner.",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log verbosity",
+    )
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the command server in the foreground")
-    serve.add_argument("--host", default="127.0.0.1",
-                       help="address to listen on (default 127.0.0.1; others need a secret)")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; others need a secret)",
+    )
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
     serve.add_argument("--workers", type=int, default=8, help="worker threads (default 8)")
-    serve.add_argument("--device", action="append", default=[], metavar="FILE",
-                       help="device config to serve (repeat for several devices)")
-    serve.add_argument("--simulate", action="store_true",
-                       help="drive GPIO through gpiozero's mock pins (no hardware needed)")
-    serve.add_argument("--timeout", type=float, default=30.0,
-                       help="default command timeout in seconds (default 30)")
+    serve.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="device config to serve (repeat for several devices)",
+    )
+    serve.add_argument(
+        "--simulate",
+        action="store_true",
+        help="drive GPIO through gpiozero's mock pins (no hardware needed)",
+    )
+    serve.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="default command timeout in seconds (default 30)",
+    )
     _add_secret_args(serve)
     serve.add_argument("--tls-cert", metavar="FILE", help="TLS certificate (PEM)")
     serve.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM)")
-    serve.add_argument("--insecure", action="store_true",
-                       help="allow a non-loopback address without a secret")
+    serve.add_argument(
+        "--insecure", action="store_true", help="allow a non-loopback address without a secret"
+    )
     serve.add_argument("--max-connections", type=int, default=1024)
-    serve.add_argument("--max-inflight", type=int, default=256,
-                       help="requests in flight per connection")
+    serve.add_argument(
+        "--max-inflight", type=int, default=256, help="requests in flight per connection"
+    )
     serve.add_argument("--max-queue", type=int, default=1024, help="jobs waiting for a worker")
     serve.add_argument("--max-frame", type=int, default=DEFAULT_MAX_FRAME, help="bytes per line")
     serve.add_argument("--idle-timeout", type=float, default=300.0)
+    serve.add_argument(
+        "--frame-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to finish a line once it started (default 30)",
+    )
     serve.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="calls per batch")
-    serve.add_argument("--max-depth", type=int, default=DEFAULT_MAX_DEPTH,
-                       help="JSON nesting levels per message")
-    serve.add_argument("--handshake-timeout", type=float, default=10.0,
-                       help="seconds to finish TLS and authentication (default 10)")
-    serve.add_argument("--max-outgoing", type=int, default=4 << 20,
-                       help="bytes queued to a client that does not read, then it is closed")
+    serve.add_argument(
+        "--max-depth", type=int, default=DEFAULT_MAX_DEPTH, help="JSON nesting levels per message"
+    )
+    serve.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to finish TLS and authentication (default 10)",
+    )
+    serve.add_argument(
+        "--max-outgoing",
+        type=int,
+        default=4 << 20,
+        help="bytes queued to a client that does not read, then it is closed",
+    )
 
     call = sub.add_parser("call", help="call one method and print its result as JSON")
     call.add_argument("--server", default=f"127.0.0.1:{DEFAULT_PORT}", metavar="HOST:PORT")
@@ -84,13 +126,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_secret_args(call)
     _add_client_tls_args(call)
     call.add_argument("method")
-    call.add_argument("params", nargs="?", metavar="PARAMS_JSON",
-                      help='JSON array or object, e.g. \'{"steps": 3}\'')
+    call.add_argument(
+        "params",
+        nargs="?",
+        metavar="PARAMS_JSON",
+        help="JSON array or object, e.g. '{\"steps\": 3}'",
+    )
 
     run = sub.add_parser("run", help="run a workflow with live progress")
     run.add_argument("workflow", metavar="WORKFLOW.yaml")
-    run.add_argument("--server", action="append", default=[], metavar="NAME=HOST:PORT",
-                     help="override a server address of the workflow (repeatable)")
+    run.add_argument(
+        "--server",
+        action="append",
+        default=[],
+        metavar="NAME=HOST:PORT",
+        help="override a server address of the workflow (repeatable)",
+    )
     run.add_argument("--journal", metavar="FILE", help="write the run's journal (JSON lines)")
     run.add_argument("--plain", action="store_true", help="plain log lines, no live display")
     _add_secret_args(run)
@@ -98,10 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate workflow and device configs")
     check.add_argument("files", nargs="+", metavar="FILE")
-    check.add_argument("--device", action="append", default=[], metavar="FILE",
-                       help="check workflows against this device config")
-    check.add_argument("--server", action="append", default=[], metavar="[NAME=]HOST:PORT",
-                       help="check workflows against a live server (rpc.discover)")
+    check.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="check workflows against this device config",
+    )
+    check.add_argument(
+        "--server",
+        action="append",
+        default=[],
+        metavar="[NAME=]HOST:PORT",
+        help="check workflows against a live server (rpc.discover)",
+    )
     _add_secret_args(check)
 
     graph = sub.add_parser("graph", help="draw a workflow or device machine")
@@ -117,12 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level),
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     logging.getLogger("transitions").setLevel(max(logging.WARNING, logging.root.level))
-    handler = {"serve": cmd_serve, "call": cmd_call, "run": cmd_run, "check": cmd_check,
-               "graph": cmd_graph, "demo": cmd_demo}[args.cmd]
+    handler = {
+        "serve": cmd_serve,
+        "call": cmd_call,
+        "run": cmd_run,
+        "check": cmd_check,
+        "graph": cmd_graph,
+        "demo": cmd_demo,
+    }[args.cmd]
     try:
         return handler(args)
     except ConfigErrors as exc:
@@ -187,7 +256,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(
             f"refusing to listen on {args.host} without a secret: anyone on the network could "
             "drive your devices. Set STATELINK_SECRET or --secret-file, or pass --insecure if "
-            "the network is trusted.")
+            "the network is trusted."
+        )
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UsageError("--tls-cert and --tls-key go together")
     context = None
@@ -200,20 +270,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise UsageError("--workers must be at least 1")
     specs = load_devices(args.device)  # before binding: a bad config never opens a port
-    limits = Limits(max_connections=args.max_connections, max_inflight=args.max_inflight,
-                    max_queue=args.max_queue, max_frame=args.max_frame,
-                    idle_timeout=args.idle_timeout, max_batch=args.max_batch,
-                    max_depth=args.max_depth, handshake_timeout=args.handshake_timeout,
-                    max_outgoing=args.max_outgoing)
-    server = CommandServer(args.host, args.port, workers=args.workers, timeout=args.timeout,
-                           limits=limits, secret=secret, ssl=context)
+    limits = Limits(
+        max_connections=args.max_connections,
+        max_inflight=args.max_inflight,
+        max_queue=args.max_queue,
+        max_frame=args.max_frame,
+        idle_timeout=args.idle_timeout,
+        frame_timeout=args.frame_timeout,
+        max_batch=args.max_batch,
+        max_depth=args.max_depth,
+        handshake_timeout=args.handshake_timeout,
+        max_outgoing=args.max_outgoing,
+    )
+    server = CommandServer(
+        args.host,
+        args.port,
+        workers=args.workers,
+        timeout=args.timeout,
+        limits=limits,
+        secret=secret,
+        ssl=context,
+    )
     try:
         for spec in specs:
             server.add_device(spec, simulate=args.simulate)
     except Exception as exc:  # e.g. GPIO unavailable on this machine
-        print(f"statelink serve: cannot set up the devices: {exc}"
-              + ("" if args.simulate else " (use --simulate to run without hardware)"),
-              file=sys.stderr)
+        print(
+            f"statelink serve: cannot set up the devices: {exc}"
+            + ("" if args.simulate else " (use --simulate to run without hardware)"),
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     log = logging.getLogger("statelink")
     stop = threading.Event()
@@ -232,8 +318,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     host, port = server.address
     devices = ", ".join(f"{s.name} ({s.path})" for s in specs) or "none"
-    log.info("serving on %s:%s; devices: %s%s", host, port, devices,
-             " [simulated GPIO]" if args.simulate else "")
+    log.info(
+        "serving on %s:%s; devices: %s%s",
+        host,
+        port,
+        devices,
+        " [simulated GPIO]" if args.simulate else "",
+    )
     while not stop.wait(1.0):
         pass
     server.stop()
@@ -258,9 +349,14 @@ def cmd_call(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc))
     try:
-        client = Client(address, name="statelink-call", secret=read_secret(args),
-                        ssl=client_ssl(args), reconnect=False,
-                        connect_timeout=min(args.timeout, 10.0))
+        client = Client(
+            address,
+            name="statelink-call",
+            secret=read_secret(args),
+            ssl=client_ssl(args),
+            reconnect=False,
+            connect_timeout=min(args.timeout, 10.0),
+        )
     except UnauthorizedError as exc:
         print(f"error {exc.code}: {exc.message}", file=sys.stderr)
         return EXIT_FAILED
@@ -319,8 +415,12 @@ def _catalogs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     for item in args.server:
         name, _, address = item.rpartition("=")
         try:
-            with Client(parse_address(address), name="statelink-check", reconnect=False,
-                        secret=read_secret(args)) as client:
+            with Client(
+                parse_address(address),
+                name="statelink-check",
+                reconnect=False,
+                secret=read_secret(args),
+            ) as client:
                 described = client.call("rpc.discover", timeout=10.0)
         except (OSError, ValueError) as exc:
             raise UsageError(f"cannot discover {address}: {exc}")

@@ -149,8 +149,9 @@ class Client:
         """Connect and handshake now; raises ``OSError`` (unreachable) or
         :class:`~controller.errors.UnauthorizedError` (wrong secret)."""
         self._open()
-        self._reader = threading.Thread(target=self._read_forever, name="statelink-client-reader",
-                                        daemon=True)
+        self._reader = threading.Thread(
+            target=self._read_forever, name="statelink-client-reader", daemon=True
+        )
         self._reader.start()
 
     def _open(self) -> None:
@@ -159,7 +160,8 @@ class Client:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.ssl is not None:
                 sock = self.ssl.wrap_socket(
-                    sock, server_hostname=self.server_hostname or self.address[0])
+                    sock, server_hostname=self.server_hostname or self.address[0]
+                )
             self.server_info = self._handshake(sock)
         except BaseException:
             sock.close()
@@ -180,17 +182,20 @@ class Client:
             if self.secret is None:
                 raise UnauthorizedError(
                     "the server requires a secret: pass secret= (or set STATELINK_SECRET / "
-                    "--secret-file)")
+                    "--secret-file)"
+                )
             challenge = info.get("challenge")
             if not isinstance(challenge, str) or not auth.verify(
-                    self.secret, "server", challenge, nonce, info.get("proof")):
+                self.secret, "server", challenge, nonce, info.get("proof")
+            ):
                 raise UnauthorizedError("the server could not prove it knows the secret")
             answer = {"response": auth.digest(self.secret, "client", challenge, nonce)}
             info.update(self._exchange(sock, decoder, "rpc.hello", answer))
         return info
 
-    def _exchange(self, sock: socket.socket, decoder: Decoder, method: str,
-                  params: dict[str, Any]) -> dict[str, Any]:
+    def _exchange(
+        self, sock: socket.socket, decoder: Decoder, method: str, params: dict[str, Any]
+    ) -> dict[str, Any]:
         request_id = f"hello-{next(self._ids)}"
         sock.sendall(encode(Request(method, params, request_id)))
         while True:
@@ -289,9 +294,13 @@ class Client:
         for request_id, entry in pending.items():
             if entry.timer is not None:
                 entry.timer.cancel()
-            entry.future.set_exception(ConnectionLostError(
-                f"connection to {self.address[0]}:{self.address[1]} lost before the reply to "
-                f"{entry.method} (id {request_id})", {"method": entry.method}))
+            entry.future.set_exception(
+                ConnectionLostError(
+                    f"connection to {self.address[0]}:{self.address[1]} lost before the reply to "
+                    f"{entry.method} (id {request_id})",
+                    {"method": entry.method},
+                )
+            )
         if was_connected:
             self._emit_connection(False)
 
@@ -307,8 +316,13 @@ class Client:
         self._connection_handlers.append(handler)
 
     # -- calls ------------------------------------------------------------------------------
-    def send_command(self, method: str, params: Any = None, callback: Callback | None = None,
-                     timeout: float = 5.0) -> Future[Any]:
+    def send_command(
+        self,
+        method: str,
+        params: Any = None,
+        callback: Callback | None = None,
+        timeout: float = 5.0,
+    ) -> Future[Any]:
         """Send a request; return at once. ``callback(future)`` runs once it is resolved."""
         future: Future[Any] = Future()
         request_id = next(self._ids)
@@ -327,19 +341,27 @@ class Client:
         with self._lock:
             self._pending[request_id] = _Pending(future, method, timer)
         if not self._send(data):
-            self._settle(request_id, None, ConnectionLostError(
-                f"not connected to {self.address[0]}:{self.address[1]}"
-                + (" (reconnecting)" if self.reconnect and not self._closed.is_set() else ""),
-                {"method": method}))
+            self._settle(
+                request_id,
+                None,
+                ConnectionLostError(
+                    f"not connected to {self.address[0]}:{self.address[1]}"
+                    + (" (reconnecting)" if self.reconnect and not self._closed.is_set() else ""),
+                    {"method": method},
+                ),
+            )
         return future
 
     def _expire(self, request_id: Any, timeout: float) -> None:
         with self._lock:
             pending = self._pending.pop(request_id, None)
         if pending is not None:
-            pending.future.set_exception(CommandTimeoutError(
-                f"no reply to {pending.method} within {timeout:g} s",
-                {"timeout": timeout, "method": pending.method, "source": "client"}))
+            pending.future.set_exception(
+                CommandTimeoutError(
+                    f"no reply to {pending.method} within {timeout:g} s",
+                    {"timeout": timeout, "method": pending.method, "source": "client"},
+                )
+            )
 
     def _send(self, data: bytes) -> bool:
         sock = self._sock
@@ -362,8 +384,11 @@ class Client:
         The request itself is then answered with the cancelled error (or its result, if it
         finished first). Returns the future of the ``rpc.cancel`` call.
         """
-        return self.send_command("rpc.cancel", {"id": future.request_id},  # type: ignore[attr-defined]
-                                 timeout=timeout)
+        return self.send_command(
+            "rpc.cancel",
+            {"id": future.request_id},  # type: ignore[attr-defined]
+            timeout=timeout,
+        )
 
     def call(self, method: str, params: Any = None, timeout: float = 5.0) -> Any:
         """Send a request and wait for its result; raise its typed error."""
@@ -448,8 +473,9 @@ class CallbackListener:
         self._closed = threading.Event()
         self._threads: list[threading.Thread] = []
         self.received = 0
-        self._accept = threading.Thread(target=self._accept_forever,
-                                        name="statelink-callback-listener", daemon=True)
+        self._accept = threading.Thread(
+            target=self._accept_forever, name="statelink-callback-listener", daemon=True
+        )
         self._accept.start()
 
     def attach(self, client: Client) -> None:
@@ -471,8 +497,9 @@ class CallbackListener:
             if len(self._threads) >= self.max_connections:
                 conn.close()
                 continue
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True,
-                                      name="statelink-callback-conn")
+            thread = threading.Thread(
+                target=self._serve, args=(conn,), daemon=True, name="statelink-callback-conn"
+            )
             self._threads.append(thread)
             thread.start()
 

@@ -106,15 +106,21 @@ class DeviceRuntime:
         return self.machine.state
 
     def _on_change(self, state: str, previous: str, command: str) -> None:
-        self.server.publish("device.state", {"device": self.spec.name, "state": state,
-                                             "previous": previous, "command": command})
+        self.server.publish(
+            "device.state",
+            {"device": self.spec.name, "state": state, "previous": previous, "command": command},
+        )
 
     # -- the lane ---------------------------------------------------------------------------
     def enqueue(self, job: _Job) -> None:
         limit = self.server.limits.max_queue
         if len(self._lane) >= limit:
-            job.call.reject(BusyError(f"device {self.spec.name} has {limit} commands waiting; "
-                                      "try again later", {"device": self.spec.name, "retry": True}))
+            job.call.reject(
+                BusyError(
+                    f"device {self.spec.name} has {limit} commands waiting; try again later",
+                    {"device": self.spec.name, "retry": True},
+                )
+            )
             return
         job.call.cancel_event = threading.Event()
         job.call.on_cancel = lambda: self._cancel(job)
@@ -143,11 +149,18 @@ class DeviceRuntime:
         try:
             self.machine.begin(command.name)
         except CommandNotAllowed as exc:
-            call.reject(NotAllowedError(
-                f"{command.method} is not allowed in state '{exc.state}' "
-                f"(allowed in: {', '.join(exc.allowed)})",
-                {"device": spec.name, "state": exc.state, "allowed": list(exc.allowed),
-                 "command": command.name}))
+            call.reject(
+                NotAllowedError(
+                    f"{command.method} is not allowed in state '{exc.state}' "
+                    f"(allowed in: {', '.join(exc.allowed)})",
+                    {
+                        "device": spec.name,
+                        "state": exc.state,
+                        "allowed": list(exc.allowed),
+                        "command": command.name,
+                    },
+                )
+            )
             return
         self._running = job
         assert call.cancel_event is not None
@@ -160,9 +173,14 @@ class DeviceRuntime:
             fn, args, kwargs = command.handler, (ctx,), job.params
         if inspect.iscoroutinefunction(fn):
             task = self.server.loop.create_task(fn(*args, **kwargs))
-            task.add_done_callback(lambda t: self._finish(
-                job, None if t.cancelled() or t.exception() else t.result(),
-                t.exception() if not t.cancelled() else RpcError("task cancelled")))
+            task.add_done_callback(
+                lambda t: self._finish(
+                    job,
+                    None if t.cancelled() or t.exception() else t.result(),
+                    t.exception() if not t.cancelled() else RpcError("task cancelled"),
+                )
+            )
+
             def on_timeout() -> None:
                 self._timed_out(job)
                 task.cancel()
@@ -225,8 +243,9 @@ class _DeviceCommand:
         try:
             params = validate_params(self.command.params, call.params)
         except ParamError as exc:
-            raise InvalidParamsError(f"Invalid params: {exc}",
-                                     {"command": self.command.method, "reason": str(exc)})
+            raise InvalidParamsError(
+                f"Invalid params: {exc}", {"command": self.command.method, "reason": str(exc)}
+            )
         self.runtime.enqueue(_Job(call, self.command, params))
 
     def describe(self) -> dict[str, Any]:
@@ -236,9 +255,14 @@ class _DeviceCommand:
         required = set(schema.get("required", [])) if isinstance(schema, dict) else set()
         return {
             "description": command.description or "",
-            "params": [{"name": name, "required": name in required or bool(
-                isinstance(s, dict) and s.get("required")), "schema": s}
-                for name, s in props.items()],
+            "params": [
+                {
+                    "name": name,
+                    "required": name in required or bool(isinstance(s, dict) and s.get("required")),
+                    "schema": s,
+                }
+                for name, s in props.items()
+            ],
             "x-device": spec.name,
             "x-allowed-states": spec.allowed_states(command.name),
             "x-running": command.running,
@@ -256,5 +280,9 @@ class _DeviceState:
 
     def describe(self) -> dict[str, Any]:
         spec = self.runtime.spec
-        return {"description": f"The current state of {spec.name}.", "params": [],
-                "x-device": spec.name, "x-allowed-states": list(spec.states)}
+        return {
+            "description": f"The current state of {spec.name}.",
+            "params": [],
+            "x-device": spec.name,
+            "x-allowed-states": list(spec.states),
+        }

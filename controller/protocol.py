@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from statemachines.errorkinds import INVALID_REQUEST, PARSE_ERROR
 
@@ -25,8 +25,8 @@ DEFAULT_MAX_FRAME = 1 << 20  #: bytes in one line, newline excluded
 DEFAULT_MAX_DEPTH = 32  #: nesting of arrays/objects in one message
 DEFAULT_MAX_BATCH = 100  #: calls in one batch
 
-Id = Union[str, int, float, None]
-Params = Union[list[Any], dict[str, Any], None]
+Id = str | int | float | None
+Params = list[Any] | dict[str, Any] | None
 
 _MISSING: Any = object()
 
@@ -83,7 +83,7 @@ class Invalid:
         return ErrorResponse(self.id, self.code, self.message, self.data)
 
 
-Message = Union[Request, Notification, Response, ErrorResponse]
+Message = Request | Notification | Response | ErrorResponse
 
 
 @dataclass(slots=True)
@@ -93,7 +93,7 @@ class Batch:
     items: list[Message | Invalid] = field(default_factory=list)
 
 
-Event = Union[Request, Notification, Response, ErrorResponse, Invalid, Batch]
+Event = Request | Notification | Response | ErrorResponse | Invalid | Batch
 
 
 def _valid_id(value: Any) -> bool:
@@ -258,7 +258,9 @@ class Decoder:
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as exc:
-            return Invalid(PARSE_ERROR, "Parse error", data={"reason": f"invalid UTF-8 at byte {exc.start}"})
+            return Invalid(
+                PARSE_ERROR, "Parse error", data={"reason": f"invalid UTF-8 at byte {exc.start}"}
+            )
         if not text.strip():
             return None
         if (text.count("[") + text.count("{") > self.max_depth) and _depth_exceeds(
@@ -299,8 +301,9 @@ def _dumps(obj: Any) -> str:
     without ``iterencode``'s per-call Python set-up (same output, same errors)."""
     if _c_make_encoder is None or not isinstance(obj, (dict, list)):
         return _encoder.encode(obj)
-    return _c_make_encoder({}, _encoder.default, _encode_str, None, ":", ",", False, False,
-                           False)(obj, 0)[0]
+    return _c_make_encoder({}, _encoder.default, _encode_str, None, ":", ",", False, False, False)(
+        obj, 0
+    )[0]
 
 
 def _line(obj: Any) -> bytes:

@@ -78,8 +78,9 @@ class ProgressView:
                 self.last = f"{entry.get('command', event)} -> {_short(entry['result'])}"
             elif "error" in entry:
                 error = entry["error"] or {}
-                self.last = (f"{entry.get('command', event)} -> {error.get('kind')}: "
-                             f"{error.get('message')}")
+                self.last = (
+                    f"{entry.get('command', event)} -> {error.get('kind')}: {error.get('message')}"
+                )
             nxt = entry.get("next")
             if nxt:
                 self.state = nxt
@@ -98,8 +99,11 @@ class ProgressView:
         with self._lock:
             self.progress = (float(params.get("progress") or 0.0), str(params.get("message", "")))
             if self.plain:
-                print(f"[{self.elapsed():6.2f}s]   progress {self.progress[0]:4.0%} "
-                      f"{self.progress[1]}", flush=True)
+                print(
+                    f"[{self.elapsed():6.2f}s]   progress {self.progress[0]:4.0%} "
+                    f"{self.progress[1]}",
+                    flush=True,
+                )
         if self._live is not None:
             self._live.update(self._render())
 
@@ -135,8 +139,9 @@ class ProgressView:
         if self.progress is not None:
             fraction, message = self.progress
             bar = Table.grid(padding=(0, 1))
-            bar.add_row(ProgressBar(total=1.0, completed=fraction, width=30),
-                        f"{fraction:.0%} {message}")
+            bar.add_row(
+                ProgressBar(total=1.0, completed=fraction, width=30), f"{fraction:.0%} {message}"
+            )
             table.add_row("progress", bar)
         return table
 
@@ -151,11 +156,20 @@ def _server_overrides(items: list[str]) -> dict[str, str]:
     return overrides
 
 
-def execute(spec: Any, servers: dict[str, Any], *, journal: str | None, plain: bool,
-            secret: bytes | None = None, ssl: Any = None) -> int:
+def execute(
+    spec: Any,
+    servers: dict[str, Any],
+    *,
+    journal: str | None,
+    plain: bool,
+    secret: bytes | None = None,
+    ssl: Any = None,
+) -> int:
     """Run one workflow to its end with a progress view; the exit code of its outcome."""
-    with WorkflowRunner(secret=secret, ssl=ssl, client_name="statelink-run") as runner, \
-            ProgressView(spec.name, plain) as view:
+    with (
+        WorkflowRunner(secret=secret, ssl=ssl, client_name="statelink-run") as runner,
+        ProgressView(spec.name, plain) as view,
+    ):
         try:
             handle = runner.start(spec, servers=servers, journal=journal, observer=view.on_entry)
         except ValueError as exc:
@@ -171,12 +185,18 @@ def execute(spec: Any, servers: dict[str, Any], *, journal: str | None, plain: b
             nonlocal aborts
             aborts += 1
             if aborts == 1:
-                print("\naborting: running the workflow's on_abort "
-                      "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+                print(
+                    "\naborting: running the workflow's on_abort (Ctrl-C again to stop at once)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             handle.abort()
 
-        previous = signal.signal(signal.SIGINT, on_sigint) \
-            if threading.current_thread() is threading.main_thread() else None
+        previous = (
+            signal.signal(signal.SIGINT, on_sigint)
+            if threading.current_thread() is threading.main_thread()
+            else None
+        )
         try:
             while handle.wait(0.2) is None:
                 pass
@@ -185,8 +205,12 @@ def execute(spec: Any, servers: dict[str, Any], *, journal: str | None, plain: b
                 signal.signal(signal.SIGINT, previous)
     outcome = handle.outcome or "failure"
     reason = getattr(handle.run, "reason", None)
-    print(f"workflow {spec.name}: {outcome}" + (f" ({reason})" if reason else "")
-          + f" in {view.elapsed():.1f} s, final state {handle.state}", flush=True)
+    print(
+        f"workflow {spec.name}: {outcome}"
+        + (f" ({reason})" if reason else "")
+        + f" in {view.elapsed():.1f} s, final state {handle.state}",
+        flush=True,
+    )
     return EXIT_BY_OUTCOME.get(outcome, EXIT_FAILED)
 
 
@@ -194,8 +218,14 @@ def run_workflow_command(args: argparse.Namespace) -> int:
     from statemachines.workflow import load_workflow
 
     spec = load_workflow(args.workflow)
-    return execute(spec, _server_overrides(args.server), journal=args.journal, plain=args.plain,
-                   secret=read_secret(args), ssl=client_ssl(args))
+    return execute(
+        spec,
+        _server_overrides(args.server),
+        journal=args.journal,
+        plain=args.plain,
+        secret=read_secret(args),
+        ssl=client_ssl(args),
+    )
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
@@ -212,8 +242,9 @@ def run_demo_command(args: argparse.Namespace) -> int:
     server.add_device(device, simulate=True)
     with server:
         host, port = server.address
-        print(f"demo device '{device.name}' (simulated GPIO) listening on {host}:{port}",
-              flush=True)
+        print(
+            f"demo device '{device.name}' (simulated GPIO) listening on {host}:{port}", flush=True
+        )
         servers = {name: (host, port) for name in spec.servers}
         return execute(spec, servers, journal=args.journal, plain=args.plain)
 

@@ -40,13 +40,20 @@ _STOP = object()
 class RunHandle:
     """One run of a workflow: wait for it, abort it, read its state, context and history."""
 
-    def __init__(self, runner: WorkflowRunner, run_id: str, servers: dict[str, Address],
-                 journal: IO[str] | None, observers: list[Observer]):
+    def __init__(
+        self,
+        runner: WorkflowRunner,
+        run_id: str,
+        servers: dict[str, Address],
+        journal: IO[str] | None,
+        observers: list[Observer],
+    ):
         self.runner = runner
         self.run_id = run_id
         self.servers = servers
         self.run: WorkflowRun = None  # type: ignore[assignment]  # set by the runner
         self._journal = journal
+        self._owns_journal = False  #: opened by the runner from a path: closed when done
         self._observers = observers
         self._done = threading.Event()
         #: requests this run has in flight: token -> (client, future); cancelled on abort
@@ -90,8 +97,13 @@ class RunHandle:
 class WorkflowRunner:
     """Runs workflow runs concurrently in this process. Use as a context manager."""
 
-    def __init__(self, *, secret: bytes | str | None = None, ssl: Any = None,
-                 client_name: str = "statelink-runner") -> None:
+    def __init__(
+        self,
+        *,
+        secret: bytes | str | None = None,
+        ssl: Any = None,
+        client_name: str = "statelink-runner",
+    ) -> None:
         self.secret = secret
         self.ssl = ssl
         self.client_name = client_name
@@ -104,8 +116,9 @@ class WorkflowRunner:
         self._active: dict[str, RunHandle] = {}
         self._ids = itertools.count(1)
         self._closed = False
-        self._dispatcher = threading.Thread(target=self._dispatch, name="statelink-dispatcher",
-                                            daemon=True)
+        self._dispatcher = threading.Thread(
+            target=self._dispatch, name="statelink-dispatcher", daemon=True
+        )
         self._dispatcher.start()
 
     # -- public -----------------------------------------------------------------------------
@@ -125,8 +138,10 @@ class WorkflowRunner:
         addresses = {name: parse_address(addr) for name, addr in spec.servers.items()}
         for name, addr in (servers or {}).items():
             if name not in addresses:
-                raise ValueError(f"workflow {spec.name} has no server named {name!r} "
-                                 f"(servers: {', '.join(sorted(addresses)) or 'none'})")
+                raise ValueError(
+                    f"workflow {spec.name} has no server named {name!r} "
+                    f"(servers: {', '.join(sorted(addresses)) or 'none'})"
+                )
             addresses[name] = parse_address(addr)
         run_id = run_id or f"{spec.name}-{next(self._ids)}"
         stream: IO[str] | None
@@ -135,6 +150,7 @@ class WorkflowRunner:
         else:
             stream = open(journal, "w", encoding="utf-8", buffering=1)  # noqa: SIM115
         handle = RunHandle(self, run_id, addresses, stream, [observer] if observer else [])
+        handle._owns_journal = stream is not journal
         handle.run = compiled.new_run(_Effects(self, handle), run_id, context)
         self._subscribe_awaited(compiled, addresses)
         self._active[run_id] = handle
@@ -162,8 +178,13 @@ class WorkflowRunner:
         with self._client_lock:
             client = self._clients.get(address)
             if client is None:
-                client = Client(address, name=self.client_name, secret=self.secret,
-                                ssl=self.ssl, scheduler=self.scheduler)
+                client = Client(
+                    address,
+                    name=self.client_name,
+                    secret=self.secret,
+                    ssl=self.ssl,
+                    scheduler=self.scheduler,
+                )
                 self._clients[address] = client
             return client
 
@@ -204,8 +225,9 @@ class WorkflowRunner:
                 continue
             try:
                 client = self.client(address)
-                client.subscribe(method, functools.partial(self._post_notification, address,
-                                                           method))
+                client.subscribe(
+                    method, functools.partial(self._post_notification, address, method)
+                )
             except (OSError, RpcError) as exc:
                 log.warning("cannot subscribe to %s at %s:%s: %s", method, *address, exc)
                 continue
@@ -222,9 +244,8 @@ class WorkflowRunner:
 
     def _finished(self, handle: RunHandle) -> None:
         self._active.pop(handle.run_id, None)
-        if handle._journal is not None and not handle._journal.closed:
-            if getattr(handle._journal, "name", None) not in (None, "<stdout>", "<stderr>"):
-                handle._journal.close()
+        if handle._owns_journal and handle._journal is not None:
+            handle._journal.close()
         handle._done.set()
 
 
@@ -237,8 +258,9 @@ class _Effects:
         self.runner = runner
         self.handle = handle
 
-    def send_command(self, run: WorkflowRun, token: int, server: str, method: str, params: Any,
-                     timeout: float) -> None:
+    def send_command(
+        self, run: WorkflowRun, token: int, server: str, method: str, params: Any, timeout: float
+    ) -> None:
         runner = self.runner
         address = self.handle.servers[server]
         try:
@@ -247,9 +269,14 @@ class _Effects:
             runner.post(run.on_error, token, exc.kind, exc.code, exc.message, exc.data)
             return
         except OSError as exc:
-            runner.post(run.on_error, token, "connection_lost", ek.CONNECTION_LOST,
-                        f"cannot reach {server} at {address[0]}:{address[1]}: {exc}",
-                        {"server": server})
+            runner.post(
+                run.on_error,
+                token,
+                "connection_lost",
+                ek.CONNECTION_LOST,
+                f"cannot reach {server} at {address[0]}:{address[1]}: {exc}",
+                {"server": server},
+            )
             return
 
         inflight = self.handle.inflight
@@ -262,8 +289,14 @@ class _Effects:
             elif isinstance(error, RpcError):
                 runner.post(run.on_error, token, error.kind, error.code, error.message, error.data)
             else:
-                runner.post(run.on_error, token, "internal_error", ek.INTERNAL_ERROR,
-                            f"{type(error).__name__}: {error}", None)
+                runner.post(
+                    run.on_error,
+                    token,
+                    "internal_error",
+                    ek.INTERNAL_ERROR,
+                    f"{type(error).__name__}: {error}",
+                    None,
+                )
 
         future = client.send_command(method, params, timeout=timeout)
         if not future.done():

@@ -85,6 +85,7 @@ class Limits:
     max_depth: int = DEFAULT_MAX_DEPTH
     idle_timeout: float = 300.0  #: seconds without traffic or work before a connection is closed
     handshake_timeout: float = 10.0  #: seconds to authenticate, when a secret is set
+    frame_timeout: float = 30.0  #: seconds to finish a line once its first byte arrived
     max_outgoing: int = 4 << 20  #: bytes queued to a client that does not read, then close
     max_auth_failures: int = 3
     max_subscriptions: int = 64
@@ -273,8 +274,16 @@ class _Binder:
     same ``args``/``kwargs`` split as ``BoundArguments``. Anything else, and every params that
     would not bind, goes through :func:`bind_params` (so the errors are the same)."""
 
-    __slots__ = ("kwonly_required", "min_args", "names", "order", "positional", "required",
-                 "signature", "simple")
+    __slots__ = (
+        "kwonly_required",
+        "min_args",
+        "names",
+        "order",
+        "positional",
+        "required",
+        "signature",
+        "simple",
+    )
 
     def __init__(self, signature: inspect.Signature):
         self.signature = signature
@@ -284,10 +293,10 @@ class _Binder:
         self.positional = tuple(p.name for p in ps if p.kind is _P.POSITIONAL_OR_KEYWORD)
         self.names = frozenset(self.order)
         self.required = frozenset(p.name for p in ps if p.default is _P.empty)
-        self.min_args = sum(1 for p in ps
-                            if p.kind is _P.POSITIONAL_OR_KEYWORD and p.default is _P.empty)
-        self.kwonly_required = any(p.kind is _P.KEYWORD_ONLY and p.default is _P.empty
-                                   for p in ps)
+        self.min_args = sum(
+            1 for p in ps if p.kind is _P.POSITIONAL_OR_KEYWORD and p.default is _P.empty
+        )
+        self.kwonly_required = any(p.kind is _P.KEYWORD_ONLY and p.default is _P.empty for p in ps)
 
     def bind(self, params: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """``(args, kwargs)`` for the handler; raises :class:`InvalidParamsError`."""
@@ -296,8 +305,10 @@ class _Binder:
                 if not self.required:
                     return (), {}
             elif type(params) is list:
-                if (self.min_args <= len(params) <= len(self.positional)
-                        and not self.kwonly_required):
+                if (
+                    self.min_args <= len(params) <= len(self.positional)
+                    and not self.kwonly_required
+                ):
                     return tuple(params), {}
             elif type(params) is dict:
                 keys = params.keys()
@@ -309,8 +320,9 @@ class _Binder:
                         args.append(params[name])
                     if len(args) == len(params):
                         return tuple(args), {}
-                    return tuple(args), {n: params[n] for n in self.order[len(args):]
-                                         if n in params}
+                    return tuple(args), {
+                        n: params[n] for n in self.order[len(args) :] if n in params
+                    }
         bound = bind_params(self.signature, params)
         return bound.args, bound.kwargs
 
@@ -318,8 +330,14 @@ class _Binder:
 class FunctionCommand:
     """A command backed by a plain function (worker pool) or an ``async def`` (loop task)."""
 
-    def __init__(self, server: CommandServer, name: str, func: Callable[..., Any],
-                 timeout: float | None, description: str | None):
+    def __init__(
+        self,
+        server: CommandServer,
+        name: str,
+        func: Callable[..., Any],
+        timeout: float | None,
+        description: str | None,
+    ):
         self.server = server
         self.name = name
         self.func = func
@@ -354,8 +372,12 @@ class FunctionCommand:
             for p in self.signature.parameters.values()
             if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
         ]
-        return {"name": self.name, "description": self.description, "params": params,
-                "timeout": self.timeout or self.server.default_timeout}
+        return {
+            "name": self.name,
+            "description": self.description,
+            "params": params,
+            "timeout": self.timeout or self.server.default_timeout,
+        }
 
 
 async def _run_async(call: Call, coro: Any) -> None:
@@ -446,6 +468,7 @@ class Connection(asyncio.BufferedProtocol):
         self.client_nonce = ""
         self.client_name = ""
         self.connected_at = self.last_activity = time.monotonic()
+        self.partial_since: float | None = None  #: when the unfinished line in the buffer began
         self.closing = False
         self.eof = False  #: the peer half-closed (sent EOF)
         self.callback: CallbackLink | None = None
@@ -464,10 +487,17 @@ class Connection(asyncio.BufferedProtocol):
         server = self.server
         if len(server.connections) >= server.limits.max_connections:
             server.stats.count_close("max_connections")
-            transport.write(encode(ErrorResponse(
-                None, ek.BUSY,
-                f"too many connections (limit {server.limits.max_connections}); try again later",
-                {"max_connections": server.limits.max_connections})))
+            transport.write(
+                encode(
+                    ErrorResponse(
+                        None,
+                        ek.BUSY,
+                        f"too many connections (limit {server.limits.max_connections}); "
+                        "try again later",
+                        {"max_connections": server.limits.max_connections},
+                    )
+                )
+            )
             self.closing = True
             transport.close()
             return
@@ -503,11 +533,18 @@ class Connection(asyncio.BufferedProtocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        self.last_activity = time.monotonic()
-        for event in self.decoder.feed(data):
+        self.last_activity = now = time.monotonic()
+        decoder = self.decoder
+        for event in decoder.feed(data):
             self.handle(event, None)
             if self.closing:
                 return
+        # A started line must be finished within frame_timeout: a client trickling bytes
+        # (slow-loris) cannot hold its slot and an unfinished frame forever.
+        if not decoder.buffered:
+            self.partial_since = None
+        elif self.partial_since is None:
+            self.partial_since = now
 
     def eof_received(self) -> bool:
         # Half-close: keep the connection until the in-flight replies are written.
@@ -532,8 +569,12 @@ class Connection(asyncio.BufferedProtocol):
             if event.fatal:
                 self.close("frame_limit")
         else:  # a response sent to the server: not a request
-            invalid = Invalid(ek.INVALID_REQUEST, "Invalid Request", event.id,
-                              data={"reason": "the server does not take responses"})
+            invalid = Invalid(
+                ek.INVALID_REQUEST,
+                "Invalid Request",
+                event.id,
+                data={"reason": "the server does not take responses"},
+            )
             self.handle(invalid, batch)
 
     def start_call(self, msg: Request | Notification, batch: _BatchReply | None) -> None:
@@ -552,10 +593,13 @@ class Connection(asyncio.BufferedProtocol):
             call.reject(BusyError("server is shutting down", {"retry": True}))
             return
         if self.inflight > server.limits.max_inflight:
-            call.reject(BusyError(
-                f"too many requests in flight on this connection (limit "
-                f"{server.limits.max_inflight}); wait for replies",
-                {"max_inflight": server.limits.max_inflight, "retry": True}))
+            call.reject(
+                BusyError(
+                    f"too many requests in flight on this connection (limit "
+                    f"{server.limits.max_inflight}); wait for replies",
+                    {"max_inflight": server.limits.max_inflight, "retry": True},
+                )
+            )
             return
         entry = server.methods.get(method)
         if entry is None:
@@ -614,9 +658,14 @@ class Connection(asyncio.BufferedProtocol):
             msg_id = getattr(message, "id", None)
             if isinstance(msg_id, float) and not math.isfinite(msg_id):
                 msg_id = None  # e.g. "id": 1e400 decodes to inf, which has no JSON form
-            return encode(ErrorResponse(
-                msg_id, ek.INTERNAL_ERROR,
-                "Internal error: the result is not JSON", {"reason": str(exc)}))
+            return encode(
+                ErrorResponse(
+                    msg_id,
+                    ek.INTERNAL_ERROR,
+                    "Internal error: the result is not JSON",
+                    {"reason": str(exc)},
+                )
+            )
 
     def notify(self, method: str, params: Any) -> None:
         """Send a server-to-client notification (loop thread)."""
@@ -708,10 +757,16 @@ class CallbackLink:
     async def _connect(self) -> None:
         try:
             _, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port), timeout=5.0)
+                asyncio.open_connection(self.host, self.port), timeout=5.0
+            )
         except (OSError, asyncio.TimeoutError) as exc:
-            log.warning("callback delivery to %s:%s failed (%s); replying on the request "
-                        "connection instead", self.host, self.port, exc)
+            log.warning(
+                "callback delivery to %s:%s failed (%s); replying on the request "
+                "connection instead",
+                self.host,
+                self.port,
+                exc,
+            )
             self.usable = False
             for data in self._pending:
                 self.conn.write(data)
@@ -783,8 +838,13 @@ class CommandServer:
         self._install_builtins()
 
     # -- registration -----------------------------------------------------------------------
-    def command(self, name: str | None = None, *, timeout: float | None = None,
-                description: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def command(
+        self,
+        name: str | None = None,
+        *,
+        timeout: float | None = None,
+        description: str | None = None,
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator registering a handler under ``name`` (default: the function's name)."""
 
         def register(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -793,8 +853,14 @@ class CommandServer:
 
         return register
 
-    def add_command(self, name: str, func: Callable[..., Any], *, timeout: float | None = None,
-                    description: str | None = None) -> None:
+    def add_command(
+        self,
+        name: str,
+        func: Callable[..., Any],
+        *,
+        timeout: float | None = None,
+        description: str | None = None,
+    ) -> None:
         """Register ``func`` as the handler of ``name``. Names under ``rpc.`` are reserved."""
         if name.startswith("rpc."):
             raise ValueError(f"method names starting with 'rpc.' are reserved: {name!r}")
@@ -855,8 +921,9 @@ class CommandServer:
                     except (SystemExit, KeyboardInterrupt) as exc:
                         # Raised by an ``async def`` handler: asyncio re-raises these out of the
                         # loop; its task already holds the exception (-> device fault reply).
-                        log.error("a handler on the I/O thread raised %s; serving on",
-                                  type(exc).__name__)
+                        log.error(
+                            "a handler on the I/O thread raised %s; serving on", type(exc).__name__
+                        )
             finally:
                 loop.run_until_complete(loop.shutdown_asyncgens())
                 loop.close()
@@ -870,8 +937,9 @@ class CommandServer:
             exc = failure[0]
             if isinstance(exc, OSError):
                 reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
-                raise OSError(exc.errno, f"cannot listen on {self.host}:{self.port}: "
-                                         f"{reason}") from exc
+                raise OSError(
+                    exc.errno, f"cannot listen on {self.host}:{self.port}: {reason}"
+                ) from exc
             raise exc
         for hook in self._on_start:
             hook()
@@ -882,9 +950,14 @@ class CommandServer:
         self._to_flush = []
         self.pool = WorkerPool(self.loop, self.workers, self.limits.max_queue)
         self._server = await self.loop.create_server(
-            lambda: Connection(self), self.host, self.port, ssl=self.ssl, backlog=1024,
+            lambda: Connection(self),
+            self.host,
+            self.port,
+            ssl=self.ssl,
+            backlog=1024,
             reuse_address=True,
-            ssl_handshake_timeout=self.limits.handshake_timeout if self.ssl else None)
+            ssl_handshake_timeout=self.limits.handshake_timeout if self.ssl else None,
+        )
         sockname = self._server.sockets[0].getsockname()
         self._address = (sockname[0], sockname[1])
         self._started_at = time.monotonic()
@@ -926,8 +999,11 @@ class CommandServer:
                 pass
         for conn in list(self.connections):
             for call in list(conn.calls.values()):
-                call.reject(CancelledError("the server stopped before the command finished",
-                                           {"reason": "shutdown"}))
+                call.reject(
+                    CancelledError(
+                        "the server stopped before the command finished", {"reason": "shutdown"}
+                    )
+                )
             conn.close("shutdown")
         # Cancel what is left (async handlers, the sweeper), so that their ``finally`` blocks
         # run now rather than the tasks being destroyed pending when the loop closes.
@@ -977,11 +1053,23 @@ class CommandServer:
     async def _sweep(self) -> None:
         limits = self.limits
         while not self.stopping:
-            await asyncio.sleep(min(1.0, limits.idle_timeout / 4, limits.handshake_timeout / 4))
+            await asyncio.sleep(
+                min(
+                    1.0,
+                    limits.idle_timeout / 4,
+                    limits.handshake_timeout / 4,
+                    limits.frame_timeout / 4,
+                )
+            )
             now = time.monotonic()
             for conn in list(self.connections):
                 if not conn.authenticated and now - conn.connected_at > limits.handshake_timeout:
                     conn.close("handshake_timeout")
+                elif (
+                    conn.partial_since is not None
+                    and now - conn.partial_since > limits.frame_timeout
+                ):
+                    conn.close("frame_timeout")
                 elif not conn.calls and now - conn.last_activity > limits.idle_timeout:
                     conn.close("idle_timeout")
 
@@ -1004,8 +1092,11 @@ class CommandServer:
         conn = call.conn
         if "client" in params:
             conn.client_name = str(params["client"])[:200]
-        reply: dict[str, Any] = {"server": self.name, "protocol": PROTOCOL_VERSION,
-                                 "auth": "hmac-sha256" if self.secret else None}
+        reply: dict[str, Any] = {
+            "server": self.name,
+            "protocol": PROTOCOL_VERSION,
+            "auth": "hmac-sha256" if self.secret else None,
+        }
         port = params.get("callback_port")
         if port is not None:
             if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
@@ -1016,25 +1107,33 @@ class CommandServer:
             if response is None:
                 nonce = params.get("nonce", "")
                 if not isinstance(nonce, str) or len(nonce) > auth.MAX_NONCE:
-                    raise InvalidParamsError(f"nonce must be a string of at most "
-                                             f"{auth.MAX_NONCE} characters")
+                    raise InvalidParamsError(
+                        f"nonce must be a string of at most {auth.MAX_NONCE} characters"
+                    )
                 conn.challenge = auth.new_nonce()
                 conn.client_nonce = nonce
                 reply["challenge"] = conn.challenge
                 reply["proof"] = auth.digest(self.secret, "server", conn.challenge, nonce)
             elif conn.challenge is not None and auth.verify(
-                    self.secret, "client", conn.challenge, conn.client_nonce, response):
+                self.secret, "client", conn.challenge, conn.client_nonce, response
+            ):
                 conn.authenticated = True
             else:
                 conn.challenge = None
                 conn.auth_failures += 1
                 if conn.auth_failures >= self.limits.max_auth_failures:
                     self.loop.call_soon(conn.close, "auth_failures")
-                raise UnauthorizedError("authentication failed: wrong secret or no challenge; "
-                                        "call rpc.hello with a nonce first", {"auth": "hmac-sha256"})
+                raise UnauthorizedError(
+                    "authentication failed: wrong secret or no challenge; "
+                    "call rpc.hello with a nonce first",
+                    {"auth": "hmac-sha256"},
+                )
         # The server connects back only for an authenticated peer, and only to its own address.
-        if conn.authenticated and conn.callback_port is not None and (
-                conn.callback is None or conn.callback.port != conn.callback_port):
+        if (
+            conn.authenticated
+            and conn.callback_port is not None
+            and (conn.callback is None or conn.callback.port != conn.callback_port)
+        ):
             if conn.callback is not None:
                 conn.callback.close()
             conn.callback = CallbackLink(conn, conn.callback_port)
@@ -1058,8 +1157,11 @@ class CommandServer:
 
     def _rpc_cancel(self, call: Call) -> dict[str, Any]:
         params = call.params
-        if not isinstance(params, dict) or "id" not in params or isinstance(
-                params["id"], (list, dict)):
+        if (
+            not isinstance(params, dict)
+            or "id" not in params
+            or isinstance(params["id"], (list, dict))
+        ):
             raise InvalidParamsError('rpc.cancel takes {"id": <id of the request to cancel>}')
         target = call.conn.calls.get(params["id"])
         if target is None or target is call:
@@ -1069,7 +1171,9 @@ class CommandServer:
 
     def discover(self) -> dict[str, Any]:
         """An OpenRPC-style description of every method and device."""
-        methods = [dict(entry.describe(), name=name) for name, entry in sorted(self.methods.items())]
+        methods = [
+            dict(entry.describe(), name=name) for name, entry in sorted(self.methods.items())
+        ]
         return {
             "openrpc": "1.3.2",
             "info": {"title": self.name, "version": PROTOCOL_VERSION},
@@ -1097,11 +1201,15 @@ class CommandServer:
 
 
 def _method_param(params: Any) -> str:
-    method = params.get("method") if isinstance(params, dict) else (
-        params[0] if isinstance(params, list) and params else None)
+    method = (
+        params.get("method")
+        if isinstance(params, dict)
+        else (params[0] if isinstance(params, list) and params else None)
+    )
     if not isinstance(method, str) or not method:
-        raise InvalidParamsError('expected {"method": "<notification method>"}, '
-                                 'e.g. {"method": "device.state"}')
+        raise InvalidParamsError(
+            'expected {"method": "<notification method>"}, e.g. {"method": "device.state"}'
+        )
     return method
 
 
@@ -1120,11 +1228,11 @@ class _Builtin:
 
 
 _BUILTIN_DOCS = {
-    "rpc.ping": "Answers \"pong\". Liveness check.",
+    "rpc.ping": 'Answers "pong". Liveness check.',
     "rpc.hello": "Handshake: {client, protocol, nonce, response, callback_port}.",
     "rpc.discover": "OpenRPC-style description of every method and device.",
     "rpc.stats": "Connections, requests in flight, totals and errors by code.",
-    "rpc.subscribe": "Receive a notification method, e.g. {\"method\": \"device.state\"}.",
+    "rpc.subscribe": 'Receive a notification method, e.g. {"method": "device.state"}.',
     "rpc.unsubscribe": "Stop receiving a notification method.",
-    "rpc.cancel": "Cancel a request in flight on this connection: {\"id\": ...}.",
+    "rpc.cancel": 'Cancel a request in flight on this connection: {"id": ...}.',
 }

@@ -49,8 +49,9 @@ class WorkerPool:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-               done: Done) -> None:
+    def submit(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], done: Done
+    ) -> None:
         """Queue ``fn(*args, **kwargs)``; ``done`` runs on the loop. Loop thread only."""
         if self.pending >= self.size + self.max_queue:
             raise PoolFull(f"worker queue full ({self.size} workers, {self.max_queue} queued)")

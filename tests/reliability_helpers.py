@@ -22,22 +22,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import re
 import select
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import textwrap
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from support import wait_until
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -47,23 +46,6 @@ WAIT = 10.0
 
 
 # -- waiting ---------------------------------------------------------------------------------
-def wait_until(predicate: Callable[[], Any], timeout: float = WAIT, what: str = "condition") -> Any:
-    """Re-check ``predicate`` until it is truthy (returns its value); fail after ``timeout``.
-
-    For state only a counter can show (``rpc.stats``); the pause between checks is an
-    ``Event.wait`` of 5 ms, not a synchronising sleep.
-    """
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        pause.wait(0.005)
-
-
 # -- the test commands -----------------------------------------------------------------------
 def add_test_commands(server: Any, release: threading.Event | None = None) -> threading.Event:
     """Register the commands the reliability tests use; returns the ``release`` event that
@@ -150,118 +132,6 @@ def ping_ok(address: tuple[str, int], **client_kwargs: Any) -> bool:
         return client.call("rpc.ping", timeout=WAIT) == "pong"
 
 
-# -- raw sockets -----------------------------------------------------------------------------
-class Raw:
-    """A plain TCP socket speaking lines, with bounded waits."""
-
-    def __init__(self, address: tuple[str, int], timeout: float = WAIT, *,
-                 source: str | None = None, rcvbuf: int | None = None):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if rcvbuf is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        if source is not None:
-            sock.bind((source, 0))
-        sock.settimeout(timeout)
-        sock.connect(address)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock = sock
-        self.timeout = timeout
-        self.buffer = b""
-        self._ids = 0
-
-    def send(self, data: bytes | str) -> None:
-        self.sock.sendall(data.encode() if isinstance(data, str) else data)
-
-    def send_line(self, data: bytes | str) -> None:
-        self.send((data.encode() if isinstance(data, str) else data) + b"\n")
-
-    def send_json(self, obj: Any) -> None:
-        self.send_line(json.dumps(obj))
-
-    def request(self, method: str, params: Any = None, id: Any = None) -> Any:
-        if id is None:
-            self._ids += 1
-            id = f"raw-{self._ids}"
-        message: dict[str, Any] = {"jsonrpc": "2.0", "id": id, "method": method}
-        if params is not None:
-            message["params"] = params
-        self.send_json(message)
-        return id
-
-    def call(self, method: str, params: Any = None, id: Any = None) -> dict[str, Any]:
-        """Send a request; return the next line as JSON, which must be its reply."""
-        request_id = self.request(method, params, id)
-        reply = self.json()
-        assert isinstance(reply, dict) and reply.get("id") == request_id, reply
-        return reply
-
-    def line(self, timeout: float | None = None) -> bytes:
-        """The next line; fails on timeout or when the server closes first."""
-        line = self.try_line(timeout)
-        if line is None:
-            raise AssertionError(f"the server closed the connection; got {self.buffer[:200]!r}")
-        return line
-
-    def try_line(self, timeout: float | None = None) -> bytes | None:
-        """The next line, or None when the server closed (EOF or reset) before one came."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        while b"\n" not in self.buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"no complete line in time; got {self.buffer[:200]!r}")
-            self.sock.settimeout(remaining)
-            try:
-                chunk = self.sock.recv(262144)
-            except TimeoutError:
-                continue
-            except (ConnectionResetError, BrokenPipeError):
-                return None
-            if not chunk:
-                return None
-            self.buffer += chunk
-        line, _, self.buffer = self.buffer.partition(b"\n")
-        return line + b"\n"
-
-    def json(self, timeout: float | None = None) -> Any:
-        return json.loads(self.line(timeout))
-
-    def closed(self, timeout: float | None = None) -> bool:
-        """Wait for the server to close (EOF or reset); True if it did within ``timeout``.
-        Lines that arrive first are kept in ``buffer``."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            self.sock.settimeout(remaining)
-            try:
-                chunk = self.sock.recv(262144)
-            except TimeoutError:
-                continue
-            except (ConnectionResetError, BrokenPipeError):
-                return True
-            if not chunk:
-                return True
-            self.buffer += chunk
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-    def abort(self) -> None:
-        """Close with a reset (SO_LINGER 0): the server sees the connection lost at once,
-        unlike a plain close, which it may take for a half-close (EOF) and answer first."""
-        with contextlib.suppress(OSError):
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.close()
-
-    def __enter__(self) -> Raw:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
 def error_code(reply: dict[str, Any]) -> int | None:
     error = reply.get("error")
     return error.get("code") if isinstance(error, dict) else None
@@ -302,8 +172,9 @@ class Recorder:
         self._closed = threading.Event()
         self._socks: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
-        self._accept = threading.Thread(target=self._accept_loop, daemon=True,
-                                        name="recorder-accept")
+        self._accept = threading.Thread(
+            target=self._accept_loop, daemon=True, name="recorder-accept"
+        )
         self._accept.start()
 
     def _accept_loop(self) -> None:
@@ -314,8 +185,9 @@ class Recorder:
             upstream = socket.create_connection(self.target, timeout=WAIT)
             self._socks += [conn, upstream]
             for src, dst, buf in ((conn, upstream, self.up), (upstream, conn, self.down)):
-                thread = threading.Thread(target=self._pump, args=(src, dst, buf), daemon=True,
-                                          name="recorder-pump")
+                thread = threading.Thread(
+                    target=self._pump, args=(src, dst, buf), daemon=True, name="recorder-pump"
+                )
                 self._threads.append(thread)
                 thread.start()
 
@@ -370,10 +242,30 @@ def make_cert(directory: Path, name: str = "server") -> tuple[Path, Path]:
         pytest.skip("the openssl command is not installed")
     cert, key = directory / f"{name}.crt", directory / f"{name}.key"
     subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=30)
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
     return cert, key
 
 
@@ -480,8 +372,15 @@ class ChildServer:
 
     READY = re.compile(r"(?:READY|serving on) (\d+\.\d+\.\d+\.\d+):(\d+)")
 
-    def __init__(self, mode: str, args: list[str], log: Path, *, lifetime: float = 90.0,
-                 env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        mode: str,
+        args: list[str],
+        log: Path,
+        *,
+        lifetime: float = 90.0,
+        env: dict[str, str] | None = None,
+    ):
         self.mode = mode
         self.args = args
         self.log = log
@@ -499,18 +398,33 @@ class ChildServer:
     def start(self, timeout: float = 30.0) -> ChildServer:
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        argv = [sys.executable, str(Path(__file__).resolve()), "--lifetime", str(self.lifetime),
-                "--parent", str(os.getpid()), "--", self.mode, *self.args]
+        argv = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--lifetime",
+            str(self.lifetime),
+            "--parent",
+            str(os.getpid()),
+            "--",
+            self.mode,
+            *self.args,
+        ]
         self._offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out,
-                                         stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=str(REPO),
+            )
         match = self.wait_for(self.READY, timeout)
         self.address = (match.group(1), int(match.group(2)))
         return self
 
     def output(self) -> str:
-        return self.log.read_text(errors="replace")[self._offset:]
+        return self.log.read_text(errors="replace")[self._offset :]
 
     def wait_for(self, pattern: re.Pattern[str], timeout: float = WAIT) -> re.Match[str]:
         """Wait until the child's output (since this start) matches ``pattern``."""
@@ -519,8 +433,9 @@ class ChildServer:
         def found() -> re.Match[str] | None:
             match = pattern.search(self.output())
             if match is None and self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"the child server exited ({self.proc.returncode}):\n"
-                                     + self.output()[-3000:])
+                raise AssertionError(
+                    f"the child server exited ({self.proc.returncode}):\n" + self.output()[-3000:]
+                )
             return match
 
         return wait_until(found, timeout, f"{pattern.pattern!r} in the child's output")
@@ -592,8 +507,9 @@ def _test_server_main(argv: list[str]) -> int:
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args(argv)
     limits = Limits(**{name: getattr(args, name) for name in vars(Limits())})
-    server = CommandServer(HOST, args.port, workers=args.workers, timeout=args.timeout,
-                           limits=limits, grace=0.5)
+    server = CommandServer(
+        HOST, args.port, workers=args.workers, timeout=args.timeout, limits=limits, grace=0.5
+    )
     add_test_commands(server)
     server.start()
     host, port = server.address

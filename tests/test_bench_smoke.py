@@ -21,19 +21,43 @@ def run_bench(tmp_path: Path, *args: str, timeout: float = 50.0) -> tuple[str, d
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "bench.run", "--quick", "--json", str(out), *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.exists(), "no JSON written"
     return proc.stdout, json.loads(out.read_text())
 
 
 def test_request_reply_scenarios_against_every_reference(tmp_path: Path) -> None:
-    stdout, data = run_bench(tmp_path, "--scenarios", "S1,S2,S3", "--s1-conns", "2",
-                             "--duration", "0.2", "--warmup", "0.05", "--s2-depth", "8",
-                             "--s3-conns", "2", "--s3-workers", "1")
+    stdout, data = run_bench(
+        tmp_path,
+        "--scenarios",
+        "S1,S2,S3",
+        "--s1-conns",
+        "2",
+        "--duration",
+        "0.2",
+        "--warmup",
+        "0.05",
+        "--s2-depth",
+        "8",
+        "--s3-conns",
+        "2",
+        "--s3-workers",
+        "1",
+    )
     rows = {(r["scenario"], r["server"]) for r in data["rows"]}
-    servers = {"ref1 thread/cmd+callback", "ref2 ThreadingTCPServer", "ref3 asyncio streams",
-               "statelink async def", "statelink def (pool)"}
+    servers = {
+        "ref1 thread/cmd+callback",
+        "ref2 ThreadingTCPServer",
+        "ref3 asyncio streams",
+        "statelink async def",
+        "statelink def (pool)",
+    }
     for scenario in ("S1@2", "S2"):
         assert {(scenario, s) for s in servers} <= rows
     assert ("S3", "statelink 1 workers") in rows
@@ -53,8 +77,7 @@ def test_request_reply_scenarios_against_every_reference(tmp_path: Path) -> None
 
 
 def test_workflow_and_footprint_scenarios(tmp_path: Path) -> None:
-    stdout, data = run_bench(tmp_path, "--scenarios", "S4,S5", "--s4-runs", "5",
-                             "--s5-conns", "5")
+    stdout, data = run_bench(tmp_path, "--scenarios", "S4,S5", "--s4-runs", "5", "--s5-conns", "5")
     assert data["s4"], "no S4 result"
     for res in data["s4"]:
         # the harness reports what is missing instead of failing when the engine is not ready
@@ -97,15 +120,32 @@ def test_fast_param_binding_matches_inspect_bind() -> None:
     from controller.errors import InvalidParamsError
     from controller.server import _Binder, bind_params
 
-    def f0(): pass
-    def f1(a): pass
-    def f2(a, b=2): pass
-    def f3(a, b=2, *, c, d=4): pass
-    def f4(*, k=1): pass
-    def f5(a, *rest): pass
-    def f6(a, /, b): pass
-    def f7(a, **kw): pass
-    def f8(x=None, y=None, z=None): pass
+    def f0():
+        pass
+
+    def f1(a):
+        pass
+
+    def f2(a, b=2):
+        pass
+
+    def f3(a, b=2, *, c, d=4):
+        pass
+
+    def f4(*, k=1):
+        pass
+
+    def f5(a, *rest):
+        pass
+
+    def f6(a, /, b):
+        pass
+
+    def f7(a, **kw):
+        pass
+
+    def f8(x=None, y=None, z=None):
+        pass
 
     names = ["a", "b", "c", "d", "k", "x", "z", "rest", "q"]
     cases: list = [None, [], [1], [1, 2], [1, 2, 3], [1, 2, 3, 4]]
@@ -140,8 +180,22 @@ def test_fast_json_codec_matches_the_json_module() -> None:
     encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
     decode = json.JSONDecoder(parse_constant=protocol._reject_constant).decode
     rng = random.Random(7)
-    leaves = [None, True, False, 0, -1, 2**70, 1.5, -0.0, 1e300, "x", "é\u2028\"\\\n", "\ud800",
-              float("nan"), float("inf")]
+    leaves = [
+        None,
+        True,
+        False,
+        0,
+        -1,
+        2**70,
+        1.5,
+        -0.0,
+        1e300,
+        "x",
+        'é\u2028"\\\n',
+        "\ud800",
+        float("nan"),
+        float("inf"),
+    ]
 
     def value(depth: int = 0):
         r = rng.random()
@@ -159,16 +213,45 @@ def test_fast_json_codec_matches_the_json_module() -> None:
     circular.append(circular)
     objects: list[Any] = [{"jsonrpc": "2.0", "id": 1, "result": value()} for _ in range(2000)]
     objects += [[value(), value()] for _ in range(500)]
-    objects += [{"a": Odd()}, [Odd()], {1: 2, None: 3, 1.5: 4, False: 5}, {(1, 2): 3}, circular,
-                "s", 7]
+    objects += [
+        {"a": Odd()},
+        [Odd()],
+        {1: 2, None: 3, 1.5: 4, False: 5},
+        {(1, 2): 3},
+        circular,
+        "s",
+        7,
+    ]
     for obj in objects:
         assert _outcome(protocol._dumps, obj) == _outcome(encode, obj), obj
-    texts = ['{"a":1}', ' {"a":1}', '{"a":1} ', '{"a":1}x', "[1,2]", "[", "", " ", "NaN",
-             "[NaN]", '{"a":Infinity}', '"s"', "1", "1 2", '{"a":1}\t', "\t[1]", "[1,]",
-             '{"a" 1}', "tru", "{}", "[]", "[" * 3000 + "]" * 3000]
+    texts = [
+        '{"a":1}',
+        ' {"a":1}',
+        '{"a":1} ',
+        '{"a":1}x',
+        "[1,2]",
+        "[",
+        "",
+        " ",
+        "NaN",
+        "[NaN]",
+        '{"a":Infinity}',
+        '"s"',
+        "1",
+        "1 2",
+        '{"a":1}\t',
+        "\t[1]",
+        "[1,]",
+        '{"a" 1}',
+        "tru",
+        "{}",
+        "[]",
+        "[" * 3000 + "]" * 3000,
+    ]
     texts += [json.dumps(o, allow_nan=True) for o in objects[:500] if o is not circular]
-    texts += ["".join(rng.choice('{}[]",:1a \t') for _ in range(rng.randint(0, 12)))
-              for _ in range(3000)]
+    texts += [
+        "".join(rng.choice('{}[]",:1a \t') for _ in range(rng.randint(0, 12))) for _ in range(3000)
+    ]
     for text in texts:
         got, want = _outcome(protocol._loads, text), _outcome(decode, text)
         if got[0] == want[0] == "ok":

@@ -15,14 +15,14 @@ from reliability_helpers import (
     REPO,
     WAIT,
     ChildServer,
-    Raw,
     error_code,
     listener,
     ping_ok,
     serve,
     stats,
-    wait_until,
 )
+from support import RawConnection as Raw
+from support import wait_until
 
 from controller import BusyError, Client, Limits, cli
 
@@ -74,8 +74,9 @@ def test_max_inflight_per_connection():
         reply = raw.call("echo", ["one too many"], id="extra")
         assert error_code(reply) == BUSY
         assert reply["error"]["data"] == {"max_inflight": 3, "retry": True}
-        assert "too many requests in flight on this connection (limit 3)" in \
-            reply["error"]["message"]
+        assert (
+            "too many requests in flight on this connection (limit 3)" in reply["error"]["message"]
+        )
         with Client(server.address, reconnect=False) as other:  # per connection, not global
             assert other.call("echo", ["served"]) == "served"
             assert other.call("rpc.stats")["requests_in_flight"] == 4  # 3 hang + this call
@@ -85,8 +86,10 @@ def test_max_inflight_per_connection():
 
 
 def test_worker_queue_full_is_busy_at_once():
-    with serve(workers=1, limits=Limits(max_queue=2)) as server, \
-            Client(server.address, reconnect=False) as client:
+    with (
+        serve(workers=1, limits=Limits(max_queue=2)) as server,
+        Client(server.address, reconnect=False) as client,
+    ):
         hung = [client.send_command("hang", [30], timeout=WAIT) for _ in range(3)]  # 1 + 2
         busy = client.send_command("echo", ["no room"], timeout=WAIT)
         with pytest.raises(BusyError, match=r"worker queue full \(1 workers, 2 queued\)") as info:
@@ -118,8 +121,10 @@ def test_device_lane_is_bounded_by_max_queue(tmp_path):
             assert reply["error"]["data"] == {"device": "testdev", "retry": True}
             assert ping_ok(server.address)
             raw.abort()  # the running command is cancelled, the waiting ones dropped
-        wait_until(lambda: stats(server.address)["requests_in_flight"] == 1,
-                   what="the device lane to empty")
+        wait_until(
+            lambda: stats(server.address)["requests_in_flight"] == 1,
+            what="the device lane to empty",
+        )
         with Client(server.address, reconnect=False) as client:
             assert client.call("testdev.ok") == {"ok": True}
             assert client.call("testdev.state")["state"] == "idle"
@@ -183,8 +188,11 @@ def test_json_nesting_depth():
 
 
 def test_idle_timeout():
-    with serve(limits=Limits(idle_timeout=0.3)) as server, Raw(server.address) as silent, \
-            Raw(server.address) as working:
+    with (
+        serve(limits=Limits(idle_timeout=0.3)) as server,
+        Raw(server.address) as silent,
+        Raw(server.address) as working,
+    ):
         working.request("hang", [30], id="work")
         assert silent.closed(WAIT), "an idle connection is closed"
         # a connection waiting for a reply is not idle
@@ -196,17 +204,38 @@ def test_idle_timeout():
         assert snapshot["limits"]["idle_timeout"] == 0.3
 
 
+def test_frame_timeout_closes_a_byte_at_a_time_client():
+    with (
+        serve(limits=Limits(frame_timeout=0.3, idle_timeout=60)) as server,
+        Raw(server.address) as trickler,
+        Raw(server.address) as normal,
+    ):
+        line = b'{"jsonrpc":"2.0","id":1,"method":"rpc.ping"}'
+        trickler.send(line[:5])  # a line begun and never finished
+        # each further byte is "activity", but the line is never completed in time
+        for byte in line[5:12]:
+            trickler.send(bytes([byte]))
+            assert normal.call("rpc.ping")["result"] == "pong"
+        assert trickler.closed(WAIT), "a line not finished within frame_timeout closes"
+        assert normal.call("rpc.ping")["result"] == "pong"
+        snapshot = stats(server.address)
+        assert snapshot["closed_by_reason"]["frame_timeout"] == 1
+        assert normal.call("rpc.ping")["result"] == "pong"  # whole lines are never affected
+
+
 def test_handshake_timeout():
     secret = "s3cret-for-the-handshake-test"
     limits = Limits(handshake_timeout=0.3)
-    with serve(secret=secret, limits=limits) as server, \
-            Client(server.address, secret=secret, reconnect=False) as client, \
-            Raw(server.address) as silent, Raw(server.address) as halfway:
+    with (
+        serve(secret=secret, limits=limits) as server,
+        Client(server.address, secret=secret, reconnect=False) as client,
+        Raw(server.address) as silent,
+        Raw(server.address) as halfway,
+    ):
         halfway.call("rpc.hello", {"nonce": "n"})  # asked for a challenge, never answers
         assert silent.closed(WAIT)
         assert halfway.closed(WAIT)
-        assert client.call("echo", ["authenticated clients stay"]) == \
-            "authenticated clients stay"
+        assert client.call("echo", ["authenticated clients stay"]) == "authenticated clients stay"
         assert client.call("rpc.stats")["closed_by_reason"]["handshake_timeout"] == 2
 
 
@@ -215,16 +244,21 @@ def test_outgoing_buffer_of_a_client_that_stops_reading(tmp_path):
     counts it, keeps its memory bounded, and serves everyone else. Unbounded, the server would
     hold all 15 waves x 40 x 64 KiB = 37.5 MiB of replies."""
     waves, per_wave, size = 15, 40, 64 * 1024
-    with ChildServer("test-server", ["--max-outgoing", str(256 * 1024)],
-                     tmp_path / "log") as child, Client(child.address, reconnect=False) as normal:
+    with (
+        ChildServer("test-server", ["--max-outgoing", str(256 * 1024)], tmp_path / "log") as child,
+        Client(child.address, reconnect=False) as normal,
+    ):
         assert normal.call("rpc.ping") == "pong"
         baseline = child.rss_kib()
         sent = 0
         with Raw(child.address, rcvbuf=4096) as hog:
             for wave in range(waves):
                 try:
-                    hog.send(b"".join(request_line("big", [size], id=f"{wave}-{i}")
-                                      for i in range(per_wave)))
+                    hog.send(
+                        b"".join(
+                            request_line("big", [size], id=f"{wave}-{i}") for i in range(per_wave)
+                        )
+                    )
                 except OSError:
                     break  # the server has closed it
                 sent += per_wave
@@ -244,7 +278,8 @@ def test_outgoing_buffer_of_a_client_that_stops_reading(tmp_path):
 def wave_done(client: Client) -> bool:
     snapshot = client.call("rpc.stats")
     return snapshot["requests_in_flight"] == 1 or bool(
-        snapshot["closed_by_reason"].get("outgoing_buffer"))
+        snapshot["closed_by_reason"].get("outgoing_buffer")
+    )
 
 
 def dropped(client: Client) -> int:
@@ -289,8 +324,7 @@ def test_outgoing_buffer_of_a_callback_link_that_stops_reading():
 def test_max_subscriptions():
     with serve(limits=Limits(max_subscriptions=2)) as server, Raw(server.address) as raw:
         for method in ("a.one", "a.two", "a.two"):  # renewing one is not a new one
-            assert raw.call("rpc.subscribe", {"method": method})["result"] == {
-                "subscribed": method}
+            assert raw.call("rpc.subscribe", {"method": method})["result"] == {"subscribed": method}
         reply = raw.call("rpc.subscribe", {"method": "a.three"})
         assert error_code(reply) == BUSY
         assert "too many subscriptions (limit 2)" in reply["error"]["message"]
@@ -315,16 +349,33 @@ def test_stats_reports_connections_inflight_totals_and_errors():
             assert now["requests_in_flight"] == 2  # hang + this stats call
             assert now["requests_total"] == base["requests_total"] + 4
             assert now["errors_by_code"] == {"-32700": 1, "-32601": 1, "-32006": 1}
-            assert set(now) >= {"connections_total", "replies_total", "closed_by_reason",
-                                "late_outcomes", "worker_queue", "uptime", "limits"}
+            assert set(now) >= {
+                "connections_total",
+                "replies_total",
+                "closed_by_reason",
+                "late_outcomes",
+                "worker_queue",
+                "uptime",
+                "limits",
+            }
         server.test_release.set()
         assert hung.result(timeout=WAIT) == "released"
         wait_until(lambda: client.call("rpc.stats")["connections"] == 1)
 
 
 # -- documented and configurable -------------------------------------------------------------
-LIMIT_OPTIONS = {"max_connections", "max_inflight", "max_queue", "max_frame", "max_batch",
-                 "max_depth", "idle_timeout", "handshake_timeout", "max_outgoing"}
+LIMIT_OPTIONS = {
+    "max_connections",
+    "max_inflight",
+    "max_queue",
+    "max_frame",
+    "max_batch",
+    "max_depth",
+    "idle_timeout",
+    "frame_timeout",
+    "handshake_timeout",
+    "max_outgoing",
+}
 
 
 def test_every_limit_is_documented_with_its_default():
@@ -334,7 +385,8 @@ def test_every_limit_is_documented_with_its_default():
         assert f"`{field.name}`" in text, f"{field.name} is not in docs/reliability.md"
         row = next(line for line in text.splitlines() if f"`{field.name}`" in line)
         shown = {int: lambda v: [str(v), f"{v:,}"], float: lambda v: [f"{v:g}"]}[type(default)](
-            default)
+            default
+        )
         assert any(re.search(rf"\b{re.escape(s)}\b", row) for s in shown), (field.name, row)
 
 

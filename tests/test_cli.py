@@ -9,13 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from processes import ServeProcess, statelink
+from support import ServeProcess, statelink
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DEVICE = ROOT / "config" / "devices" / "demo.yaml"
 WAIT = 20.0
-
-
 
 
 @pytest.fixture

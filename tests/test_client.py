@@ -275,8 +275,12 @@ def test_connection_dropped_mid_request_gives_connection_lost(clients):
 
     def script(conn, lines):
         hello = json.loads(lines.readline())
-        conn.sendall(json.dumps({"jsonrpc": "2.0", "id": hello["id"],
-                                 "result": {"server": "fake", "auth": None}}).encode() + b"\n")
+        conn.sendall(
+            json.dumps(
+                {"jsonrpc": "2.0", "id": hello["id"], "result": {"server": "fake", "auth": None}}
+            ).encode()
+            + b"\n"
+        )
         lines.readline()  # the request: never answered
         got_request.set()
 
@@ -374,8 +378,11 @@ def read_line(stream, timeout: float = WAIT) -> str:
 
 
 def test_server_process_killed_mid_request(clients):
-    proc = subprocess.Popen([sys.executable, "-c", SERVER_SCRIPT], stdout=subprocess.PIPE,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVER_SCRIPT],
+        stdout=subprocess.PIPE,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     try:
         port = int(read_line(proc.stdout))
         client = clients(("127.0.0.1", port), reconnect=False)
@@ -407,8 +414,7 @@ def test_connect_refused_is_an_oserror():
 def test_callback_listener_end_to_end(busy_server, clients):
     with CallbackListener() as listener:
         client = clients(busy_server.address, callback_listener=listener)
-        assert client.server_info["callback"] == {"host": "127.0.0.1",
-                                                  "port": listener.address[1]}
+        assert client.server_info["callback"] == {"host": "127.0.0.1", "port": listener.address[1]}
         assert listener.received == 0  # the handshake is answered on the request connection
         assert client.call("add", [40, 2]) == 42
         assert listener.received == 1
@@ -511,8 +517,11 @@ def test_callback_delivery_on_the_wire(busy_server, raw):
         link, _ = back.accept()  # the server connected back
         with link:
             link.settimeout(WAIT)
-            assert json.loads(link.makefile("rb").readline()) == \
-                {"jsonrpc": "2.0", "id": "via-callback", "result": 3}
+            assert json.loads(link.makefile("rb").readline()) == {
+                "jsonrpc": "2.0",
+                "id": "via-callback",
+                "result": 3,
+            }
             conn.send_json([{"jsonrpc": "2.0", "id": "b1", "method": "rpc.ping"}])
             assert conn.json() == [{"jsonrpc": "2.0", "id": "b1", "result": "pong"}]
             result = conn.call("rpc.hello", {"client": "again"}, id="h2")  # on this connection

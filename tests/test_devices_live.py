@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from processes import statelink
+from support import statelink
 
 from controller import (
     CancelledError,
@@ -38,7 +38,8 @@ def demo() -> Iterator[tuple[CommandServer, Client]]:
 
 def _lane_device(tmp_path: Path, name: str) -> Path:
     """A device whose `slow` command waits on a gate the test opens."""
-    (tmp_path / f"{name}_hw.py").write_text(textwrap.dedent("""
+    (tmp_path / f"{name}_hw.py").write_text(
+        textwrap.dedent("""
         import threading
         gate = threading.Event()
         order = []
@@ -51,15 +52,18 @@ def _lane_device(tmp_path: Path, name: str) -> Path:
         def fast(ctx):
             order.append("fast")
             return "fast"
-    """))
+    """)
+    )
     path = tmp_path / f"{name}.yaml"
-    path.write_text(textwrap.dedent(f"""
+    path.write_text(
+        textwrap.dedent(f"""
         device: {name}
         states: [idle, busy]
         commands:
           slow: {{from: "*", running: busy, handler: {name}_hw:slow, timeout: 20s}}
           fast: {{from: "*", handler: {name}_hw:fast}}
-    """))
+    """)
+    )
     return path
 
 
@@ -68,8 +72,12 @@ def test_command_refused_in_wrong_state_with_documented_error(demo: Any) -> None
     with pytest.raises(NotAllowedError) as refused:
         client.call("demo.reset")
     assert refused.value.code == -32001
-    assert refused.value.data == {"device": "demo", "state": "idle", "allowed": ["fault"],
-                                  "command": "reset"}
+    assert refused.value.data == {
+        "device": "demo",
+        "state": "idle",
+        "allowed": ["fault"],
+        "command": "reset",
+    }
     assert client.call("demo.state") == {"device": "demo", "state": "idle"}
 
 
@@ -90,7 +98,9 @@ def test_fault_then_reset_with_ordered_state_notifications(demo: Any) -> None:
     changes: queue.Queue[dict[str, Any]] = queue.Queue()
     client.subscribe("device.state", changes.put)
     assert client.call("demo.calibrate", {"steps": 2, "delay": 0}) == {
-        "steps": 2, "offset": pytest.approx(0.0, abs=0.1)}
+        "steps": 2,
+        "offset": pytest.approx(0.0, abs=0.1),
+    }
     with pytest.raises(DeviceFaultError) as fault:
         client.call("demo.selftest", {"fail": True})
     assert fault.value.code == -32006 and "Traceback" not in fault.value.message
@@ -169,17 +179,19 @@ def test_discover_describes_devices(demo: Any) -> None:
     assert {p["name"] for p in methods["demo.calibrate"]["params"]} == {"steps", "delay"}
 
 
-
-
-@pytest.mark.parametrize("body, message", [
-    ("device: d\nstates: [a]\ncommands:\n  go: {from: [b], handler: x:y}\n", "unknown state"),
-    ("device: d\nstates: [a]\ngpio:\n  l: {kind: lamp, pin: 1}\ncommands: {}\n", "lamp"),
-    ("device: d\nstates: [a]\ncommands:\n  go: {from: [a]}\n", "handler"),
-    ("device: d\nstates: [a]\ncolour: red\ncommands: {}\n", "colour"),
-    ("device: d\nstates: [a\n", "invalid YAML"),
-])
-def test_serve_rejects_invalid_device_config_before_binding(tmp_path: Path, body: str,
-                                                            message: str) -> None:
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("device: d\nstates: [a]\ncommands:\n  go: {from: [b], handler: x:y}\n", "unknown state"),
+        ("device: d\nstates: [a]\ngpio:\n  l: {kind: lamp, pin: 1}\ncommands: {}\n", "lamp"),
+        ("device: d\nstates: [a]\ncommands:\n  go: {from: [a]}\n", "handler"),
+        ("device: d\nstates: [a]\ncolour: red\ncommands: {}\n", "colour"),
+        ("device: d\nstates: [a\n", "invalid YAML"),
+    ],
+)
+def test_serve_rejects_invalid_device_config_before_binding(
+    tmp_path: Path, body: str, message: str
+) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(body)
     # port 1 would need root to bind and is never reached: the config fails first

@@ -15,12 +15,12 @@ from reliability_helpers import (
     HOST,
     WAIT,
     ChildServer,
-    Raw,
     serve,
     stats,
-    wait_until,
     write_device,
 )
+from support import RawConnection as Raw
+from support import wait_until
 
 from controller import (
     Client,
@@ -38,15 +38,16 @@ def test_a_handler_that_raises_is_a_device_fault_and_the_server_goes_on():
             client.call("fail", ["the sensor is unplugged"])
         assert info.value.code == -32006
         assert info.value.message == "fail failed: RuntimeError: the sensor is unplugged"
-        assert info.value.data == {"exception": "RuntimeError",
-                                   "message": "the sensor is unplugged"}
+        assert info.value.data == {
+            "exception": "RuntimeError",
+            "message": "the sensor is unplugged",
+        }
         assert "Traceback" not in info.value.message
         assert client.call("echo", ["next"]) == "next"
 
 
 def test_a_handler_that_hangs_past_its_timeout():
-    with serve(timeout=0.3, workers=2) as server, Client(server.address,
-                                                         reconnect=False) as client:
+    with serve(timeout=0.3, workers=2) as server, Client(server.address, reconnect=False) as client:
         hung = client.send_command("hang", [30], timeout=WAIT)
         assert client.call("echo", ["served meanwhile"]) == "served meanwhile"
         with pytest.raises(CommandTimeoutError) as info:
@@ -58,12 +59,15 @@ def test_a_handler_that_hangs_past_its_timeout():
         assert client.call("echo", ["after"]) == "after"
 
 
-@pytest.mark.parametrize("method, exception", [
-    ("raise_system_exit", "SystemExit"),
-    ("raise_keyboard_interrupt", "KeyboardInterrupt"),
-    ("araise_system_exit", "SystemExit"),  # async def: raised on the I/O thread itself
-    ("araise_keyboard_interrupt", "KeyboardInterrupt"),
-])
+@pytest.mark.parametrize(
+    "method, exception",
+    [
+        ("raise_system_exit", "SystemExit"),
+        ("raise_keyboard_interrupt", "KeyboardInterrupt"),
+        ("araise_system_exit", "SystemExit"),  # async def: raised on the I/O thread itself
+        ("araise_keyboard_interrupt", "KeyboardInterrupt"),
+    ],
+)
 def test_system_exit_and_keyboard_interrupt_in_a_handler(method, exception):
     with serve(workers=1) as server, Client(server.address, reconnect=False) as client:
         for _ in range(2):
@@ -144,8 +148,12 @@ def test_a_client_that_disconnects_with_requests_in_flight_leaks_nothing(device_
         wait_until(lambda: stats(server.address)["requests_in_flight"] == 8 + 1)
         raw.abort() if how == "reset" else raw.close()
         server.test_release.set()  # let the blocked handlers finish
-        wait_until(lambda: (s := stats(server.address))["requests_in_flight"] == 1
-                   and s["connections"] == 1, what=f"round {round_}: nothing left in flight")
+        wait_until(
+            lambda: (
+                (s := stats(server.address))["requests_in_flight"] == 1 and s["connections"] == 1
+            ),
+            what=f"round {round_}: nothing left in flight",
+        )
     assert sum(len(conn.calls) for conn in server.connections) == 0
     assert server.pool.pending == 0
     after = stats(server.address)
@@ -164,8 +172,9 @@ def test_server_killed_and_restarted_pending_requests_resolve_and_client_reconne
         with Client(child.address, max_backoff=0.2) as client:
             client.on_connection(lambda ok: (up if ok else down).set())
             assert client.call("echo", ["before"]) == "before"
-            pending: list[Future[object]] = [client.send_command("hang", [30], timeout=30)
-                                             for _ in range(2)]
+            pending: list[Future[object]] = [
+                client.send_command("hang", [30], timeout=30) for _ in range(2)
+            ]
             pending += [client.send_command("asleep", [30], timeout=30) for _ in range(3)]
             wait_until(lambda: stats(child.address)["requests_in_flight"] == 5 + 1)
             child.kill()
@@ -225,11 +234,14 @@ def test_a_workflow_follows_its_error_route_when_the_server_is_killed_and_restar
         spec = parse_workflow(WORKFLOW.format(host=host, port=port), str(tmp_path / "wf.yaml"))
         with WorkflowRunner() as runner, Client(child.address, reconnect=False) as probe:
             handle = runner.start(spec, journal=journal)
-            wait_until(lambda: probe.call("testdev.state")["state"] == "busy",
-                       what="the run's command to be running on the device")
+            wait_until(
+                lambda: probe.call("testdev.state")["state"] == "busy",
+                what="the run's command to be running on the device",
+            )
             child.kill()
-            child = ChildServer("cli", ["serve", "--port", str(port), "--device", str(device)],
-                                log).start()
+            child = ChildServer(
+                "cli", ["serve", "--port", str(port), "--device", str(device)], log
+            ).start()
             assert handle.wait(30) == "success", handle.history[-3:]
         entries = [json.loads(line) for line in journal.read_text().splitlines()]
         errors = [e for e in entries if e["event"] == "error"]

@@ -20,7 +20,11 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from reliability_helpers import WAIT, ChildServer, Raw
+from reliability_helpers import (
+    WAIT,
+    ChildServer,
+)
+from support import RawConnection as Raw
 
 from controller import Client
 
@@ -70,7 +74,7 @@ def mutated(rng: random.Random) -> bytes:
         elif op == 2 and len(line) > 1:
             del line[pos]
         else:
-            line[pos:pos] = line[pos: pos + rng.randint(1, 16)]
+            line[pos:pos] = line[pos : pos + rng.randint(1, 16)]
     return bytes(line) + b"\n"
 
 
@@ -83,8 +87,19 @@ def deep(rng: random.Random) -> bytes:
     return inner + b"\n"
 
 
-HUGE = [b"1e400", b"-1e400", b"1e-400", b"1" * 5000, b"9" * 4000, b"-0", b"1.7976931348623157e309",
-        b"123456789012345678901234567890", b"0.0000000000000000000001", b"NaN", b"Infinity"]
+HUGE = [
+    b"1e400",
+    b"-1e400",
+    b"1e-400",
+    b"1" * 5000,
+    b"9" * 4000,
+    b"-0",
+    b"1.7976931348623157e309",
+    b"123456789012345678901234567890",
+    b"0.0000000000000000000001",
+    b"NaN",
+    b"Infinity",
+]
 
 
 def huge_numbers(rng: random.Random) -> bytes:
@@ -95,8 +110,11 @@ def huge_numbers(rng: random.Random) -> bytes:
     if where == 3:  # an invalid message whose id has no JSON form
         return b'{"jsonrpc":"1.0","id":' + number + b',"method":"echo"}\n'
     if where == 4:
-        return (b'[{"jsonrpc":"2.0","id":1,"method":"rpc.ping"},{"jsonrpc":"2.0","id":' + number
-                + b',"method":"rpc.ping"}]\n')
+        return (
+            b'[{"jsonrpc":"2.0","id":1,"method":"rpc.ping"},{"jsonrpc":"2.0","id":'
+            + number
+            + b',"method":"rpc.ping"}]\n'
+        )
     if where == 1:
         return b'{"jsonrpc":"2.0","id":9,"method":"echo","params":[' + number + b"]}\n"
     return b'{"jsonrpc":"2.0","id":9,"method":"add","params":[' + number + b"," + number + b"]}\n"
@@ -123,9 +141,15 @@ def batches(rng: random.Random) -> bytes:
     items = []
     for _ in range(size):
         roll = rng.random()
-        items.append(seed_line(rng) if roll < 0.6 else
-                     b"1" if roll < 0.7 else b"[]" if roll < 0.8 else
-                     json.dumps({"jsonrpc": "2.0", "id": rng.random(), "result": 1}).encode())
+        items.append(
+            seed_line(rng)
+            if roll < 0.6
+            else b"1"
+            if roll < 0.7
+            else b"[]"
+            if roll < 0.8
+            else json.dumps({"jsonrpc": "2.0", "id": rng.random(), "result": 1}).encode()
+        )
     return b"[" + b",".join(items) + b"]\n"
 
 
@@ -135,13 +159,30 @@ def odd_ids(rng: random.Random) -> bytes:
 
 
 def framing(rng: random.Random) -> bytes:
-    return rng.choice([b"\n" * 50, b"\r\n", b"\x00\n", b" \t \n", seed_line(rng) + b"\r\n",
-                       b"\n".join(seed_line(rng) for _ in range(30)) + b"\n"])
+    return rng.choice(
+        [
+            b"\n" * 50,
+            b"\r\n",
+            b"\x00\n",
+            b" \t \n",
+            seed_line(rng) + b"\r\n",
+            b"\n".join(seed_line(rng) for _ in range(30)) + b"\n",
+        ]
+    )
 
 
 GENERATORS: list[Callable[[random.Random], bytes]] = [
-    random_bytes, truncated, mutated, deep, huge_numbers, invalid_utf8, oversized_line, batches,
-    odd_ids, framing]
+    random_bytes,
+    truncated,
+    mutated,
+    deep,
+    huge_numbers,
+    invalid_utf8,
+    oversized_line,
+    batches,
+    odd_ids,
+    framing,
+]
 
 
 def send_in_pieces(sock: socket.socket, data: bytes, rng: random.Random) -> bool:
@@ -174,8 +215,18 @@ def check_reply(line: bytes, where: str) -> dict:
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory) -> Iterator[ChildServer]:
     log = tmp_path_factory.mktemp("fuzz") / "server.log"
-    args = ["--max-frame", str(MAX_FRAME), "--max-batch", str(MAX_BATCH), "--max-depth",
-            str(MAX_DEPTH), "--timeout", "2", "--workers", "4"]
+    args = [
+        "--max-frame",
+        str(MAX_FRAME),
+        "--max-batch",
+        str(MAX_BATCH),
+        "--max-depth",
+        str(MAX_DEPTH),
+        "--timeout",
+        "2",
+        "--workers",
+        "4",
+    ]
     with ChildServer("test-server", args, log, lifetime=120) as child:
         yield child
 
@@ -195,9 +246,15 @@ def test_live_fuzz(fuzz_server):
             with Raw(child.address, timeout=WAIT) as raw:
                 sent = send_in_pieces(raw.sock, payload, rng)
                 if sent:
-                    sent = send_in_pieces(raw.sock, b"\n" + json.dumps(
-                        {"jsonrpc": "2.0", "id": barrier, "method": "rpc.ping"}).encode() + b"\n",
-                        rng)
+                    sent = send_in_pieces(
+                        raw.sock,
+                        b"\n"
+                        + json.dumps(
+                            {"jsonrpc": "2.0", "id": barrier, "method": "rpc.ping"}
+                        ).encode()
+                        + b"\n",
+                        rng,
+                    )
                 frame_error = False
                 while True:
                     line = raw.try_line(WAIT)
@@ -222,8 +279,10 @@ def test_live_fuzz(fuzz_server):
     assert rounds >= 200, f"only {rounds} rounds in {DEADLINE} s"
     assert child.rss_kib() < RSS_BOUND_KIB
     assert snapshot["errors_by_code"].get("-32700", 0) > 0  # the garbage was seen as garbage
-    print(f"fuzz: seed {SEED}, {rounds} rounds, peak RSS {peak} KiB, "
-          f"errors {snapshot['errors_by_code']}, closed {snapshot['closed_by_reason']}")
+    print(
+        f"fuzz: seed {SEED}, {rounds} rounds, peak RSS {peak} KiB, "
+        f"errors {snapshot['errors_by_code']}, closed {snapshot['closed_by_reason']}"
+    )
 
 
 def test_hundreds_of_slow_and_silent_clients_do_not_stop_normal_clients(fuzz_server):
@@ -240,7 +299,7 @@ def test_hundreds_of_slow_and_silent_clients_do_not_stop_normal_clients(fuzz_ser
             assert normal.call("rpc.stats")["connections"] >= hostile + 1
             for pos in range(len(line)):
                 for sock in tricklers:
-                    sock.sendall(line[pos: pos + 1])
+                    sock.sendall(line[pos : pos + 1])
                 if pos % 8 == 0:
                     begin = time.monotonic()
                     assert normal.call("echo", [pos], timeout=2.0) == pos
@@ -290,8 +349,10 @@ def test_ids_without_a_json_form_are_answered_with_a_null_id(fuzz_server):
         raw.send_line(b'{"jsonrpc":"1.0","id":-1e400,"method":"rpc.ping"}')
         reply = raw.json()
         assert reply["id"] is None and "error" in reply
-        raw.send_line(b'[{"jsonrpc":"2.0","id":1,"method":"echo","params":[1]},'
-                      b'{"jsonrpc":"2.0","id":1e999,"method":"rpc.ping"}]')
+        raw.send_line(
+            b'[{"jsonrpc":"2.0","id":1,"method":"echo","params":[1]},'
+            b'{"jsonrpc":"2.0","id":1e999,"method":"rpc.ping"}]'
+        )
         replies = raw.json()
         assert {"jsonrpc": "2.0", "id": 1, "result": 1} in replies and len(replies) == 2
         assert raw.call("rpc.ping")["result"] == "pong"

@@ -84,7 +84,7 @@ def test_byte_by_byte():
     d = Decoder()
     events = []
     for i in range(len(data)):
-        events += d.feed(data[i:i + 1])
+        events += d.feed(data[i : i + 1])
     assert events == [PING_EVENT, PING_EVENT]
 
 
@@ -213,8 +213,9 @@ def test_invalid_json_is_a_parse_error(text):
 
 @pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
 def test_nan_and_infinity_are_rejected(constant):
-    event = only(Decoder().feed(f'{{"jsonrpc":"2.0","id":1,"method":"m","params":[{constant}]}}\n'
-                                .encode()))
+    event = only(
+        Decoder().feed(f'{{"jsonrpc":"2.0","id":1,"method":"m","params":[{constant}]}}\n'.encode())
+    )
     assert isinstance(event, Invalid)
     assert event.code == -32700
 
@@ -228,8 +229,9 @@ def test_huge_exponent_decodes_and_its_echo_cannot_be_encoded():
 
 
 def test_huge_integer_is_a_parse_error_not_a_crash():
-    events = Decoder().feed(b'{"jsonrpc":"2.0","id":1,"method":"m","params":[' + b"9" * 5000
-                            + b"]}\n")
+    events = Decoder().feed(
+        b'{"jsonrpc":"2.0","id":1,"method":"m","params":[' + b"9" * 5000 + b"]}\n"
+    )
     assert isinstance(only(events), Invalid) and events[0].code == -32700
 
 
@@ -245,23 +247,26 @@ def test_deep_nesting_is_an_error_not_a_crash(depth):
 def test_deep_nesting_inside_params():
     depth = DEFAULT_MAX_DEPTH
     params = "[" * depth + "]" * depth  # with the object around it: depth + 1
-    event = only(Decoder().feed(
-        f'{{"jsonrpc":"2.0","id":1,"method":"m","params":{params}}}\n'.encode()))
+    event = only(
+        Decoder().feed(f'{{"jsonrpc":"2.0","id":1,"method":"m","params":{params}}}\n'.encode())
+    )
     assert isinstance(event, Invalid) and event.code == -32700
     assert event.data == {"max_depth": DEFAULT_MAX_DEPTH}
 
 
 def test_nesting_at_the_limit_is_accepted():
     params = "[" * (DEFAULT_MAX_DEPTH - 1) + "]" * (DEFAULT_MAX_DEPTH - 1)
-    event = only(Decoder().feed(
-        f'{{"jsonrpc":"2.0","id":1,"method":"m","params":{params}}}\n'.encode()))
+    event = only(
+        Decoder().feed(f'{{"jsonrpc":"2.0","id":1,"method":"m","params":{params}}}\n'.encode())
+    )
     assert isinstance(event, Request)
 
 
 def test_brackets_inside_strings_do_not_count_as_nesting():
     params = json.dumps(["[" * 500 + "{" * 500 + '\\"['])
-    event = only(Decoder().feed(
-        f'{{"jsonrpc":"2.0","id":1,"method":"m","params":{params}}}\n'.encode()))
+    event = only(
+        Decoder().feed(f'{{"jsonrpc":"2.0","id":1,"method":"m","params":{params}}}\n'.encode())
+    )
     assert isinstance(event, Request)
 
 
@@ -294,9 +299,16 @@ def test_batch_limit():
 
 
 def test_batch_of_responses():
-    event = only(Decoder().feed(line([{"jsonrpc": "2.0", "id": 1, "result": 2},
-                                      {"jsonrpc": "2.0", "id": 2,
-                                       "error": {"code": -1, "message": "x"}}])))
+    event = only(
+        Decoder().feed(
+            line(
+                [
+                    {"jsonrpc": "2.0", "id": 1, "result": 2},
+                    {"jsonrpc": "2.0", "id": 2, "error": {"code": -1, "message": "x"}},
+                ]
+            )
+        )
+    )
     assert event.items == [Response(1, 2), ErrorResponse(2, -1, "x", None)]
 
 
@@ -322,8 +334,9 @@ def test_bool_object_and_array_ids_are_invalid(msg_id):
 
 
 def test_missing_id_is_a_notification():
-    assert only(Decoder().feed(b'{"jsonrpc":"2.0","method":"n","params":{"a":1}}\n')) == \
-        Notification("n", {"a": 1})
+    assert only(
+        Decoder().feed(b'{"jsonrpc":"2.0","method":"n","params":{"a":1}}\n')
+    ) == Notification("n", {"a": 1})
 
 
 @pytest.mark.parametrize("params", ["bar", 1, True, None])
@@ -341,19 +354,24 @@ def test_array_and_object_params(params):
     assert only(Decoder().feed(line(req(params=params)))) == Request("m", params, 1)
 
 
-@pytest.mark.parametrize("obj, reason", [
-    ({"id": 1, "method": "m"}, "jsonrpc"),
-    ({"jsonrpc": "1.0", "id": 1, "method": "m"}, "jsonrpc"),
-    ({"jsonrpc": 2.0, "id": 1, "method": "m"}, "jsonrpc"),
-    ({"jsonrpc": "2.0", "id": 1, "method": 5}, "method"),
-    ({"jsonrpc": "2.0", "id": 1, "method": None}, "method"),
-    ({"jsonrpc": "2.0"}, "neither"),
-    ({"jsonrpc": "2.0", "id": 1}, "not a request"),
-    ({"jsonrpc": "2.0", "id": 1, "result": 1, "error": {"code": 1, "message": "m"}},
-     "not a request"),
-    ({"jsonrpc": "2.0", "id": 1, "error": {"code": "x", "message": "m"}}, "not a request"),
-    ({"jsonrpc": "2.0", "id": 1, "error": {"code": True, "message": "m"}}, "not a request"),
-])
+@pytest.mark.parametrize(
+    "obj, reason",
+    [
+        ({"id": 1, "method": "m"}, "jsonrpc"),
+        ({"jsonrpc": "1.0", "id": 1, "method": "m"}, "jsonrpc"),
+        ({"jsonrpc": 2.0, "id": 1, "method": "m"}, "jsonrpc"),
+        ({"jsonrpc": "2.0", "id": 1, "method": 5}, "method"),
+        ({"jsonrpc": "2.0", "id": 1, "method": None}, "method"),
+        ({"jsonrpc": "2.0"}, "neither"),
+        ({"jsonrpc": "2.0", "id": 1}, "not a request"),
+        (
+            {"jsonrpc": "2.0", "id": 1, "result": 1, "error": {"code": 1, "message": "m"}},
+            "not a request",
+        ),
+        ({"jsonrpc": "2.0", "id": 1, "error": {"code": "x", "message": "m"}}, "not a request"),
+        ({"jsonrpc": "2.0", "id": 1, "error": {"code": True, "message": "m"}}, "not a request"),
+    ],
+)
 def test_invalid_messages(obj, reason):
     event = parse_message(obj)
     assert isinstance(event, Invalid) and event.code == -32600
@@ -369,26 +387,31 @@ def test_non_object_top_level_is_invalid_request(value):
 def test_responses_decode():
     d = Decoder()
     assert d.feed(b'{"jsonrpc":"2.0","id":1,"result":null}\n') == [Response(1, None)]
-    assert d.feed(b'{"jsonrpc":"2.0","id":"a","error":{"code":-32601,"message":"M"}}\n') == \
-        [ErrorResponse("a", -32601, "M", None)]
-    assert d.feed(b'{"jsonrpc":"2.0","id":null,"error":{"code":-1,"message":"M","data":[1]}}\n') \
-        == [ErrorResponse(None, -1, "M", [1])]
+    assert d.feed(b'{"jsonrpc":"2.0","id":"a","error":{"code":-32601,"message":"M"}}\n') == [
+        ErrorResponse("a", -32601, "M", None)
+    ]
+    assert d.feed(
+        b'{"jsonrpc":"2.0","id":null,"error":{"code":-1,"message":"M","data":[1]}}\n'
+    ) == [ErrorResponse(None, -1, "M", [1])]
 
 
 # -- encoding -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("message", [
-    Request("m", None, 1),
-    Request("m", [1, 2.5, "x", None, True], "id"),
-    Request("m", {"a": {"b": [None]}}, None),
-    Notification("n"),
-    Notification("n", {"k": "\u00e9\u20ac\U0001f600"}),
-    Response(1, None),
-    Response("x", {"nested": [1, {"a": False}]}),
-    ErrorResponse(None, -32700, "Parse error"),
-    ErrorResponse(3, -32006, "boom", {"exception": "ValueError"}),
-])
+@pytest.mark.parametrize(
+    "message",
+    [
+        Request("m", None, 1),
+        Request("m", [1, 2.5, "x", None, True], "id"),
+        Request("m", {"a": {"b": [None]}}, None),
+        Notification("n"),
+        Notification("n", {"k": "\u00e9\u20ac\U0001f600"}),
+        Response(1, None),
+        Response("x", {"nested": [1, {"a": False}]}),
+        ErrorResponse(None, -32700, "Parse error"),
+        ErrorResponse(3, -32006, "boom", {"exception": "ValueError"}),
+    ],
+)
 def test_encode_round_trips(message):
     data = encode(message)
     assert data.endswith(b"\n") and data.count(b"\n") == 1

@@ -20,30 +20,46 @@ from controller.protocol import (
     encode_batch,
 )
 
-FAST = settings(max_examples=150, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FAST = settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 EVENT_TYPES = (Request, Notification, Response, ErrorResponse, Invalid, Batch)
 
-json_scalars = st.none() | st.booleans() | st.integers() | st.floats(
-    allow_nan=False, allow_infinity=False) | st.text(max_size=20)
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+)
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                 max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=20,
 )
-ids = st.none() | st.integers() | st.text(max_size=12) | st.floats(allow_nan=False,
-                                                                   allow_infinity=False)
-params = st.none() | st.lists(json_values, max_size=4) | st.dictionaries(
-    st.text(max_size=8), json_values, max_size=4)
+ids = (
+    st.none()
+    | st.integers()
+    | st.text(max_size=12)
+    | st.floats(allow_nan=False, allow_infinity=False)
+)
+params = (
+    st.none()
+    | st.lists(json_values, max_size=4)
+    | st.dictionaries(st.text(max_size=8), json_values, max_size=4)
+)
 methods = st.text(min_size=1, max_size=20)
 messages = st.one_of(
     st.builds(Request, methods, params, ids),
     st.builds(Notification, methods, params),
     st.builds(Response, ids, json_values),
-    st.builds(ErrorResponse, ids, st.integers(-33000, 33000), st.text(max_size=30),
-              json_values),
+    st.builds(ErrorResponse, ids, st.integers(-33000, 33000), st.text(max_size=30), json_values),
 )
 
 
@@ -74,9 +90,34 @@ def test_random_bytes_never_raise(chunks):
 
 
 @FAST
-@given(st.lists(st.sampled_from([b"{", b"}", b"[", b"]", b'"', b"\\", b",", b":", b"\n", b"\r",
-                                 b"1", b"null", b"\xff", b'"jsonrpc"', b'"2.0"', b'"id"',
-                                 b'"method"', b"NaN", b" "]), max_size=200))
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                b"{",
+                b"}",
+                b"[",
+                b"]",
+                b'"',
+                b"\\",
+                b",",
+                b":",
+                b"\n",
+                b"\r",
+                b"1",
+                b"null",
+                b"\xff",
+                b'"jsonrpc"',
+                b'"2.0"',
+                b'"id"',
+                b'"method"',
+                b"NaN",
+                b" ",
+            ]
+        ),
+        max_size=200,
+    )
+)
 def test_json_ish_tokens_never_raise(tokens):
     feed_all(Decoder(max_frame=128, max_depth=8), [b"".join(tokens)])
 
@@ -90,8 +131,11 @@ def test_random_json_values_decode_to_one_event(value):
 
 
 @FAST
-@given(st.lists(messages, min_size=1, max_size=6), st.lists(st.integers(0, 10_000), max_size=8),
-       st.booleans())
+@given(
+    st.lists(messages, min_size=1, max_size=6),
+    st.lists(st.integers(0, 10_000), max_size=8),
+    st.booleans(),
+)
 def test_split_points_do_not_change_the_result(batch, cuts, crlf):
     data = b"".join(encode(m) for m in batch)
     if crlf:
@@ -175,8 +219,12 @@ def test_encode_result_round_trips(value, msg_id):
 
 
 @FAST
-@given(st.text(alphabet=st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF) | st.characters(),
-               max_size=10))
+@given(
+    st.text(
+        alphabet=st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF) | st.characters(),
+        max_size=10,
+    )
+)
 def test_any_string_encodes_to_valid_utf8(text):
     data = encode(Response(text, text))
     data.decode("utf-8")

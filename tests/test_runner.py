@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from processes import ROOT, ServeProcess, statelink
+from support import ROOT, ServeProcess, statelink
 
 from controller import BusyError, Client, CommandServer, Limits
 from controller.runner import RunHandle, WorkflowRunner
@@ -58,9 +58,13 @@ def assert_complete(entries: list[dict[str, Any]], final: str) -> None:
             assert ("result" in entry) != ("error" in entry)
 
 
-def run(runner: WorkflowRunner, spec: Any, servers: dict[str, Any], tmp_path: Path,
-        observer: Callable[[RunHandle, dict[str, Any]], None] | None = None,
-        ) -> tuple[RunHandle, list[dict[str, Any]]]:
+def run(
+    runner: WorkflowRunner,
+    spec: Any,
+    servers: dict[str, Any],
+    tmp_path: Path,
+    observer: Callable[[RunHandle, dict[str, Any]], None] | None = None,
+) -> tuple[RunHandle, list[dict[str, Any]]]:
     path = tmp_path / f"{spec.name}.jsonl"
     handle = runner.start(spec, servers=servers, journal=path, observer=observer)
     assert handle.wait(WAIT) is not None, f"run stuck in {handle.state}"
@@ -68,8 +72,9 @@ def run(runner: WorkflowRunner, spec: Any, servers: dict[str, Any], tmp_path: Pa
 
 
 def test_demo_workflow_success(runner: WorkflowRunner, demo: CommandServer, tmp_path: Path) -> None:
-    handle, entries = run(runner, load_workflow(WORKFLOWS / "demo.yaml"),
-                          {"device": demo.address}, tmp_path)
+    handle, entries = run(
+        runner, load_workflow(WORKFLOWS / "demo.yaml"), {"device": demo.address}, tmp_path
+    )
     assert handle.outcome == "success"
     assert_complete(entries, "success")
     commands = [e["command"] for e in entries if e["event"] == "reply"]
@@ -81,6 +86,7 @@ def test_retry_then_success(runner: WorkflowRunner, tmp_path: Path) -> None:
     attempts = []
 
     with CommandServer(port=0) as server:
+
         @server.command("flaky")
         def flaky() -> str:
             attempts.append(1)
@@ -88,7 +94,8 @@ def test_retry_then_success(runner: WorkflowRunner, tmp_path: Path) -> None:
                 raise BusyError("not yet")
             return "ok"
 
-        spec = parse_workflow(textwrap.dedent("""
+        spec = parse_workflow(
+            textwrap.dedent("""
             name: flaky
             servers: {s: "127.0.0.1:1"}
             initial: call
@@ -101,7 +108,8 @@ def test_retry_then_success(runner: WorkflowRunner, tmp_path: Path) -> None:
                 on_error: failed
               done: {final: success}
               failed: {final: failure}
-        """))
+        """)
+        )
         handle, entries = run(runner, spec, {"s": server.address}, tmp_path)
     assert handle.outcome == "success"
     tries = [e for e in entries if e.get("command") == "flaky"]
@@ -110,10 +118,12 @@ def test_retry_then_success(runner: WorkflowRunner, tmp_path: Path) -> None:
     assert_complete(entries, "success")
 
 
-def test_retry_exhausted_then_on_error(runner: WorkflowRunner, demo: CommandServer,
-                                       tmp_path: Path) -> None:
-    handle, entries = run(runner, load_workflow(WORKFLOWS / "retry.yaml"),
-                          {"device": demo.address}, tmp_path)
+def test_retry_exhausted_then_on_error(
+    runner: WorkflowRunner, demo: CommandServer, tmp_path: Path
+) -> None:
+    handle, entries = run(
+        runner, load_workflow(WORKFLOWS / "retry.yaml"), {"device": demo.address}, tmp_path
+    )
     assert handle.outcome == "success"
     selftests = [e for e in entries if e.get("command") == "demo.selftest"]
     assert len(selftests) == 2 and all("error" in e for e in selftests)
@@ -121,18 +131,22 @@ def test_retry_exhausted_then_on_error(runner: WorkflowRunner, demo: CommandServ
     assert_complete(entries, "success")
 
 
-def test_not_allowed_reply_routed_to_its_own_state(runner: WorkflowRunner, demo: CommandServer,
-                                                   tmp_path: Path) -> None:
-    handle, entries = run(runner, load_workflow(WORKFLOWS / "not_allowed.yaml"),
-                          {"device": demo.address}, tmp_path)
+def test_not_allowed_reply_routed_to_its_own_state(
+    runner: WorkflowRunner, demo: CommandServer, tmp_path: Path
+) -> None:
+    handle, entries = run(
+        runner, load_workflow(WORKFLOWS / "not_allowed.yaml"), {"device": demo.address}, tmp_path
+    )
     assert handle.outcome == "success"
     reset = next(e for e in entries if e.get("command") == "demo.reset")
     assert reset["error"]["kind"] == "not_allowed" and reset["next"] == "blink_once"
 
 
-def test_command_timeout_takes_the_timeout_route(runner: WorkflowRunner, demo: CommandServer,
-                                                 tmp_path: Path) -> None:
-    spec = parse_workflow(textwrap.dedent("""
+def test_command_timeout_takes_the_timeout_route(
+    runner: WorkflowRunner, demo: CommandServer, tmp_path: Path
+) -> None:
+    spec = parse_workflow(
+        textwrap.dedent("""
         name: slow
         servers: {device: "127.0.0.1:1"}
         initial: calibrate
@@ -146,7 +160,8 @@ def test_command_timeout_takes_the_timeout_route(runner: WorkflowRunner, demo: C
           too_slow: {final: failure}
           done: {final: success}
           failed: {final: failure}
-    """))
+    """)
+    )
     handle, entries = run(runner, spec, {"device": demo.address}, tmp_path)
     assert handle.state == "too_slow" and handle.outcome == "failure"
     error = next(e for e in entries if e["event"] == "error")["error"]
@@ -154,7 +169,8 @@ def test_command_timeout_takes_the_timeout_route(runner: WorkflowRunner, demo: C
 
 
 def test_branch_on_a_result(runner: WorkflowRunner, tmp_path: Path) -> None:
-    spec = parse_workflow(textwrap.dedent("""
+    spec = parse_workflow(
+        textwrap.dedent("""
         name: branch
         servers: {s: "127.0.0.1:1"}
         command_timeout: 2s
@@ -172,7 +188,8 @@ def test_branch_on_a_result(runner: WorkflowRunner, tmp_path: Path) -> None:
             next: done
           low: {final: failure}
           done: {final: success}
-    """))
+    """)
+    )
     drained = []
     with CommandServer(port=0) as server:
         server.add_command("level", lambda: {"level": 0.75, "unit": "l"})
@@ -210,8 +227,12 @@ def test_abort_runs_on_abort(runner: WorkflowRunner, demo: CommandServer, tmp_pa
 
     led = demo.devices["demo"].board.objects["led"]
     path = tmp_path / "abort.jsonl"
-    handle = runner.start(load_workflow(WORKFLOWS / "abort.yaml"),
-                          servers={"device": demo.address}, journal=path, observer=observer)
+    handle = runner.start(
+        load_workflow(WORKFLOWS / "abort.yaml"),
+        servers={"device": demo.address},
+        journal=path,
+        observer=observer,
+    )
     assert calibrating.wait(WAIT)
     handle.abort()
     assert handle.wait(WAIT) == "aborted"
@@ -223,16 +244,22 @@ def test_abort_runs_on_abort(runner: WorkflowRunner, demo: CommandServer, tmp_pa
 
 def test_two_servers_in_one_workflow(runner: WorkflowRunner, tmp_path: Path) -> None:
     with demo_server() as left, demo_server() as right:
-        handle, entries = run(runner, load_workflow(WORKFLOWS / "two_servers.yaml"),
-                              {"left": left.address, "right": right.address}, tmp_path)
+        handle, entries = run(
+            runner,
+            load_workflow(WORKFLOWS / "two_servers.yaml"),
+            {"left": left.address, "right": right.address},
+            tmp_path,
+        )
     assert handle.outcome == "success"
     servers = {e["server"] for e in entries if e["event"] == "reply"}
     assert servers == {"left", "right"}
 
 
-def test_server_killed_mid_run_gives_connection_lost(runner: WorkflowRunner,
-                                                     tmp_path: Path) -> None:
-    spec = parse_workflow(textwrap.dedent("""
+def test_server_killed_mid_run_gives_connection_lost(
+    runner: WorkflowRunner, tmp_path: Path
+) -> None:
+    spec = parse_workflow(
+        textwrap.dedent("""
         name: killed
         servers: {device: "127.0.0.1:1"}
         initial: calibrate
@@ -246,7 +273,8 @@ def test_server_killed_mid_run_gives_connection_lost(runner: WorkflowRunner,
           lost: {final: failure}
           done: {final: success}
           failed: {final: failure}
-    """))
+    """)
+    )
     served = ServeProcess("--device", str(DEMO_DEVICE), "--simulate")
     started = threading.Event()
     try:
@@ -265,15 +293,20 @@ def test_server_killed_mid_run_gives_connection_lost(runner: WorkflowRunner,
     assert_complete(entries, "failure")
 
 
-def test_many_concurrent_runs_every_journal_complete(runner: WorkflowRunner,
-                                                     tmp_path: Path) -> None:
+def test_many_concurrent_runs_every_journal_complete(
+    runner: WorkflowRunner, tmp_path: Path
+) -> None:
     runs = 300  # the full 1000-run figure is in bench/ (S4)
     spec = load_workflow(WORKFLOWS / "ten_steps.yaml")
     server_name = next(iter(spec.servers))
     # One runner multiplexes every run over one connection: allow that many in flight.
     with demo_server(limits=Limits(max_inflight=2 * runs)) as demo:
-        handles = [runner.start(spec, servers={server_name: demo.address},
-                                journal=tmp_path / f"run-{i}.jsonl") for i in range(runs)]
+        handles = [
+            runner.start(
+                spec, servers={server_name: demo.address}, journal=tmp_path / f"run-{i}.jsonl"
+            )
+            for i in range(runs)
+        ]
         outcomes = [h.wait(WAIT) for h in handles]
     assert outcomes == ["success"] * runs
     for i in range(runs):
@@ -294,16 +327,23 @@ def test_statelink_demo_exits_0() -> None:
 def test_run_exit_codes_success_failure_invalid(tmp_path: Path) -> None:
     served = ServeProcess("--device", str(DEMO_DEVICE), "--simulate")
     try:
-        ok = statelink("run", str(WORKFLOWS / "not_allowed.yaml"), "--server",
-                       f"device={served.server}", "--journal", str(tmp_path / "j.jsonl"))
+        ok = statelink(
+            "run",
+            str(WORKFLOWS / "not_allowed.yaml"),
+            "--server",
+            f"device={served.server}",
+            "--journal",
+            str(tmp_path / "j.jsonl"),
+        )
         assert ok.returncode == 0, ok.stdout + ok.stderr
         assert journal(tmp_path / "j.jsonl")[-1]["final"] == "success"
         failing = tmp_path / "fail.yaml"
-        failing.write_text("name: f\nservers: {device: '127.0.0.1:1'}\ninitial: go\n"
-                           "states:\n  go: {command: demo.reset, timeout: 2s, next: ok, "
-                           "on_error: bad}\n  ok: {final: success}\n  bad: {final: failure}\n")
-        assert statelink("run", str(failing), "--server", f"device={served.server}"
-                         ).returncode == 1
+        failing.write_text(
+            "name: f\nservers: {device: '127.0.0.1:1'}\ninitial: go\n"
+            "states:\n  go: {command: demo.reset, timeout: 2s, next: ok, "
+            "on_error: bad}\n  ok: {final: success}\n  bad: {final: failure}\n"
+        )
+        assert statelink("run", str(failing), "--server", f"device={served.server}").returncode == 1
     finally:
         served.kill()
     invalid = tmp_path / "invalid.yaml"
@@ -316,10 +356,23 @@ def test_run_ctrl_c_runs_on_abort_and_exits_130(tmp_path: Path) -> None:
     served = ServeProcess("--device", str(DEMO_DEVICE), "--simulate")
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "controller", "run", str(WORKFLOWS / "abort.yaml"),
-             "--plain", "--server", f"device={served.server}", "--journal",
-             str(tmp_path / "abort.jsonl")],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+            [
+                sys.executable,
+                "-m",
+                "controller",
+                "run",
+                str(WORKFLOWS / "abort.yaml"),
+                "--plain",
+                "--server",
+                f"device={served.server}",
+                "--journal",
+                str(tmp_path / "abort.jsonl"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,
+        )
         assert proc.stdout is not None
         for line in proc.stdout:  # wait until calibration reports progress
             if "progress" in line:
@@ -337,22 +390,38 @@ def test_run_ctrl_c_runs_on_abort_and_exits_130(tmp_path: Path) -> None:
 BROKEN = {
     "unknown target": ("states:\n  a: {wait: 1s, next: b}\n", "unknown state 'b'"),
     "unknown key": ("states:\n  a: {final: success, colour: red}\n", "colour"),
-    "missing timeout": ("servers: {s: '127.0.0.1:1'}\nstates:\n"
-                        "  a: {command: x.y, next: z}\n  z: {final: success}\n", "timeout"),
-    "bad expression": ("states:\n  a:\n    choices:\n      - {if: 'result >', next: z}\n"
-                       "      - {next: z}\n  z: {final: success}\n", "expression"),
-    "unknown name": ("states:\n  a:\n    choices:\n      - {if: 'nothing > 1', next: z}\n"
-                     "      - {next: z}\n  z: {final: success}\n", "nothing"),
+    "missing timeout": (
+        "servers: {s: '127.0.0.1:1'}\nstates:\n"
+        "  a: {command: x.y, next: z}\n  z: {final: success}\n",
+        "timeout",
+    ),
+    "bad expression": (
+        "states:\n  a:\n    choices:\n      - {if: 'result >', next: z}\n"
+        "      - {next: z}\n  z: {final: success}\n",
+        "expression",
+    ),
+    "unknown name": (
+        "states:\n  a:\n    choices:\n      - {if: 'nothing > 1', next: z}\n"
+        "      - {next: z}\n  z: {final: success}\n",
+        "nothing",
+    ),
     "bad duration": ("states:\n  a: {wait: soon, next: z}\n  z: {final: success}\n", "duration"),
-    "unreachable": ("states:\n  a: {wait: 1s, next: z}\n  z: {final: success}\n"
-                    "  island: {final: failure}\n", "unreachable"),
+    "unreachable": (
+        "states:\n  a: {wait: 1s, next: z}\n  z: {final: success}\n  island: {final: failure}\n",
+        "unreachable",
+    ),
     "no way out": ("states:\n  a: {wait: 1s, next: b}\n  b: {wait: 1s, next: a}\n", "final"),
     "bad final": ("states:\n  a: {final: maybe}\n", "success"),
-    "unknown error kind": ("servers: {s: '127.0.0.1:1'}\nstates:\n  a: {command: x.y, "
-                           "timeout: 1s, next: z, on_error: {oops: z}}\n  z: {final: success}\n",
-                           "oops"),
-    "unknown server": ("servers: {s: '127.0.0.1:1'}\nstates:\n  a: {command: x.y, server: t, "
-                       "timeout: 1s, next: z}\n  z: {final: success}\n", "'t'"),
+    "unknown error kind": (
+        "servers: {s: '127.0.0.1:1'}\nstates:\n  a: {command: x.y, "
+        "timeout: 1s, next: z, on_error: {oops: z}}\n  z: {final: success}\n",
+        "oops",
+    ),
+    "unknown server": (
+        "servers: {s: '127.0.0.1:1'}\nstates:\n  a: {command: x.y, server: t, "
+        "timeout: 1s, next: z}\n  z: {final: success}\n",
+        "'t'",
+    ),
     "mixed kinds": ("states:\n  a: {wait: 1s, final: success, next: a}\n", "a"),
     "bad YAML": ("states: [\n", "YAML"),
 }

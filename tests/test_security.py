@@ -25,7 +25,6 @@ from reliability_helpers import (
     REPO,
     WAIT,
     ChildServer,
-    Raw,
     Recorder,
     accept_within,
     client_tls,
@@ -36,8 +35,9 @@ from reliability_helpers import (
     serve,
     server_tls,
     stats,
-    wait_until,
 )
+from support import RawConnection as Raw
+from support import wait_until
 
 from controller import CallbackListener, Client, ConnectionLostError, UnauthorizedError, auth, cli
 from controller.server import CommandServer
@@ -74,8 +74,9 @@ def test_every_method_needs_authentication_first_then_the_connection_is_closed()
 
 def test_a_batch_before_authentication_is_refused_item_by_item():
     with serve(secret=SECRET) as server, Raw(server.address) as raw:
-        raw.send_json([{"jsonrpc": "2.0", "id": i, "method": "echo", "params": [i]}
-                       for i in range(2)])
+        raw.send_json(
+            [{"jsonrpc": "2.0", "id": i, "method": "echo", "params": [i]} for i in range(2)]
+        )
         replies = raw.json()
         assert [error_code(r) for r in replies] == [UNAUTHORIZED, UNAUTHORIZED]
 
@@ -126,9 +127,21 @@ def test_the_client_refuses_a_server_that_cannot_prove_the_secret():
                 line = conn.makefile("rb").readline()
                 got.append(line)
                 request = json.loads(line)
-                conn.sendall(json.dumps({"jsonrpc": "2.0", "id": request["id"], "result": {
-                    "auth": "hmac-sha256", "authenticated": False, "challenge": "c" * 32,
-                    "proof": "0" * 64}}).encode() + b"\n")
+                conn.sendall(
+                    json.dumps(
+                        {
+                            "jsonrpc": "2.0",
+                            "id": request["id"],
+                            "result": {
+                                "auth": "hmac-sha256",
+                                "authenticated": False,
+                                "challenge": "c" * 32,
+                                "proof": "0" * 64,
+                            },
+                        }
+                    ).encode()
+                    + b"\n"
+                )
                 got.append(conn.recv(65536))  # b"" once the client gives up
 
         thread = threading.Thread(target=fake_server, daemon=True)
@@ -161,8 +174,10 @@ def test_the_hmac_is_compared_in_constant_time(monkeypatch):
         return real(a, b)
 
     monkeypatch.setattr(auth.hmac, "compare_digest", spy)
-    with serve(secret=SECRET) as server, Client(server.address, secret=SECRET,
-                                                 reconnect=False) as client:
+    with (
+        serve(secret=SECRET) as server,
+        Client(server.address, secret=SECRET, reconnect=False) as client,
+    ):
         assert client.call("rpc.ping") == "pong"
     assert len(calls) >= 2  # the client checks the proof, the server checks the response
     source = inspect.getsource(auth.verify)
@@ -215,7 +230,10 @@ def test_callback_replies_go_only_to_the_requesting_peers_own_address():
         with conn:
             conn.settimeout(WAIT)
             assert json.loads(conn.makefile("rb").readline()) == {
-                "jsonrpc": "2.0", "id": 7, "result": "via callback"}
+                "jsonrpc": "2.0",
+                "id": 7,
+                "result": "via callback",
+            }
         with pytest.raises(BlockingIOError):
             decoy.accept()  # nobody ever connected to the decoy
 
@@ -223,8 +241,9 @@ def test_callback_replies_go_only_to_the_requesting_peers_own_address():
 def test_an_unauthenticated_peer_gets_no_callback_connection():
     with listener() as sock, serve(secret=SECRET) as server, Raw(server.address) as raw:
         sock.setblocking(False)
-        assert "callback" not in hello(raw, callback_port=sock.getsockname()[1], nonce="x")[
-            "result"]
+        assert (
+            "callback" not in hello(raw, callback_port=sock.getsockname()[1], nonce="x")["result"]
+        )
         # the error comes back on the request connection: no link was made
         assert error_code(raw.call("rpc.ping")) == UNAUTHORIZED
         with pytest.raises(BlockingIOError):
@@ -232,9 +251,13 @@ def test_an_unauthenticated_peer_gets_no_callback_connection():
 
 
 def test_the_client_callback_listener_receives_replies_after_authentication():
-    with serve(secret=SECRET) as server, CallbackListener() as callbacks, \
-            Client(server.address, secret=SECRET, reconnect=False,
-                   callback_listener=callbacks) as client:
+    with (
+        serve(secret=SECRET) as server,
+        CallbackListener() as callbacks,
+        Client(
+            server.address, secret=SECRET, reconnect=False, callback_listener=callbacks
+        ) as client,
+    ):
         assert client.server_info["callback"]["host"] == HOST
         assert client.call("echo", ["back"]) == "back"
         assert callbacks.received >= 1
@@ -249,14 +272,18 @@ def cert(tmp_path_factory) -> tuple[Path, Path]:
 def test_tls_with_ca_verification(cert):
     crt, key = cert
     with serve(ssl=server_tls(crt, key), secret=SECRET) as server:
-        with Client(server.address, ssl=client_tls(crt), secret=SECRET,
-                    reconnect=False) as client:
+        with Client(server.address, ssl=client_tls(crt), secret=SECRET, reconnect=False) as client:
             assert client.call("echo", ["over tls"]) == "over tls"
         with pytest.raises(ssl.SSLCertVerificationError):
             Client(server.address, ssl=client_tls(None), secret=SECRET, reconnect=False)
         with pytest.raises(ssl.SSLCertVerificationError):
-            Client(server.address, ssl=client_tls(crt), server_hostname="not-this-host",
-                   secret=SECRET, reconnect=False)
+            Client(
+                server.address,
+                ssl=client_tls(crt),
+                server_hostname="not-this-host",
+                secret=SECRET,
+                reconnect=False,
+            )
         with pytest.raises((ConnectionLostError, OSError)):
             Client(server.address, secret=SECRET, reconnect=False, connect_timeout=3)
         assert ping_ok(server.address, ssl=client_tls(crt), secret=SECRET)
@@ -265,8 +292,9 @@ def test_tls_with_ca_verification(cert):
 def test_tls_traffic_is_encrypted(cert):
     crt, key = cert
     with serve(ssl=server_tls(crt, key)) as server, Recorder(server.address) as proxy:
-        with Client(proxy.address, ssl=client_tls(crt), server_hostname="localhost",
-                    reconnect=False) as client:
+        with Client(
+            proxy.address, ssl=client_tls(crt), server_hostname="localhost", reconnect=False
+        ) as client:
             assert client.call("echo", ["plaintext-marker"]) == "plaintext-marker"
         proxy.close()
         assert proxy.up and proxy.down
@@ -278,8 +306,10 @@ def test_a_client_that_never_does_the_tls_handshake_is_dropped(cert):
     from controller import Limits
 
     crt, key = cert
-    with serve(ssl=server_tls(crt, key), limits=Limits(handshake_timeout=0.5)) as server, \
-            Raw(server.address) as silent:
+    with (
+        serve(ssl=server_tls(crt, key), limits=Limits(handshake_timeout=0.5)) as server,
+        Raw(server.address) as silent,
+    ):
         assert silent.closed(WAIT), "closed after handshake_timeout"
         assert ping_ok(server.address, ssl=client_tls(crt))
 
@@ -307,13 +337,13 @@ def test_serve_refuses_a_non_loopback_address_without_a_secret(host, no_bind, ca
     assert no_bind == [], "refused before binding"
 
 
-def test_serve_passes_the_refusal_with_insecure_or_a_secret(tmp_path, no_bind, monkeypatch,
-                                                            capsys):
+def test_serve_passes_the_refusal_with_insecure_or_a_secret(tmp_path, no_bind, monkeypatch, capsys):
     secret = tmp_path / "secret"
     secret.write_text(SECRET)
     assert cli.main(["serve", "--host", "0.0.0.0", "--port", "0", "--insecure"]) == 1
-    assert cli.main(["serve", "--host", "0.0.0.0", "--port", "0", "--secret-file",
-                     str(secret)]) == 1
+    assert (
+        cli.main(["serve", "--host", "0.0.0.0", "--port", "0", "--secret-file", str(secret)]) == 1
+    )
     monkeypatch.setenv(auth.SECRET_ENV, SECRET)
     assert cli.main(["serve", "--host", "0.0.0.0", "--port", "0"]) == 1
     assert no_bind == ["0.0.0.0"] * 3  # got past the refusal; the stub bound nothing
@@ -333,15 +363,28 @@ def test_serve_and_call_with_a_secret_file_and_tls(tmp_path, cert, capsys, monke
     secret = tmp_path / "secret"
     secret.write_text(SECRET + "\n")
     monkeypatch.delenv(auth.SECRET_ENV, raising=False)
-    args = ["serve", "--host", HOST, "--port", "0", "--secret-file", str(secret),
-            "--tls-cert", str(crt), "--tls-key", str(key)]
+    args = [
+        "serve",
+        "--host",
+        HOST,
+        "--port",
+        "0",
+        "--secret-file",
+        str(secret),
+        "--tls-cert",
+        str(crt),
+        "--tls-key",
+        str(key),
+    ]
     with ChildServer("cli", args, tmp_path / "log") as child:
         cmdline = Path(f"/proc/{child.pid}/cmdline").read_bytes()
         assert SECRET.encode() not in cmdline
         address = f"{child.address[0]}:{child.address[1]}"
         tls = ["--tls-ca", str(crt)]
-        assert cli.main(["call", "--server", address, "--secret-file", str(secret), *tls,
-                         "rpc.ping"]) == 0
+        assert (
+            cli.main(["call", "--server", address, "--secret-file", str(secret), *tls, "rpc.ping"])
+            == 0
+        )
         assert json.loads(capsys.readouterr().out) == "pong"
         monkeypatch.setenv(auth.SECRET_ENV, SECRET)
         assert cli.main(["call", "--server", address, *tls, "rpc.ping"]) == 0
@@ -349,8 +392,12 @@ def test_serve_and_call_with_a_secret_file_and_tls(tmp_path, cert, capsys, monke
         monkeypatch.delenv(auth.SECRET_ENV)
         assert cli.main(["call", "--server", address, *tls, "rpc.ping"]) == 1
         assert "-32004" in capsys.readouterr().err
-        assert cli.main(["call", "--server", address, "--secret-file", str(secret), "--tls",
-                         "rpc.ping"]) == 3  # system CAs do not know the self-signed cert
+        assert (
+            cli.main(
+                ["call", "--server", address, "--secret-file", str(secret), "--tls", "rpc.ping"]
+            )
+            == 3
+        )  # system CAs do not know the self-signed cert
         assert "certificate verify failed" in capsys.readouterr().err
         assert child.alive()
 
@@ -360,7 +407,8 @@ def test_run_takes_the_secret_file_and_ca_too(tmp_path, monkeypatch):
     secret.write_text(SECRET)
     monkeypatch.delenv(auth.SECRET_ENV, raising=False)
     args = cli.build_parser().parse_args(
-        ["run", "wf.yaml", "--secret-file", str(secret), "--tls-ca", str(secret)])
+        ["run", "wf.yaml", "--secret-file", str(secret), "--tls-ca", str(secret)]
+    )
     assert cli.read_secret(args) == SECRET.encode()
     assert args.tls_ca == str(secret)
 
@@ -378,8 +426,11 @@ FORBIDDEN = {
 
 
 def source_files() -> list[Path]:
-    files = [p for top in ("controller", "statemachines", "config")
-             for p in sorted((REPO / top).rglob("*.py"))]
+    files = [
+        p
+        for top in ("controller", "statemachines", "config")
+        for p in sorted((REPO / top).rglob("*.py"))
+    ]
     assert len(files) > 10
     return files
 
@@ -407,8 +458,7 @@ def test_every_yaml_load_uses_a_safe_loader():
             calls += 1
             loader = re.search(r"Loader\s*=\s*(\w+)", match.group(2))
             assert loader, f"{path}: yaml.{match.group(1)} without an explicit Loader"
-            module = importlib.import_module(
-                ".".join(path.relative_to(REPO).with_suffix("").parts))
+            module = importlib.import_module(".".join(path.relative_to(REPO).with_suffix("").parts))
             assert issubclass(getattr(module, loader.group(1)), yaml.SafeLoader), path
     assert calls >= 1
 

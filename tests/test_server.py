@@ -101,9 +101,13 @@ def test_many_in_flight_on_one_connection_answered_as_they_finish(make_server, r
 
     conn = raw(server.address)
     n = 200
-    conn.send(b"".join(
-        json.dumps({"jsonrpc": "2.0", "id": i, "method": "gate", "params": [i]}).encode() + b"\n"
-        for i in range(n)))
+    conn.send(
+        b"".join(
+            json.dumps({"jsonrpc": "2.0", "id": i, "method": "gate", "params": [i]}).encode()
+            + b"\n"
+            for i in range(n)
+        )
+    )
     # all 200 are in flight at once
     assert stats(conn)["requests_in_flight"] == n + 1  # and rpc.stats itself
     order = list(range(n))
@@ -122,9 +126,15 @@ def test_many_in_flight_sync_commands_matched_by_id(make_server, raw):
 
     conn = raw(server.address)
     n = 200
-    conn.send(b"".join(
-        json.dumps({"jsonrpc": "2.0", "id": f"q{i}", "method": "square", "params": [i]}).encode()
-        + b"\n" for i in range(n)))
+    conn.send(
+        b"".join(
+            json.dumps(
+                {"jsonrpc": "2.0", "id": f"q{i}", "method": "square", "params": [i]}
+            ).encode()
+            + b"\n"
+            for i in range(n)
+        )
+    )
     replies = [conn.json() for _ in range(n)]
     assert {r["id"]: r["result"] for r in replies} == {f"q{i}": i * i for i in range(n)}
 
@@ -174,11 +184,13 @@ def test_line_exactly_at_the_frame_limit_is_served(make_server, raw):
 
 def test_malformed_input_mid_stream(raw):
     conn = raw()
-    conn.send(b'{"jsonrpc":"2.0","id":1,"method":"rpc.ping"}\n'
-              b'{"jsonrpc":"2.0","id":2,"method":\n'
-              b'{"jsonrpc":"2.0","id":3,"method":"\xff\xfe"}\n'
-              b"\r\n"
-              b'{"jsonrpc":"2.0","id":4,"method":"add","params":[3,4]}\r\n')
+    conn.send(
+        b'{"jsonrpc":"2.0","id":1,"method":"rpc.ping"}\n'
+        b'{"jsonrpc":"2.0","id":2,"method":\n'
+        b'{"jsonrpc":"2.0","id":3,"method":"\xff\xfe"}\n'
+        b"\r\n"
+        b'{"jsonrpc":"2.0","id":4,"method":"add","params":[3,4]}\r\n'
+    )
     assert conn.json() == {"jsonrpc": "2.0", "id": 1, "result": "pong"}
     for _ in range(2):
         reply = conn.json()
@@ -191,7 +203,7 @@ def test_request_split_across_writes(raw):
     conn = raw()
     data = b'{"jsonrpc":"2.0","id":"split","method":"add","params":[20,22]}\n'
     for i in range(len(data)):
-        conn.send(data[i:i + 1])
+        conn.send(data[i : i + 1])
     assert conn.json() == {"jsonrpc": "2.0", "id": "split", "result": 42}
 
 
@@ -223,13 +235,16 @@ def test_positional_and_named_params(server, raw):
     assert result_of(conn.call("echo", {"value": [1, {"k": None}]})) == [1, {"k": None}]
 
 
-@pytest.mark.parametrize("params, problem", [
-    ([1], "missing a required argument: 'b'"),
-    ([1, 2, 3], "too many positional arguments"),
-    ({"a": 1}, "missing a required argument: 'b'"),
-    ({"a": 1, "b": 2, "c": 3}, "unexpected keyword argument 'c'"),
-    (None, "missing a required argument: 'a'"),
-])
+@pytest.mark.parametrize(
+    "params, problem",
+    [
+        ([1], "missing a required argument: 'b'"),
+        ([1, 2, 3], "too many positional arguments"),
+        ({"a": 1}, "missing a required argument: 'b'"),
+        ({"a": 1, "b": 2, "c": 3}, "unexpected keyword argument 'c'"),
+        (None, "missing a required argument: 'a'"),
+    ],
+)
 def test_params_mismatch_is_invalid_params(raw, params, problem):
     conn = raw()
     error = error_of(conn.call("add", params), -32602)
@@ -314,8 +329,9 @@ def test_non_json_result_is_an_internal_error(server, raw):
     assert result_of(conn.call("rpc.ping")) == "pong"
 
 
-def test_timeout_is_answered_once_and_the_late_result_dropped(make_server, raw, release,
-                                                              wait_until):
+def test_timeout_is_answered_once_and_the_late_result_dropped(
+    make_server, raw, release, wait_until
+):
     server = make_server()
     finished = threading.Event()
 
@@ -376,8 +392,7 @@ def test_ping_and_hello(raw):
     conn = raw()
     assert conn.call("rpc.ping", id=0) == {"jsonrpc": "2.0", "id": 0, "result": "pong"}
     info = result_of(conn.call("rpc.hello", {"client": "pytest", "protocol": "1.0"}))
-    assert info == {"server": "statelink", "protocol": "1.0", "auth": None,
-                    "authenticated": True}
+    assert info == {"server": "statelink", "protocol": "1.0", "auth": None, "authenticated": True}
 
 
 def test_discover_lists_commands_and_params(server, raw):
@@ -388,14 +403,28 @@ def test_discover_lists_commands_and_params(server, raw):
     doc = result_of(raw().call("rpc.discover"))
     assert doc["openrpc"] == "1.3.2"
     methods = {m["name"]: m for m in doc["methods"]}
-    assert {"add", "echo", "move", "rpc.ping", "rpc.hello", "rpc.discover", "rpc.stats",
-            "rpc.subscribe", "rpc.unsubscribe", "rpc.cancel"} <= set(methods)
-    assert methods["add"]["params"] == [{"name": "a", "required": True},
-                                        {"name": "b", "required": True}]
+    assert {
+        "add",
+        "echo",
+        "move",
+        "rpc.ping",
+        "rpc.hello",
+        "rpc.discover",
+        "rpc.stats",
+        "rpc.subscribe",
+        "rpc.unsubscribe",
+        "rpc.cancel",
+    } <= set(methods)
+    assert methods["add"]["params"] == [
+        {"name": "a", "required": True},
+        {"name": "b", "required": True},
+    ]
     assert methods["add"]["description"] == "Add two numbers."
-    assert methods["move"]["params"] == [{"name": "x", "required": True},
-                                         {"name": "y", "required": False},
-                                         {"name": "speed", "required": False}]
+    assert methods["move"]["params"] == [
+        {"name": "x", "required": True},
+        {"name": "y", "required": False},
+        {"name": "speed", "required": False},
+    ]
     assert methods["move"]["timeout"] == 7
     assert methods["move"]["description"] == "Move the arm."
     assert methods["echo"]["timeout"] == 30.0
@@ -483,15 +512,17 @@ def test_cancel_only_on_the_same_connection(make_server, raw, release):
 
 def test_subscribe_and_publish(server, raw):
     sub, other = raw(), raw()
-    assert result_of(sub.call("rpc.subscribe", {"method": "device.state"})) == \
-        {"subscribed": "device.state"}
+    assert result_of(sub.call("rpc.subscribe", {"method": "device.state"})) == {
+        "subscribed": "device.state"
+    }
     params = {"device": "door", "state": "open", "previous": "closed", "command": "open"}
     server.call_soon(server.publish, "device.state", params)
     assert sub.json() == {"jsonrpc": "2.0", "method": "device.state", "params": params}
     # the publish has run: a connection that did not subscribe got nothing
     assert result_of(other.call("rpc.ping")) == "pong"
-    assert result_of(sub.call("rpc.unsubscribe", ["device.state"])) == \
-        {"unsubscribed": "device.state"}
+    assert result_of(sub.call("rpc.unsubscribe", ["device.state"])) == {
+        "unsubscribed": "device.state"
+    }
     server.call_soon(server.publish, "device.state", params)
     server.call_soon(server.publish, "other.event", {})
     assert result_of(sub.call("rpc.ping")) == "pong"  # published before this ping: nothing came
@@ -521,8 +552,11 @@ def test_progress_notifications(server, raw):
     # progress is sent with call_soon (it is thread-safe): it may follow the reply
     lines = [conn.json(), conn.json()]
     assert {"jsonrpc": "2.0", "id": "k", "result": "done"} in lines
-    assert {"jsonrpc": "2.0", "method": "rpc.progress",
-            "params": {"id": "k", "progress": 0.5, "message": "half way"}} in lines
+    assert {
+        "jsonrpc": "2.0",
+        "method": "rpc.progress",
+        "params": {"id": "k", "progress": 0.5, "message": "half way"},
+    } in lines
 
 
 # -- limits -------------------------------------------------------------------------------
@@ -604,8 +638,9 @@ def test_batch_limit_on_the_server(make_server, raw):
 
 def test_nesting_limit_on_the_server(raw):
     conn = raw()
-    conn.send_line(b'{"jsonrpc":"2.0","id":1,"method":"echo","params":[' + b"[" * 100
-                   + b"]" * 100 + b"]}")
+    conn.send_line(
+        b'{"jsonrpc":"2.0","id":1,"method":"echo","params":[' + b"[" * 100 + b"]" * 100 + b"]}"
+    )
     error = error_of(conn.json(), -32700)
     assert error["data"] == {"max_depth": 32}
     assert result_of(conn.call("rpc.ping")) == "pong"

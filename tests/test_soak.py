@@ -13,7 +13,9 @@ import sys
 from types import ModuleType
 
 import pytest
-from reliability_helpers import REPO
+from reliability_helpers import (
+    REPO,
+)
 
 SEED = int(os.environ.get("STATELINK_SOAK_SEED", "5000"))
 

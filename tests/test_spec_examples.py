@@ -100,18 +100,24 @@ def strip_data(reply: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_positional_parameters(conn):
-    assert exchange(conn, '{"jsonrpc": "2.0", "method": "subtract", "params": [42, 23], "id": 1}') \
-        == {"jsonrpc": "2.0", "result": 19, "id": 1}
-    assert exchange(conn, '{"jsonrpc": "2.0", "method": "subtract", "params": [23, 42], "id": 2}') \
-        == {"jsonrpc": "2.0", "result": -19, "id": 2}
+    assert exchange(
+        conn, '{"jsonrpc": "2.0", "method": "subtract", "params": [42, 23], "id": 1}'
+    ) == {"jsonrpc": "2.0", "result": 19, "id": 1}
+    assert exchange(
+        conn, '{"jsonrpc": "2.0", "method": "subtract", "params": [23, 42], "id": 2}'
+    ) == {"jsonrpc": "2.0", "result": -19, "id": 2}
 
 
 def test_named_parameters(conn):
-    line = ('{"jsonrpc": "2.0", "method": "subtract", '
-            '"params": {"subtrahend": 23, "minuend": 42}, "id": 3}')
+    line = (
+        '{"jsonrpc": "2.0", "method": "subtract", '
+        '"params": {"subtrahend": 23, "minuend": 42}, "id": 3}'
+    )
     assert exchange(conn, line) == {"jsonrpc": "2.0", "result": 19, "id": 3}
-    line = ('{"jsonrpc": "2.0", "method": "subtract", '
-            '"params": {"minuend": 42, "subtrahend": 23}, "id": 4}')
+    line = (
+        '{"jsonrpc": "2.0", "method": "subtract", '
+        '"params": {"minuend": 42, "subtrahend": 23}, "id": 4}'
+    )
     assert exchange(conn, line) == {"jsonrpc": "2.0", "result": 19, "id": 4}
 
 
@@ -125,14 +131,20 @@ def test_notifications_get_no_reply(conn, calls):
 
 def test_non_existent_method(conn):
     reply = exchange(conn, '{"jsonrpc": "2.0", "method": "foobar", "id": "1"}')
-    assert reply == {"jsonrpc": "2.0", "error": {"code": -32601, "message": "Method not found"},
-                     "id": "1"}
+    assert reply == {
+        "jsonrpc": "2.0",
+        "error": {"code": -32601, "message": "Method not found"},
+        "id": "1",
+    }
 
 
 def test_invalid_json(conn):
     reply = exchange(conn, '{"jsonrpc": "2.0", "method": "foobar, "params": "bar", "baz]')
-    assert strip_data(reply) == {"jsonrpc": "2.0",
-                                 "error": {"code": -32700, "message": "Parse error"}, "id": None}
+    assert strip_data(reply) == {
+        "jsonrpc": "2.0",
+        "error": {"code": -32700, "message": "Parse error"},
+        "id": None,
+    }
     assert_no_reply(conn)  # exactly one reply, and the connection goes on
 
 
@@ -143,11 +155,16 @@ def test_invalid_request_object(conn):
 
 
 def test_batch_with_invalid_json(conn):
-    line = ('[{"jsonrpc": "2.0", "method": "sum", "params": [1,2,4], "id": "1"},'
-            '{"jsonrpc": "2.0", "method"]')
+    line = (
+        '[{"jsonrpc": "2.0", "method": "sum", "params": [1,2,4], "id": "1"},'
+        '{"jsonrpc": "2.0", "method"]'
+    )
     reply = exchange(conn, line)
-    assert strip_data(reply) == {"jsonrpc": "2.0",
-                                 "error": {"code": -32700, "message": "Parse error"}, "id": None}
+    assert strip_data(reply) == {
+        "jsonrpc": "2.0",
+        "error": {"code": -32700, "message": "Parse error"},
+        "id": None,
+    }
     assert_no_reply(conn)
 
 
@@ -172,12 +189,14 @@ def test_invalid_batch(conn):
 
 
 def test_mixed_batch(conn, calls):
-    line = ('[{"jsonrpc": "2.0", "method": "sum", "params": [1,2,4], "id": "1"},'
-            '{"jsonrpc": "2.0", "method": "notify_hello", "params": [7]},'
-            '{"jsonrpc": "2.0", "method": "subtract", "params": [42,23], "id": "2"},'
-            '{"foo": "boo"},'
-            '{"jsonrpc": "2.0", "method": "foo.get", "params": {"name": "myself"}, "id": "5"},'
-            '{"jsonrpc": "2.0", "method": "get_data", "id": "9"}]')
+    line = (
+        '[{"jsonrpc": "2.0", "method": "sum", "params": [1,2,4], "id": "1"},'
+        '{"jsonrpc": "2.0", "method": "notify_hello", "params": [7]},'
+        '{"jsonrpc": "2.0", "method": "subtract", "params": [42,23], "id": "2"},'
+        '{"foo": "boo"},'
+        '{"jsonrpc": "2.0", "method": "foo.get", "params": {"name": "myself"}, "id": "5"},'
+        '{"jsonrpc": "2.0", "method": "get_data", "id": "9"}]'
+    )
     reply = exchange(conn, line)
     assert isinstance(reply, list)
     expected = [
@@ -194,8 +213,10 @@ def test_mixed_batch(conn, calls):
 
 
 def test_batch_of_notifications_gets_no_reply_at_all(conn, calls, wait_until):
-    line = ('[{"jsonrpc": "2.0", "method": "notify_sum", "params": [1,2,4]},'
-            '{"jsonrpc": "2.0", "method": "notify_hello", "params": [7]}]')
+    line = (
+        '[{"jsonrpc": "2.0", "method": "notify_sum", "params": [1,2,4]},'
+        '{"jsonrpc": "2.0", "method": "notify_hello", "params": [7]}]'
+    )
     conn.send_line(line)
     assert_no_reply(conn)
     # Both notifications ran (the handlers record them on worker threads).
