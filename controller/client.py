@@ -83,6 +83,29 @@ def parse_address(value: str | Address, default_port: int = DEFAULT_PORT) -> Add
     return (host, number)
 
 
+def read_events(
+    sock: socket.socket, closed: threading.Event, on_event: Callable[[Any], None]
+) -> None:
+    """Decode lines from ``sock`` into ``on_event`` until EOF, an error, or ``closed`` is set
+    (checked whenever the socket's timeout expires)."""
+    decoder = Decoder(max_frame=64 << 20)
+    while True:
+        try:
+            data = sock.recv(262144)
+        except TimeoutError:
+            if closed.is_set():
+                return
+            continue
+        except OSError:
+            return
+        if not data:
+            return
+        for event in decoder.feed(data):
+            on_event(event)
+        if decoder.closed:
+            return
+
+
 class _Pending:
     __slots__ = ("future", "method", "timer")
 
@@ -232,22 +255,7 @@ class Client:
             self._emit_connection(True)
 
     def _read(self, sock: socket.socket) -> None:
-        decoder = Decoder(max_frame=64 << 20)
-        while True:
-            try:
-                data = sock.recv(262144)
-            except TimeoutError:
-                if self._closed.is_set():
-                    return
-                continue
-            except OSError:
-                return
-            if not data:
-                return
-            for event in decoder.feed(data):
-                self.handle_event(event)
-            if decoder.closed:
-                return
+        read_events(sock, self._closed, self.handle_event)
 
     def handle_event(self, event: Any) -> None:
         """Route one decoded message (reader thread or callback listener)."""
@@ -504,22 +512,14 @@ class CallbackListener:
             thread.start()
 
     def _serve(self, conn: socket.socket) -> None:
-        decoder = Decoder(max_frame=64 << 20)
         conn.settimeout(0.5)
         with conn:
-            while not self._closed.is_set():
-                try:
-                    data = conn.recv(262144)
-                except TimeoutError:
-                    continue
-                except OSError:
-                    return
-                if not data:
-                    return
-                for event in decoder.feed(data):
-                    self.received += 1
-                    for client in list(self._clients):
-                        client.handle_event(event)
+            read_events(conn, self._closed, self._route)
+
+    def _route(self, event: Any) -> None:
+        self.received += 1
+        for client in list(self._clients):
+            client.handle_event(event)
 
     def close(self) -> None:
         self._closed.set()
