@@ -443,3 +443,43 @@ def test_check_accepts_every_shipped_config() -> None:
     result = statelink("check", *files, "--device", str(DEMO_DEVICE))
     assert result.returncode == 0, result.stderr
     assert result.stdout.count(": ok") == len(files)
+
+
+CHECKED = """\
+name: against
+servers: {device: "127.0.0.1:1"}
+command_timeout: 2s
+initial: a
+states:
+  a: {command: demo.calibrate, params: {steps: 500}, next: b}
+  b: {command: demo.fly, next: c}
+  c: {command: demo.blink, params: {colour: red}, next: done}
+  done: {final: success}
+"""
+
+
+def _assert_device_problems(stderr: str, path: Path) -> None:
+    lines = stderr.strip().splitlines()
+    assert all(line.startswith(f"{path}:") for line in lines), stderr
+    assert any("demo.fly" in line for line in lines)
+    assert any("steps" in line for line in lines)
+    assert any("colour" in line for line in lines)
+
+
+def test_check_against_a_device_config(tmp_path: Path) -> None:
+    path = tmp_path / "against.yaml"
+    path.write_text(CHECKED)
+    result = statelink("check", str(path), "--device", str(DEMO_DEVICE))
+    assert result.returncode == 2
+    _assert_device_problems(result.stderr, path)
+
+
+def test_check_against_a_live_server(tmp_path: Path, demo: CommandServer) -> None:
+    path = tmp_path / "against.yaml"
+    path.write_text(CHECKED)
+    host, port = demo.address
+    result = statelink("check", str(path), "--server", f"device={host}:{port}")
+    assert result.returncode == 2
+    _assert_device_problems(result.stderr, path)
+    fine = statelink("check", str(WORKFLOWS / "demo.yaml"), "--server", f"{host}:{port}")
+    assert fine.returncode == 0, fine.stderr
