@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="check workflows against a live server (rpc.discover)",
     )
     _add_secret_args(check)
+    _add_client_tls_args(check)
 
     graph = sub.add_parser("graph", help="draw a workflow or device machine")
     graph.add_argument("file", metavar="FILE")
@@ -404,7 +405,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _catalogs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Device catalogs to check workflows against, keyed by workflow server name."""
+    from statemachines.device import catalog_from_discover
+
     from .client import Client, parse_address
+    from .errors import RpcError
 
     catalogs: dict[str, dict[str, Any]] = {}
     if args.device:
@@ -420,12 +424,11 @@ def _catalogs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
                 name="statelink-check",
                 reconnect=False,
                 secret=read_secret(args),
+                ssl=client_ssl(args),
             ) as client:
                 described = client.call("rpc.discover", timeout=10.0)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RpcError) as exc:
             raise UsageError(f"cannot discover {address}: {exc}")
-        from statemachines.device import catalog_from_discover
-
         catalogs[name or "*"] = catalog_from_discover(described)
     return catalogs
 

@@ -143,6 +143,13 @@ class WorkflowRunner:
                     f"(servers: {', '.join(sorted(addresses)) or 'none'})"
                 )
             addresses[name] = parse_address(addr)
+        # Connect here, on the caller's thread, so that the dispatcher never waits on a connect
+        # (a server that is down is retried by the run's own error route when it sends).
+        for address in set(addresses.values()):
+            try:
+                self.client(address)
+            except (OSError, RpcError) as exc:
+                log.warning("cannot connect to %s:%s yet: %s", *address, exc)
         run_id = run_id or f"{spec.name}-{next(self._ids)}"
         stream: IO[str] | None
         if journal is None or hasattr(journal, "write"):
