@@ -148,6 +148,8 @@ class ChildServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 # -- the clients -----------------------------------------------------------------------------

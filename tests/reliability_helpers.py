@@ -452,6 +452,8 @@ class ChildServer:
             self.proc.kill()
         if self.proc is not None:
             self.proc.wait(timeout=WAIT)
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
 
     def stop(self) -> None:
         """Close its stdin (it exits by itself), else SIGKILL."""

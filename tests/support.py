@@ -36,7 +36,8 @@ class ServeProcess:
             cwd=ROOT,
         )
         self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._pump_thread = threading.Thread(target=self._pump, daemon=True)
+        self._pump_thread.start()
         self.address = self._wait_for_address()
 
     def _pump(self) -> None:
@@ -62,13 +63,21 @@ class ServeProcess:
         """SIGTERM, then wait: the exit code."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(WAIT)
+        code = self.proc.wait(WAIT)
+        self._close_pipe()
+        return code
 
     def kill(self) -> None:
         """SIGKILL: no graceful anything."""
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(WAIT)
+        self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        self._pump_thread.join(WAIT)  # EOF once the process is gone
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
 
 
 def statelink(*args: str, timeout: float = 60, **kwargs: Any) -> subprocess.CompletedProcess[str]:
