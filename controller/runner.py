@@ -18,6 +18,7 @@ import json
 import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from pathlib import Path
@@ -111,6 +112,7 @@ class WorkflowRunner:
         self._clients: dict[Address, Client] = {}
         self._client_lock = threading.Lock()
         self._subscribed: set[tuple[Address, str]] = set()
+        self._gates: dict[Address, _Gate] = {}
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._compiled: dict[int, CompiledWorkflow] = {}
         self._active: dict[str, RunHandle] = {}
@@ -195,6 +197,23 @@ class WorkflowRunner:
                 self._clients[address] = client
             return client
 
+    def gate(self, address: Address, client: Client) -> _Gate:
+        """The in-flight gate of one server address (dispatcher thread)."""
+        gate = self._gates.get(address)
+        if gate is None:
+            limit = client.server_info.get("max_inflight")
+            limit = limit if isinstance(limit, int) else 256
+            # a few slots stay free for the runner's own calls (rpc.subscribe, rpc.cancel)
+            gate = self._gates[address] = _Gate(limit - 8 if limit > 16 else limit)
+        return gate
+
+    def release(self, gate: _Gate) -> None:
+        """A request of ``gate`` was answered: send the next waiting one (dispatcher thread)."""
+        gate.inflight -= 1
+        if gate.waiting and gate.inflight < gate.limit:
+            effects, *args = gate.waiting.popleft()
+            effects.send_now(gate, *args)
+
     def close(self) -> None:
         """Abort nothing; stop the dispatcher, the clients and the scheduler."""
         if self._closed:
@@ -256,6 +275,20 @@ class WorkflowRunner:
         handle._done.set()
 
 
+class _Gate:
+    """Keeps one connection's requests in flight under the server's per-connection bound
+    (``max_inflight``, from ``rpc.hello``). The runs' commands beyond it wait here, in order;
+    each run has at most one command in flight, so this queue is bounded by the runs.
+    Dispatcher thread only."""
+
+    __slots__ = ("inflight", "limit", "waiting")
+
+    def __init__(self, limit: int):
+        self.limit = max(1, limit)
+        self.inflight = 0
+        self.waiting: deque[tuple[Any, ...]] = deque()
+
+
 class _Effects:
     """The I/O a run asks for, done on its behalf (dispatcher thread)."""
 
@@ -286,10 +319,30 @@ class _Effects:
             )
             return
 
+        gate = runner.gate(address, client)
+        if gate.inflight >= gate.limit:
+            # The connection is at the server's bound: wait here (at most one entry per run).
+            gate.waiting.append((self, run, token, client, method, params, timeout))
+            return
+        self.send_now(gate, run, token, client, method, params, timeout)
+
+    def send_now(
+        self,
+        gate: _Gate,
+        run: WorkflowRun,
+        token: int,
+        client: Client,
+        method: str,
+        params: Any,
+        timeout: float,
+    ) -> None:
+        runner = self.runner
         inflight = self.handle.inflight
+        gate.inflight += 1
 
         def deliver(future: Future[Any]) -> None:
             inflight.pop(token, None)
+            runner.post(runner.release, gate)
             error = future.exception()
             if error is None:
                 runner.post(run.on_reply, token, future.result())

@@ -1096,6 +1096,7 @@ class CommandServer:
             "server": self.name,
             "protocol": PROTOCOL_VERSION,
             "auth": "hmac-sha256" if self.secret else None,
+            "max_inflight": self.limits.max_inflight,
         }
         port = params.get("callback_port")
         if port is not None:

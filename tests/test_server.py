@@ -392,7 +392,13 @@ def test_ping_and_hello(raw):
     conn = raw()
     assert conn.call("rpc.ping", id=0) == {"jsonrpc": "2.0", "id": 0, "result": "pong"}
     info = result_of(conn.call("rpc.hello", {"client": "pytest", "protocol": "1.0"}))
-    assert info == {"server": "statelink", "protocol": "1.0", "auth": None, "authenticated": True}
+    assert info == {
+        "server": "statelink",
+        "protocol": "1.0",
+        "auth": None,
+        "max_inflight": 256,
+        "authenticated": True,
+    }
 
 
 def test_discover_lists_commands_and_params(server, raw):
