@@ -1,7 +1,8 @@
 """``statelink``: serve devices, call commands, run/check/draw workflows, run the demo.
 
 Exit codes: 0 success; 1 a command error, a failed workflow, or the server could not start;
-2 an invalid config or usage; 3 the server is unreachable; 130 a workflow aborted (Ctrl-C).
+2 an invalid config or usage; 3 the server is unreachable; 130 interrupted (Ctrl-C; a workflow
+runs its on_abort state first, a call asks the server to cancel its command).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import ipaddress
 import json
 import logging
+import math
 import signal
 import ssl
 import sys
@@ -27,6 +29,26 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_ABORTED = 0, 1, 2, 3, 1
 
 class UsageError(Exception):
     """A problem with the command line or a config: exit 2 with this message."""
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive, finite number of seconds")
+    return value
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("statelink")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _add_secret_args(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log verbosity",
     )
+    parser.add_argument("--version", action="version", version=f"statelink {_version()}")
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the command server in the foreground")
@@ -80,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--timeout",
-        type=float,
+        type=seconds,
         default=30.0,
         help="default command timeout in seconds (default 30)",
     )
@@ -96,10 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-queue", type=int, default=1024, help="jobs waiting for a worker")
     serve.add_argument("--max-frame", type=int, default=DEFAULT_MAX_FRAME, help="bytes per line")
-    serve.add_argument("--idle-timeout", type=float, default=300.0)
+    serve.add_argument("--idle-timeout", type=seconds, default=300.0)
     serve.add_argument(
         "--frame-timeout",
-        type=float,
+        type=seconds,
         default=30.0,
         help="seconds to finish a line once it started (default 30)",
     )
@@ -109,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--handshake-timeout",
-        type=float,
+        type=seconds,
         default=10.0,
         help="seconds to finish TLS and authentication (default 10)",
     )
@@ -122,7 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     call = sub.add_parser("call", help="call one method and print its result as JSON")
     call.add_argument("--server", default=f"127.0.0.1:{DEFAULT_PORT}", metavar="HOST:PORT")
-    call.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    call.add_argument(
+        "--timeout",
+        type=seconds,
+        default=10.0,
+        help="seconds to wait for the reply (default 10; long commands need more)",
+    )
     _add_secret_args(call)
     _add_client_tls_args(call)
     call.add_argument("method")
@@ -201,6 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"statelink {args.cmd}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"statelink {args.cmd}: interrupted", file=sys.stderr)
+        return EXIT_ABORTED
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -365,8 +396,17 @@ def cmd_call(args: argparse.Namespace) -> int:
         print(f"cannot reach {address[0]}:{address[1]}: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
     with client:
+        future = client.send_command(args.method, params, timeout=args.timeout)
         try:
-            result = client.call(args.method, params, timeout=args.timeout)
+            result = future.result(timeout=args.timeout + 5.0)
+        except KeyboardInterrupt:
+            try:  # best effort: leave the device free rather than running for nobody
+                client.cancel(future).result(timeout=2.0)
+                outcome = f"cancelled {args.method} on the server"
+            except Exception as exc:
+                outcome = f"could not cancel {args.method} on the server: {exc}"
+            print(f"interrupted: {outcome}", file=sys.stderr)
+            return EXIT_ABORTED
         except ConnectionLostError as exc:
             print(f"cannot reach {address[0]}:{address[1]}: {exc.message}", file=sys.stderr)
             return EXIT_UNREACHABLE

@@ -12,21 +12,33 @@ Contracts:
   one outcome: the result, the server's error (a typed :class:`~controller.errors.RpcError`),
   :class:`~controller.errors.CommandTimeoutError` after ``timeout`` seconds, or
   :class:`~controller.errors.ConnectionLostError`. Nothing stays pending forever.
+- ``future.cancel()`` on a pending future means "I no longer care": the future is cancelled
+  at once (its callback runs with the cancelled future) and the reply, when it comes, is
+  dropped. It does not stop the command on the server; :meth:`Client.cancel` does that
+  (``rpc.cancel``). The two can be combined.
 - Callbacks and notification handlers run on the client's reader (or timer) thread: keep them
   short; hand work to another thread if it blocks.
+- With a ``secret`` the client authenticates the server too: it refuses a server that does not
+  run the challenge (``auth`` null) or cannot prove that it holds the same secret.
+- With callback delivery (``callback_listener=``) request ids are strings
+  ``"<prefix>.<n>"``: the prefix is random per client (128 bits), so clients that share a
+  listener never see each other's replies, and a peer that connects to the listener cannot
+  guess an id to inject a reply. Replies whose id matches no pending request are dropped.
 - After a lost connection the client reconnects with backoff (unless ``reconnect=False``),
   authenticates again and renews its subscriptions.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
+import secrets
 import socket
 import ssl as ssl_module
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 from . import auth
@@ -54,6 +66,9 @@ log = logging.getLogger("statelink.client")
 Address = tuple[str, int]
 Callback = Callable[["Future[Any]"], None]
 Handler = Callable[[Any], None]
+
+#: separates a client's random id prefix from its request number (callback delivery only)
+ID_SEPARATOR = "."
 
 
 def parse_address(value: str | Address, default_port: int = DEFAULT_PORT) -> Address:
@@ -106,6 +121,26 @@ def read_events(
             return
 
 
+def _resolve(future: Future[Any], result: Any, error: BaseException | None) -> None:
+    """Give ``future`` its outcome, unless the user cancelled it (``future.cancel()``)
+    meanwhile: then there is nobody to tell, and the reply is dropped. Never raises, so the
+    reader thread that calls this survives."""
+    try:
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+    except InvalidStateError:
+        if not future.cancelled():  # cannot happen: each pending entry is popped once
+            log.exception("outcome for a future that already has one")
+
+
+def _describe(event: Any) -> str:
+    if isinstance(event, (Response, ErrorResponse)):
+        return f"reply, id {event.id!r}"[:120]
+    return type(event).__name__.lower()
+
+
 class _Pending:
     __slots__ = ("future", "method", "timer")
 
@@ -146,6 +181,10 @@ class Client:
         self.scheduler = scheduler or Scheduler(f"statelink-client-timers-{self.address[1]}")
         self._own_scheduler = scheduler is None
         self.callback_listener = callback_listener
+        #: random per client; request ids are ``f"{id_prefix}.{n}"`` with callback delivery
+        self.id_prefix: str | None = (
+            secrets.token_hex(16) if callback_listener is not None else None
+        )
         self._ids = itertools.count(1)
         self._pending: dict[Any, _Pending] = {}
         self._lock = threading.Lock()
@@ -201,19 +240,34 @@ class Client:
         if self.callback_listener is not None:
             params["callback_port"] = self.callback_listener.address[1]
         info = self._exchange(sock, decoder, "rpc.hello", params)
-        if info.get("auth") and not info.get("authenticated"):
-            if self.secret is None:
+        host, port = self.address
+        if self.secret is None:
+            if info.get("auth") and not info.get("authenticated"):
                 raise UnauthorizedError(
                     "the server requires a secret: pass secret= (or set STATELINK_SECRET / "
                     "--secret-file)"
                 )
-            challenge = info.get("challenge")
-            if not isinstance(challenge, str) or not auth.verify(
-                self.secret, "server", challenge, nonce, info.get("proof")
-            ):
-                raise UnauthorizedError("the server could not prove it knows the secret")
-            answer = {"response": auth.digest(self.secret, "client", challenge, nonce)}
-            info.update(self._exchange(sock, decoder, "rpc.hello", answer))
+            return info
+        # With a secret, the server must prove it holds it too: a server that skips the
+        # challenge (no secret, or an impostor) gets nothing more from this client.
+        if not info.get("auth"):
+            raise UnauthorizedError(
+                f"the server at {host}:{port} did not ask for authentication, so it cannot "
+                "prove it holds the secret; start it with --secret-file (or "
+                "$STATELINK_SECRET), or drop the client secret"
+            )
+        challenge = info.get("challenge")
+        if not isinstance(challenge, str) or not auth.verify(
+            self.secret, "server", challenge, nonce, info.get("proof")
+        ):
+            raise UnauthorizedError("the server could not prove it knows the secret")
+        answer = {"response": auth.digest(self.secret, "client", challenge, nonce)}
+        confirmed = self._exchange(sock, decoder, "rpc.hello", answer)
+        if confirmed.get("authenticated") is not True:
+            raise UnauthorizedError(
+                f"the server at {host}:{port} did not confirm the authentication"
+            )
+        info.update(confirmed)
         return info
 
     def _exchange(
@@ -258,7 +312,8 @@ class Client:
         read_events(sock, self._closed, self.handle_event)
 
     def handle_event(self, event: Any) -> None:
-        """Route one decoded message (reader thread or callback listener)."""
+        """Route one decoded message from the request connection (reader thread); the
+        callback listener uses :meth:`deliver_reply`, which takes replies only."""
         if isinstance(event, Response):
             self._settle(event.id, event.result, None)
         elif isinstance(event, ErrorResponse):
@@ -276,17 +331,24 @@ class Client:
             for item in event.items:
                 self.handle_event(item)
 
-    def _settle(self, request_id: Any, result: Any, error: RpcError | None) -> None:
+    def deliver_reply(self, event: Response | ErrorResponse) -> bool:
+        """Settle the pending request whose id is exactly ``event.id`` (for the callback
+        listener). False, and nothing done, when no request of this client has that id."""
+        if isinstance(event, Response):
+            return self._settle(event.id, event.result, None)
+        return self._settle(event.id, None, error_for(event.code, event.message, event.data))
+
+    def _settle(self, request_id: Any, result: Any, error: RpcError | None) -> bool:
         with self._lock:
             pending = self._pending.pop(request_id, None)
         if pending is None:
-            return  # already timed out or lost: exactly one outcome
+            # already timed out, lost or cancelled by the user: exactly one outcome
+            log.debug("dropped a reply to no pending request (id %r)", request_id)
+            return False
         if pending.timer is not None:
             pending.timer.cancel()
-        if error is None:
-            pending.future.set_result(result)
-        else:
-            pending.future.set_exception(error)
+        _resolve(pending.future, result, error)
+        return True
 
     def _lost(self) -> None:
         was_connected = self._connected.is_set()
@@ -302,12 +364,14 @@ class Client:
         for request_id, entry in pending.items():
             if entry.timer is not None:
                 entry.timer.cancel()
-            entry.future.set_exception(
+            _resolve(
+                entry.future,
+                None,
                 ConnectionLostError(
                     f"connection to {self.address[0]}:{self.address[1]} lost before the reply to "
                     f"{entry.method} (id {request_id})",
                     {"method": entry.method},
-                )
+                ),
             )
         if was_connected:
             self._emit_connection(False)
@@ -331,10 +395,16 @@ class Client:
         callback: Callback | None = None,
         timeout: float = 5.0,
     ) -> Future[Any]:
-        """Send a request; return at once. ``callback(future)`` runs once it is resolved."""
+        """Send a request; return at once. ``callback(future)`` runs once it is resolved.
+
+        ``future.cancel()`` works while the reply is pending ("I no longer care": the reply is
+        dropped when it comes); it does not stop the command on the server, for that call
+        :meth:`cancel` (``rpc.cancel``) as well.
+        """
         future: Future[Any] = Future()
-        request_id = next(self._ids)
+        request_id = self._new_id()
         future.request_id = request_id  # type: ignore[attr-defined]  # for cancel() and progress
+        future.add_done_callback(functools.partial(self._forget_if_cancelled, request_id))
         if callback is not None:
             future.add_done_callback(callback)
         try:
@@ -360,15 +430,36 @@ class Client:
             )
         return future
 
+    def _new_id(self) -> int | str:
+        number = next(self._ids)
+        if self.id_prefix is None:
+            return number
+        return f"{self.id_prefix}{ID_SEPARATOR}{number}"
+
+    def _forget_if_cancelled(self, request_id: Any, future: Future[Any]) -> None:
+        """Done-callback: a future the user cancelled is pending no more (its reply, if it
+        comes, is dropped) and its timer is stopped."""
+        if not future.cancelled():
+            return
+        with self._lock:
+            pending = self._pending.get(request_id)
+            if pending is None or pending.future is not future:
+                return
+            del self._pending[request_id]
+        if pending.timer is not None:
+            pending.timer.cancel()
+
     def _expire(self, request_id: Any, timeout: float) -> None:
         with self._lock:
             pending = self._pending.pop(request_id, None)
         if pending is not None:
-            pending.future.set_exception(
+            _resolve(
+                pending.future,
+                None,
                 CommandTimeoutError(
                     f"no reply to {pending.method} within {timeout:g} s",
                     {"timeout": timeout, "method": pending.method, "source": "client"},
-                )
+                ),
             )
 
     def _send(self, data: bytes) -> bool:
@@ -390,7 +481,8 @@ class Client:
         """Ask the server to cancel the request behind ``future`` (``rpc.cancel``).
 
         The request itself is then answered with the cancelled error (or its result, if it
-        finished first). Returns the future of the ``rpc.cancel`` call.
+        finished first). Returns the future of the ``rpc.cancel`` call. (``future.cancel()``
+        only stops waiting, locally; call both to stop the command and drop its reply.)
         """
         return self.send_command(
             "rpc.cancel",
@@ -470,6 +562,13 @@ class CallbackListener:
 
     The server connects to the requesting peer's own IP address only, so the listener must
     listen on the address the client connects from (default loopback).
+
+    One listener may serve several clients. Each client numbers its requests
+    ``"<prefix>.<n>"`` with its own random prefix (:attr:`Client.id_prefix`), and a reply goes
+    to the client whose pending request has exactly that id. Anything else that arrives here
+    (a reply to no pending request: late, cancelled, or injected by whoever else connected to
+    the listener; a notification; a batch) is dropped and counted in :attr:`dropped`.
+    :attr:`received` counts every message read, :attr:`delivered` those given to a client.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, max_connections: int = 16):
@@ -477,21 +576,28 @@ class CallbackListener:
         self._sock.settimeout(0.2)
         self.address: Address = self._sock.getsockname()[:2]
         self.max_connections = max_connections
-        self._clients: list[Client] = []
+        self._clients: dict[str, Client] = {}
+        self._lock = threading.Lock()
         self._closed = threading.Event()
         self._threads: list[threading.Thread] = []
         self.received = 0
+        self.delivered = 0
+        self.dropped = 0
         self._accept = threading.Thread(
             target=self._accept_forever, name="statelink-callback-listener", daemon=True
         )
         self._accept.start()
 
     def attach(self, client: Client) -> None:
-        self._clients.append(client)
+        if client.id_prefix is None:
+            raise ValueError("a client needs an id_prefix to receive replies by callback")
+        with self._lock:
+            self._clients[client.id_prefix] = client
 
     def detach(self, client: Client) -> None:
-        if client in self._clients:
-            self._clients.remove(client)
+        with self._lock:
+            if client.id_prefix is not None and self._clients.get(client.id_prefix) is client:
+                del self._clients[client.id_prefix]
 
     def _accept_forever(self) -> None:
         while not self._closed.is_set():
@@ -513,13 +619,48 @@ class CallbackListener:
 
     def _serve(self, conn: socket.socket) -> None:
         conn.settimeout(0.5)
-        with conn:
-            read_events(conn, self._closed, self._route)
+        try:
+            peer = conn.getpeername()[:2]
+        except OSError:
+            peer = ("?", 0)
+        warned = False
 
-    def _route(self, event: Any) -> None:
-        self.received += 1
-        for client in list(self._clients):
-            client.handle_event(event)
+        def route(event: Any) -> None:
+            nonlocal warned
+            if self._route(event):
+                return
+            # Late replies (after a client timeout or cancel) land here too: warn once per
+            # connection, not once per reply, so a flood cannot flood the log.
+            level = logging.DEBUG if warned else logging.WARNING
+            warned = True
+            log.log(
+                level,
+                "callback listener %s:%s dropped a message from %s:%s that matches no pending "
+                "request (%s)",
+                *self.address,
+                *peer,
+                _describe(event),
+            )
+
+        with conn:
+            read_events(conn, self._closed, route)
+
+    def _route(self, event: Any) -> bool:
+        """Deliver one reply to the client whose pending request has exactly its id."""
+        client = None
+        with self._lock:
+            self.received += 1
+            if isinstance(event, (Response, ErrorResponse)) and isinstance(event.id, str):
+                prefix, separator, _ = event.id.rpartition(ID_SEPARATOR)
+                if separator:
+                    client = self._clients.get(prefix)
+        delivered = client is not None and client.deliver_reply(event)
+        with self._lock:
+            if delivered:
+                self.delivered += 1
+            else:
+                self.dropped += 1
+        return delivered
 
     def close(self) -> None:
         self._closed.set()

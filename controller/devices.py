@@ -89,14 +89,13 @@ class DeviceRuntime:
         self.server = server
         self.spec = spec
         self.machine = DeviceMachine(spec, on_change=self._on_change)
+        self.simulate = simulate
         self.board: Any = None
-        if spec.gpio:
-            from .gpio import GpioBoard
-
-            self.board = GpioBoard(spec, simulate=simulate)
-            server._on_stop.append(self.board.close)
         self._lane: deque[_Job] = deque()
         self._running: _Job | None = None
+        self._open_board()
+        server._on_start.append(self._open_board)
+        server._on_stop.append(self._stopped)
         for command in spec.commands.values():
             server.register(command.method, _DeviceCommand(self, command))
         server.register(f"{spec.name}.state", _DeviceState(self))
@@ -104,6 +103,26 @@ class DeviceRuntime:
     @property
     def state(self) -> str:
         return self.machine.state
+
+    # -- lifetime (with the server's; the I/O thread is not running) -------------------------
+    def _open_board(self) -> None:
+        if self.spec.gpio and self.board is None:
+            from .gpio import GpioBoard
+
+            self.board = GpioBoard(self.spec, simulate=self.simulate)
+
+    def _stopped(self) -> None:
+        """The server stopped: release the pins, forget the lane. A command still running
+        (a handler that ignored the cancellation) has an unknown outcome: fault, as for a
+        timeout, so that a restarted server does not carry on as if it had finished."""
+        self._lane.clear()  # every queued call was answered by the server's stop
+        job, self._running = self._running, None
+        if job is not None and not job.settled:
+            job.settled = True
+            self.machine.fail(job.command.name)
+        if self.board is not None:
+            self.board.close()
+            self.board = None
 
     def _on_change(self, state: str, previous: str, command: str) -> None:
         self.server.publish(
@@ -222,15 +241,16 @@ class DeviceRuntime:
         self._pump()
 
     def _timed_out(self, job: _Job) -> None:
-        """The handler overran its timeout: the hardware state is unknown, so fault."""
+        """The handler overran its timeout: the hardware state is unknown, so fault.
+
+        Also when the client had cancelled it: a handler that ignores the cancellation is as
+        unknown as one that hangs, and the next command must not run as if nothing happened.
+        """
         if job.settled:
             return
         job.settled = True
         self._running = None
-        if job.call.cancelled:
-            self.machine.cancel(job.command.name)
-        else:
-            self.machine.fail(job.command.name)
+        self.machine.fail(job.command.name)
         self.server.loop.call_soon(self._pump)
 
 

@@ -207,7 +207,7 @@ def execute(
     reason = getattr(handle.run, "reason", None)
     print(
         f"workflow {spec.name}: {outcome}"
-        + (f" ({reason})" if reason else "")
+        + (f" ({reason})" if reason and reason != outcome else "")
         + f" in {view.elapsed():.1f} s, final state {handle.state}",
         flush=True,
     )

@@ -36,6 +36,7 @@ log = logging.getLogger("statelink.runner")
 Observer = Callable[["RunHandle", dict[str, Any]], None]
 
 _STOP = object()
+_COMPILED_CACHE = 64  #: compiled machines kept for reuse, per runner
 
 
 class RunHandle:
@@ -113,6 +114,10 @@ class WorkflowRunner:
         self._client_lock = threading.Lock()
         self._subscribed: set[tuple[Address, str]] = set()
         self._gates: dict[Address, _Gate] = {}
+        #: addresses being connected off the dispatcher -> what to do once done (dispatcher)
+        self._connecting: dict[
+            Address, list[Callable[[Client | None, BaseException | None], None]]
+        ] = {}
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._compiled: dict[int, CompiledWorkflow] = {}
         self._active: dict[str, RunHandle] = {}
@@ -145,8 +150,9 @@ class WorkflowRunner:
                     f"(servers: {', '.join(sorted(addresses)) or 'none'})"
                 )
             addresses[name] = parse_address(addr)
-        # Connect here, on the caller's thread, so that the dispatcher never waits on a connect
-        # (a server that is down is retried by the run's own error route when it sends).
+        # Connect here, on the caller's thread, so that most runs find their clients ready; a
+        # server that is down is connected later, off the dispatcher, when a run sends to it
+        # (and its failure follows the run's own error route).
         for address in set(addresses.values()):
             try:
                 self.client(address)
@@ -172,6 +178,8 @@ class WorkflowRunner:
             return workflow
         compiled = self._compiled.get(id(workflow))
         if compiled is None or compiled.spec is not workflow:
+            if len(self._compiled) >= _COMPILED_CACHE:
+                del self._compiled[next(iter(self._compiled))]  # the oldest
             compiled = self._compiled[id(workflow)] = CompiledWorkflow(workflow)
         return compiled
 
@@ -197,6 +205,36 @@ class WorkflowRunner:
                 self._clients[address] = client
             return client
 
+    def with_client(
+        self, address: Address, then: Callable[[Client | None, BaseException | None], None]
+    ) -> None:
+        """Dispatcher thread: ``then(client, None)`` with the connected client of ``address``,
+        or ``then(None, error)``; a connect that is needed runs on its own thread (one per
+        address at a time), so an unreachable server never stalls the other runs."""
+        client = self._clients.get(address)
+        if client is not None:
+            then(client, None)
+            return
+        waiting = self._connecting.get(address)
+        if waiting is not None:
+            waiting.append(then)
+            return
+        self._connecting[address] = [then]
+
+        def connect() -> None:
+            try:
+                self.post(self._connected, address, self.client(address), None)
+            except (OSError, RpcError) as exc:
+                self.post(self._connected, address, None, exc)
+
+        threading.Thread(target=connect, name="statelink-runner-connect", daemon=True).start()
+
+    def _connected(
+        self, address: Address, client: Client | None, error: BaseException | None
+    ) -> None:
+        for then in self._connecting.pop(address, []):
+            then(client, error)
+
     def gate(self, address: Address, client: Client) -> _Gate:
         """The in-flight gate of one server address (dispatcher thread)."""
         gate = self._gates.get(address)
@@ -210,17 +248,24 @@ class WorkflowRunner:
     def release(self, gate: _Gate) -> None:
         """A request of ``gate`` was answered: send the next waiting one (dispatcher thread)."""
         gate.inflight -= 1
-        if gate.waiting and gate.inflight < gate.limit:
-            effects, *args = gate.waiting.popleft()
-            effects.send_now(gate, *args)
+        waiting = gate.waiting
+        while waiting and gate.inflight < gate.limit:
+            effects, run, token, *args = waiting.popleft()
+            if run.expects(token):  # else the run moved on (aborted, timed out) while waiting
+                effects.send_now(gate, run, token, *args)
 
     def close(self) -> None:
-        """Abort nothing; stop the dispatcher, the clients and the scheduler."""
+        """Abort nothing; stop the dispatcher, the clients and the scheduler. Runs still going
+        stop where they are: their journals (those opened from a path) are closed without a
+        ``finished`` line, as after a crash. Abort them first to run their ``on_abort``."""
         if self._closed:
             return
         self._closed = True
         self._events.put(_STOP)
         self._dispatcher.join(timeout=10)
+        for handle in list(self._active.values()):
+            if handle._owns_journal and handle._journal is not None:
+                handle._journal.close()
         for client in list(self._clients.values()):
             client.close()
         self.scheduler.close()
@@ -301,24 +346,37 @@ class _Effects:
     def send_command(
         self, run: WorkflowRun, token: int, server: str, method: str, params: Any, timeout: float
     ) -> None:
-        runner = self.runner
         address = self.handle.servers[server]
-        try:
-            client = runner.client(address)
-        except RpcError as exc:
-            runner.post(run.on_error, token, exc.kind, exc.code, exc.message, exc.data)
-            return
-        except OSError as exc:
-            runner.post(
-                run.on_error,
-                token,
-                "connection_lost",
-                ek.CONNECTION_LOST,
-                f"cannot reach {server} at {address[0]}:{address[1]}: {exc}",
-                {"server": server},
-            )
-            return
 
+        def with_client(client: Client | None, error: BaseException | None) -> None:
+            if client is not None:
+                self._send(run, token, address, client, method, params, timeout)
+            elif isinstance(error, RpcError):
+                run.on_error(token, error.kind, error.code, error.message, error.data)
+            else:
+                run.on_error(
+                    token,
+                    "connection_lost",
+                    ek.CONNECTION_LOST,
+                    f"cannot reach {server} at {address[0]}:{address[1]}: {error}",
+                    {"server": server},
+                )
+
+        self.runner.with_client(address, with_client)
+
+    def _send(
+        self,
+        run: WorkflowRun,
+        token: int,
+        address: Address,
+        client: Client,
+        method: str,
+        params: Any,
+        timeout: float,
+    ) -> None:
+        runner = self.runner
+        if not run.expects(token):
+            return  # the run moved on (aborted, timed out) while connecting
         gate = runner.gate(address, client)
         if gate.inflight >= gate.limit:
             # The connection is at the server's bound: wait here (at most one entry per run).
@@ -347,6 +405,10 @@ class _Effects:
             if error is None:
                 runner.post(run.on_reply, token, future.result())
             elif isinstance(error, RpcError):
+                if isinstance(error.data, dict) and error.data.get("source") == "client":
+                    # Our timeout, not the server's: the command may still be running there.
+                    # Cancel it, so that a retry or the next state does not queue behind it.
+                    client.cancel(future)
                 runner.post(run.on_error, token, error.kind, error.code, error.message, error.data)
             else:
                 runner.post(

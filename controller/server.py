@@ -44,6 +44,7 @@ from .errors import (
     DeviceFaultError,
     InternalError,
     InvalidParamsError,
+    InvalidRequestError,
     MethodNotFoundError,
     RpcError,
     UnauthorizedError,
@@ -583,8 +584,19 @@ class Connection(asyncio.BufferedProtocol):
         call = Call(self, msg, batch)
         self.inflight += 1
         server.inflight += 1
-        if not call.is_notification:
-            self.calls[call.id] = call
+        if not call.is_notification and self.calls.setdefault(call.id, call) is not call:
+            # Another request with this id is in flight here (one dict lookup either way).
+            if call.id is not None:
+                call.reject(
+                    InvalidRequestError(
+                        "Invalid Request: a request with this id is already in flight on this "
+                        "connection",
+                        {"reason": "the id is already in flight on this connection"},
+                    )
+                )
+                return
+            # null ids may repeat (they cannot be told apart anyway): keyed by the call itself
+            self.calls[call] = call
         method = msg.method
         if not self.authenticated and method != "rpc.hello":
             self.auth_failed(call, "authenticate with rpc.hello before calling other methods")
@@ -624,8 +636,12 @@ class Connection(asyncio.BufferedProtocol):
         self.inflight -= 1
         server = self.server
         server.inflight -= 1
-        if not call.is_notification and self.calls.get(call.id) is call:
-            del self.calls[call.id]
+        if not call.is_notification:
+            calls = self.calls
+            if calls.get(call.id) is call:
+                del calls[call.id]
+            elif call.id is None:  # a null id that was in flight twice (see start_call)
+                calls.pop(call, None)
         if server.inflight == 0 and server.drained is not None:
             server.drained.set()
         if self.eof and not self.calls:
@@ -708,7 +724,7 @@ class Connection(asyncio.BufferedProtocol):
         self._out.clear()
         self._out_bytes = 0
         if self.callback is not None:
-            self.callback.close()
+            self.callback.close(abort=True)
         if self.transport is not None:
             self.transport.abort()
 
@@ -724,25 +740,35 @@ class Connection(asyncio.BufferedProtocol):
 
 
 class CallbackLink:
-    """Replies delivered by connecting back to the requesting peer's own address."""
+    """Replies delivered by connecting back to the requesting peer's own address.
+
+    Each reply goes exactly one way: over the link while it is usable, else on the request
+    connection (:meth:`Connection.write`). The link becomes unusable when it cannot connect, when
+    the peer closes it (EOF) or it fails (reset, write error: :class:`_CallbackProtocol`), and
+    when :meth:`close` ends it; replies still waiting for the link to connect then go to the
+    request connection. A reply already handed to a link's socket when the peer closed it is
+    lost with it (TCP gives no receipt), which the client's own timeout covers.
+    """
 
     def __init__(self, conn: Connection, port: int):
         self.conn = conn
         self.host = conn.peer[0]  # never any other host
         self.port = port
         self.usable = True
-        self._writer: asyncio.StreamWriter | None = None
+        self._transport: asyncio.Transport | None = None
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._connecting = False
 
     def write(self, data: bytes) -> None:
         if not self.usable:
+            self.conn.write(data)
             return
         limit = self.conn.server.limits.max_outgoing
-        if self._writer is not None:
-            self._writer.write(data)
-            if self._writer.transport.get_write_buffer_size() > limit:
+        transport = self._transport
+        if transport is not None:
+            transport.write(data)
+            if transport.get_write_buffer_size() > limit:
                 self.conn.overflow()
             return
         self._pending.append(data)
@@ -755,37 +781,73 @@ class CallbackLink:
             self.conn.server.loop.create_task(self._connect())
 
     async def _connect(self) -> None:
+        loop = self.conn.server.loop
         try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port), timeout=5.0
+            transport, _ = await asyncio.wait_for(
+                loop.create_connection(lambda: _CallbackProtocol(self), self.host, self.port),
+                timeout=5.0,
             )
         except (OSError, asyncio.TimeoutError) as exc:
+            self.lost(f"cannot connect: {exc}")
+            return
+        assert isinstance(transport, asyncio.Transport)
+        if not self.usable:  # closed (or lost) while connecting
+            transport.close()
+            return
+        self._transport = transport
+        pending, self._pending = self._pending, []
+        self._pending_bytes = 0
+        if pending:
+            transport.write(b"".join(pending))
+            if transport.get_write_buffer_size() > self.conn.server.limits.max_outgoing:
+                self.conn.overflow()
+
+    def lost(self, reason: str) -> None:
+        """The link failed or the peer closed it: reply on the request connection from now on."""
+        if not self.usable:
+            return  # closed by us, or already lost
+        if not self.conn.closing:
             log.warning(
-                "callback delivery to %s:%s failed (%s); replying on the request "
-                "connection instead",
+                "callback delivery to %s:%s failed (%s); replying on the request connection "
+                "instead",
                 self.host,
                 self.port,
-                exc,
+                reason,
             )
-            self.usable = False
-            for data in self._pending:
-                self.conn.write(data)
-            self._pending.clear()
-            return
-        if not self.usable:  # closed while connecting
-            writer.close()
-            return
-        self._writer = writer
-        for data in self._pending:
-            writer.write(data)
-        self._pending.clear()
+        self.close()
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """End the link (the request connection closes, or rpc.hello moves it). Replies still
+        waiting for it to connect go to the request connection (if that is still open); what
+        the link's socket holds is flushed, unless ``abort``."""
         self.usable = False
-        self._pending.clear()
+        pending, self._pending = self._pending, []
         self._pending_bytes = 0
-        if self._writer is not None:
-            self._writer.close()
+        for data in pending:
+            self.conn.write(data)
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            if abort:
+                transport.abort()
+            else:
+                transport.close()
+
+
+class _CallbackProtocol(asyncio.Protocol):
+    """The server's end of a callback link: it only writes; it reads to see the link end."""
+
+    def __init__(self, link: CallbackLink):
+        self.link = link
+
+    def data_received(self, data: bytes) -> None:
+        pass  # the peer has nothing to say on this link; whatever it sends is dropped
+
+    def eof_received(self) -> bool:
+        self.link.lost("the peer closed the callback connection")
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.link.lost(f"{type(exc).__name__}: {exc}" if exc else "the connection closed")
 
 
 class CommandServer:
@@ -832,6 +894,7 @@ class CommandServer:
         self._server: asyncio.base_events.Server | None = None
         self._address: tuple[str, int] | None = None
         self._started_at = 0.0
+        #: run by start() before the I/O thread starts, and by stop() after it ended
         self._on_start: list[Callable[[], None]] = []
         self._on_stop: list[Callable[[], None]] = []
         self.devices: dict[str, Any] = {}
@@ -895,10 +958,15 @@ class CommandServer:
     def start(self) -> CommandServer:
         """Start listening; returns once the socket accepts connections.
 
+        A stopped server can be started again (on a new port when ``port`` is 0); it keeps its
+        commands, devices and ``rpc.stats`` counters.
+
         Raises ``OSError`` with the reason when it cannot listen (e.g. the port is in use).
         """
         if self._thread is not None:
             raise RuntimeError("the server is already started")
+        for hook in self._on_start:  # before the I/O thread: no connection yet
+            hook()
         ready = threading.Event()
         failure: list[BaseException] = []
 
@@ -941,23 +1009,32 @@ class CommandServer:
                     exc.errno, f"cannot listen on {self.host}:{self.port}: {reason}"
                 ) from exc
             raise exc
-        for hook in self._on_start:
-            hook()
         return self
 
     async def _listen(self) -> None:
+        # A start() after stop(): nothing of the last run carries over but the registrations
+        # and the rpc.stats counters (a connection or a notification the last run left
+        # behind must not count here, and its drained event belongs to its closed loop).
+        self.stopping = False
+        self.drained = None
+        self.connections = set()
+        self.inflight = 0
         self.deadlines = _Deadlines(self)  # both belong to this loop: none left from an old one
         self._to_flush = []
         self.pool = WorkerPool(self.loop, self.workers, self.limits.max_queue)
-        self._server = await self.loop.create_server(
-            lambda: Connection(self),
-            self.host,
-            self.port,
-            ssl=self.ssl,
-            backlog=1024,
-            reuse_address=True,
-            ssl_handshake_timeout=self.limits.handshake_timeout if self.ssl else None,
-        )
+        try:
+            self._server = await self.loop.create_server(
+                lambda: Connection(self),
+                self.host,
+                self.port,
+                ssl=self.ssl,
+                backlog=1024,
+                reuse_address=True,
+                ssl_handshake_timeout=self.limits.handshake_timeout if self.ssl else None,
+            )
+        except BaseException:
+            self.pool.shutdown()  # its threads would wait for jobs forever
+            raise
         sockname = self._server.sockets[0].getsockname()
         self._address = (sockname[0], sockname[1])
         self._started_at = time.monotonic()
@@ -997,13 +1074,27 @@ class CommandServer:
                 await asyncio.wait_for(self.drained.wait(), timeout=grace)
             except asyncio.TimeoutError:
                 pass
-        for conn in list(self.connections):
-            for call in list(conn.calls.values()):
-                call.reject(
-                    CancelledError(
-                        "the server stopped before the command finished", {"reason": "shutdown"}
-                    )
+        # What is still in flight after the grace is cancelled: its handler is told (a device
+        # command sees ctx.cancelled, and settles as cancelled, not faulted), the request is
+        # answered with the cancelled error, and the jobs still waiting for a worker thread
+        # are taken off the pool's queue, so they never run (their outcome is dropped as late).
+        leftover = [call for conn in self.connections for call in conn.calls.values()]
+        for call in leftover:
+            call.cancelled = True
+            if call.cancel_event is not None:
+                call.cancel_event.set()
+        for call in leftover:
+            call.reject(
+                CancelledError(
+                    "the server stopped before the command finished", {"reason": "shutdown"}
                 )
+            )
+        self.pool.shutdown(
+            error=CancelledError(
+                "the server stopped before the command started", {"reason": "shutdown"}
+            )
+        )
+        for conn in list(self.connections):
             conn.close("shutdown")
         # Cancel what is left (async handlers, the sweeper), so that their ``finally`` blocks
         # run now rather than the tasks being destroyed pending when the loop closes.
@@ -1133,7 +1224,11 @@ class CommandServer:
         if (
             conn.authenticated
             and conn.callback_port is not None
-            and (conn.callback is None or conn.callback.port != conn.callback_port)
+            and (
+                conn.callback is None
+                or not conn.callback.usable  # lost or never connected: try again
+                or conn.callback.port != conn.callback_port
+            )
         ):
             if conn.callback is not None:
                 conn.callback.close()

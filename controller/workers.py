@@ -4,6 +4,10 @@ Blocking handlers run here, never on the I/O thread. The pool has a fixed number
 a fixed queue bound; :meth:`WorkerPool.submit` refuses work beyond it (the server answers
 "busy" at once). Outcomes are handed back through one deque and a single loop wake-up per
 burst, which keeps the thread hand-off cheap under load.
+
+:meth:`WorkerPool.shutdown` takes the jobs that have not started off the queue (they never
+run) and gives each of them its one outcome, the ``error`` it is given; from then on
+:meth:`~WorkerPool.submit` refuses work with :class:`PoolClosed`.
 """
 
 from __future__ import annotations
@@ -28,6 +32,11 @@ class PoolFull(Exception):
     """The pool's queue bound is reached; answer busy."""
 
 
+class PoolClosed(PoolFull):
+    """The pool is shut down: it takes no more jobs (a :class:`PoolFull`, so callers that
+    answer busy for a full queue answer busy for this too)."""
+
+
 class WorkerPool:
     """``size`` threads and at most ``max_queue`` jobs waiting for one."""
 
@@ -36,6 +45,8 @@ class WorkerPool:
             raise ValueError("a worker pool needs at least one thread")
         self.size = size
         self.max_queue = max_queue
+        self.closed = False  #: shutdown() was called: submit() refuses, nothing queued runs
+        self._limit = size + max_queue  #: submit() refuses at this many pending (-1: closed)
         self._loop = loop
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._outcomes: deque[tuple[Done, Any, BaseException | None]] = deque()
@@ -53,7 +64,9 @@ class WorkerPool:
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], done: Done
     ) -> None:
         """Queue ``fn(*args, **kwargs)``; ``done`` runs on the loop. Loop thread only."""
-        if self.pending >= self.size + self.max_queue:
+        if self.pending >= self._limit:
+            if self.closed:
+                raise PoolClosed("the worker pool is shut down")
             raise PoolFull(f"worker queue full ({self.size} workers, {self.max_queue} queued)")
         self.pending += 1
         self._jobs.put((fn, args, kwargs, done))
@@ -87,10 +100,51 @@ class WorkerPool:
             except Exception:
                 log.exception("outcome callback failed")
 
-    def shutdown(self, wait: float = 0.0) -> None:
-        """Stop the threads once they finish their current job (hung handlers are abandoned)."""
+    def shutdown(self, wait: float = 0.0, error: BaseException | None = None) -> int:
+        """Stop the pool: refuse new jobs, take every job that has not started off the queue
+        (it never runs), and stop the threads once they finish their current job (hung
+        handlers are abandoned). Returns how many jobs were taken off. Idempotent. Call it on
+        the loop thread while the loop runs (as the server does), so that no :meth:`submit`
+        races with it and the outcomes run where they always run.
+
+        Each job taken off still gets exactly one outcome: its ``done`` is called with
+        ``(None, error)`` (default: :class:`PoolClosed`). Called on the loop thread, that
+        happens before this returns; from another thread, through the loop (or in this thread
+        if the loop is closed, when nothing else can run a callback any more).
+        """
+        self.closed = True
+        self._limit = -1  # submit() refuses from now on, at no cost to its usual path
+        if error is None:
+            error = PoolClosed("the worker pool was shut down before the job started")
+        jobs, taken = self._jobs, 0
+        while True:  # drain before the STOP markers, so nothing queued runs after them
+            try:
+                job = jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is _STOP:  # a second shutdown(): the markers are (re)put below
+                continue
+            self._outcomes.append((job[3], None, error))
+            taken += 1
         for _ in self._threads:
-            self._jobs.put(_STOP)
+            jobs.put(_STOP)
+        if taken:
+            self._deliver()
         if wait > 0:
             for thread in self._threads:
                 thread.join(wait)
+        return taken
+
+    def _deliver(self) -> None:
+        """Run the queued outcomes: now on the loop thread (or a closed loop's), else via it."""
+        try:
+            on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop or self._loop.is_closed():
+            self._drain()
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # closed meanwhile: nothing else runs callbacks now
+            self._drain()

@@ -436,6 +436,9 @@ class _Parser:
         self.states: tuple[str, ...] = ()
         self.fault: str | None = None
         self.device = "?"
+        #: gpio objects declared with errors (already reported): commands using them are not
+        #: reported again as "not declared"
+        self.broken_objects: set[str] = set()
 
     def err(self, line: int, message: str) -> None:
         self.errors.append(ConfigError(self.file, line or 1, message))
@@ -607,6 +610,8 @@ class _Parser:
             obj = self.gpio_object(name, body, at, used_pins)
             if obj is not None:
                 objects[name] = obj
+            else:
+                self.broken_objects.add(name)
         # simulate links (on_when/off_when) need every object parsed first
         for obj in objects.values():
             sim = obj.simulate or {}
@@ -1054,7 +1059,9 @@ class _Parser:
             self.err(at, f"{where}'gpio' must be a mapping like {{object: led, action: \"on\"}}")
             return None
         obj_name = raw.get("object")
-        if obj_name is None or obj_name not in objects:
+        if isinstance(obj_name, str) and obj_name in self.broken_objects:
+            return None  # its declaration's error is reported
+        if not isinstance(obj_name, str) or obj_name not in objects:
             what = (
                 "missing 'object'"
                 if obj_name is None

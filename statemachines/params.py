@@ -89,6 +89,8 @@ def _fmt(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return repr(value)
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))  # as the caller wrote it: numbers arrive as floats
     return str(value)
 
 

@@ -224,6 +224,11 @@ class WorkflowRun:
         if not self.done:
             self.compiled._trigger[T_ABORT](self)
 
+    def expects(self, token: int) -> bool:
+        """True while the event ``token`` (of a command sent or a timer started by this run)
+        is still the one the run waits for; False once it moved on (abort, timeout, finish)."""
+        return token == self._token
+
     # --- internals -----------------------------------------------------------------------
 
     def _record(self, entry: dict[str, Any]) -> None:

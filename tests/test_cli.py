@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import ServeProcess, statelink
+from support import ServeProcess, statelink, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DEVICE = ROOT / "config" / "devices" / "demo.yaml"
@@ -74,3 +78,42 @@ def test_serve_refuses_public_address_without_secret() -> None:
 def test_python_m_controller_matches_console_script() -> None:
     result = statelink("--help")
     assert result.returncode == 0 and "serve" in result.stdout and "demo" in result.stdout
+
+
+def test_ctrl_c_on_call_cancels_the_command_and_exits_130(served: ServeProcess) -> None:
+    from controller import Client
+
+    with Client(served.address) as probe:
+        calibrating = threading.Event()
+        probe.subscribe(
+            "device.state",
+            lambda p: calibrating.set() if p["state"] == "calibrating" else None,
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "controller", "call", "--server", served.server,
+             "--timeout", "120", "demo.calibrate", '{"steps": 50, "delay": 2}'],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )  # fmt: skip
+        try:
+            assert calibrating.wait(WAIT), "the call never started the command"
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=WAIT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert proc.returncode == 130, err
+        assert "interrupted" in err and "Traceback" not in err
+        # the server was asked to cancel: the device is free again
+        wait_until(lambda: probe.call("demo.state")["state"] == "idle", what="demo to be idle")
+
+
+def test_version_and_invalid_timeouts() -> None:
+    version = statelink("--version")
+    assert version.returncode == 0 and version.stdout.startswith("statelink ")
+    for bad in ("inf", "nan", "0", "-1", "soon"):
+        result = statelink("call", "--timeout", bad, "rpc.ping")
+        assert result.returncode == 2 and "--timeout" in result.stderr, (bad, result.stderr)

@@ -15,6 +15,7 @@ import time
 from concurrent.futures import Future
 
 import pytest
+from support import RawConnection
 
 from controller import (
     CallbackListener,
@@ -251,6 +252,28 @@ def test_progress_notifications_reach_a_subscriber(busy_server, clients):
     assert got == [{"id": got[0]["id"], "progress": 0.25, "message": "quarter"}]
 
 
+def test_future_cancel_drops_the_reply_and_the_connection_goes_on(
+    busy_server, clients, release, wait_until
+):
+    """``future.cancel()`` by the user: the late reply must not kill the reader thread (a
+    ``set_result`` on a cancelled future raises ``InvalidStateError``)."""
+    client = clients(busy_server.address)
+    outcomes = Outcomes()
+    future = client.send_command("slow", ["late"], callback=outcomes.callback, timeout=30)
+    assert busy_server.started.wait(WAIT)
+    assert future.cancel() is True
+    assert future.cancelled() and outcomes.count(future) == 1
+    replies = busy_server.stats.replies_total
+    release.set()
+    # Once the server has counted the reply to "slow", it is queued on this connection ahead
+    # of any reply to a later request: the reader handles it before the "add" reply below.
+    wait_until(lambda: busy_server.stats.replies_total > replies, what="the reply to slow")
+    assert client.call("add", [1, 2]) == 3
+    assert client.call("add", [3, 4]) == 7
+    assert outcomes.count(future) == 1
+    assert client.pending == 0  # the cancelled request is no longer waited for
+
+
 # -- losing the connection ----------------------------------------------------------------
 
 
@@ -424,6 +447,68 @@ def test_callback_listener_end_to_end(busy_server, clients):
         with pytest.raises(DeviceFaultError):
             client.call("fail")
         assert listener.received == 22
+        client.close()
+
+
+def test_two_clients_share_a_callback_listener(busy_server, clients):
+    """Each client numbers its requests from 1: the listener must route replies by the
+    client's own random id prefix, never by the number alone."""
+    with CallbackListener() as listener:
+        a = clients(busy_server.address, callback_listener=listener, name="a")
+        b = clients(busy_server.address, callback_listener=listener, name="b")
+        assert a.id_prefix and b.id_prefix and a.id_prefix != b.id_prefix
+        expected: list[tuple[Future, int]] = []
+        for i in range(50):  # interleaved: a's n-th and b's n-th requests are in flight at once
+            expected.append((a.send_command("add", [1000, i]), 1000 + i))
+            expected.append((b.send_command("add", [2000, i]), 2000 + i))
+        for future, value in expected:
+            assert future.result(WAIT) == value
+        ids = [future.request_id for future, _ in expected]
+        assert len(set(ids)) == len(ids)
+        assert all(isinstance(i, str) for i in ids)
+        assert ids[0].startswith(a.id_prefix + ".") and ids[1].startswith(b.id_prefix + ".")
+        assert (listener.received, listener.delivered, listener.dropped) == (100, 100, 0)
+        assert a.pending == 0 and b.pending == 0
+        a.close()
+        b.close()
+
+
+def test_a_peer_cannot_inject_replies_through_the_callback_listener(
+    busy_server, clients, release, wait_until
+):
+    with CallbackListener() as listener:
+        client = clients(busy_server.address, callback_listener=listener)
+        future = client.send_command("slow", ["real"], timeout=30)
+        assert busy_server.started.wait(WAIT)
+        number = future.request_id.rpartition(".")[2]
+        forged = [
+            {"jsonrpc": "2.0", "id": int(number), "result": "forged"},  # a client's plain number
+            {"jsonrpc": "2.0", "id": number, "result": "forged"},
+            {"jsonrpc": "2.0", "id": f"{'0' * 32}.{number}", "result": "forged"},  # wrong prefix
+            {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "forged"}},
+            {"jsonrpc": "2.0", "method": "device.state", "params": {"forged": True}},
+        ]
+        with RawConnection(listener.address) as intruder:
+            for message in forged:
+                intruder.send_json(message)
+            wait_until(lambda: listener.dropped == len(forged), what="the forged messages")
+        assert not future.done()
+        release.set()
+        assert future.result(WAIT) == "real"
+        assert listener.delivered == 1 and listener.dropped == len(forged)
+        client.close()
+
+
+def test_future_cancel_with_callback_delivery(busy_server, clients, release, wait_until):
+    with CallbackListener() as listener:
+        client = clients(busy_server.address, callback_listener=listener)
+        future = client.send_command("slow", timeout=30)
+        assert busy_server.started.wait(WAIT)
+        assert future.cancel() is True
+        release.set()
+        wait_until(lambda: listener.dropped == 1, what="the dropped reply to slow")
+        assert client.call("add", [2, 2]) == 4
+        assert listener.delivered == 1
         client.close()
 
 

@@ -720,3 +720,9 @@ def test_catalog_from_discover_round_trips() -> None:
     assert catalog["add"]["params"] == {"a": {"required": True}, "b": {"required": False}}
     assert "rpc.stats" not in catalog
     assert catalog_from_discover({}) == {}
+
+
+def test_a_broken_gpio_object_is_reported_once_not_at_every_command(tmp_path: Path) -> None:
+    found = errors(tmp_path, edit(GPIO, "kind: led, pin: 17", "kind: lamp, pin: 17"), hw=None)
+    [(_, message)] = found  # not also "command 'light': gpio object 'led' is not declared"
+    assert message.startswith("gpio 'led': unknown kind 'lamp'")

@@ -132,6 +132,56 @@ def test_progress_then_cancel(demo: Any) -> None:
     assert client.call("demo.state")["state"] == "idle"  # cancelled is not a fault
 
 
+def test_a_cancelled_command_that_ignores_it_and_overruns_faults_the_device(
+    tmp_path: Path,
+) -> None:
+    """rpc.cancel on a handler that never looks at ctx: the timeout answers the call (with the
+    cancelled error the client asked for), and the device faults (its hardware state is
+    unknown) instead of going back to where it started while the handler still runs."""
+    (tmp_path / "stub_hw.py").write_text(
+        textwrap.dedent("""
+        import threading
+        release = threading.Event()
+
+        def stubborn(ctx):
+            release.wait(10)  # ignores ctx.cancelled
+            return "late"
+
+        def reset(ctx):
+            return "reset"
+    """)
+    )
+    path = tmp_path / "stub.yaml"
+    path.write_text(
+        textwrap.dedent("""
+        device: stub
+        states: [idle, busy, fault]
+        commands:
+          stubborn: {from: [idle], running: busy, to: idle, handler: stub_hw:stubborn,
+                     timeout: 500ms}
+          reset: {from: [fault], to: idle, handler: stub_hw:reset}
+    """)
+    )
+    spec = load_device(path)
+    release = spec.commands["stubborn"].handler.__globals__["release"]  # type: ignore[union-attr]
+    server = CommandServer(port=0, workers=2, grace=0.5)
+    server.add_device(spec)
+    with server, Client(server.address) as client:
+        try:
+            future = client.send_command("stub.stubborn", timeout=WAIT)
+            assert client.call("stub.state")["state"] == "busy"
+            assert client.cancel(future).result(WAIT) == {"cancelled": True}
+            with pytest.raises(CancelledError):
+                future.result(WAIT)
+            assert client.call("stub.state")["state"] == "fault"
+            with pytest.raises(NotAllowedError):
+                client.call("stub.stubborn")
+        finally:
+            release.set()
+        assert client.call("stub.reset") == "reset"
+        assert client.call("stub.state")["state"] == "idle"
+
+
 def test_commands_serialised_per_device_parallel_across_devices(tmp_path: Path) -> None:
     spec_a = load_device(_lane_device(tmp_path, "alpha"))
     spec_b = load_device(_lane_device(tmp_path, "beta"))
@@ -208,3 +258,57 @@ def test_graph_of_a_device_is_mermaid_by_default_and_dot_on_request() -> None:
     assert "calibrating" in mermaid.stdout
     dot = statelink("graph", str(DEMO), "--format", "dot")
     assert dot.returncode == 0 and dot.stdout.lstrip().startswith("digraph")
+
+
+def test_a_restarted_server_reopens_gpio_and_faults_a_command_left_running(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "left_hw.py").write_text(
+        textwrap.dedent("""
+        import threading
+        release = threading.Event()
+
+        def stubborn(ctx):
+            release.wait(10)  # ignores ctx.cancelled: still running when the server stops
+            return "late"
+
+        def reset(ctx):
+            return "reset"
+    """)
+    )
+    path = tmp_path / "left.yaml"
+    path.write_text(
+        textwrap.dedent("""
+        device: left
+        states: [idle, busy, fault]
+        gpio:
+          led: {kind: led, pin: 17}
+        commands:
+          stubborn: {from: [idle], running: busy, to: idle, handler: left_hw:stubborn,
+                     timeout: 30s}
+          light: {from: "*", gpio: {object: led, action: "on"}}
+          reset: {from: [fault], to: idle, handler: left_hw:reset}
+    """)
+    )
+    spec = load_device(path)
+    release = spec.commands["stubborn"].handler.__globals__["release"]  # type: ignore[union-attr]
+    server = CommandServer(port=0, workers=2, grace=0.2)
+    server.add_device(spec, simulate=True)
+    try:
+        with server, Client(server.address, reconnect=False) as client:
+            future = client.send_command("left.stubborn", timeout=WAIT)
+            assert client.call("left.state")["state"] == "busy"
+            server.stop()  # the grace ends with the handler still running
+            with pytest.raises(CancelledError):
+                future.result(WAIT)
+            assert server.devices["left"].board is None  # pins released
+            server.start()
+            with Client(server.address) as again:
+                assert again.call("left.state")["state"] == "fault"  # its outcome is unknown
+                assert again.call("left.light") is not None  # GPIO works again
+                led = server.devices["left"].board.objects["led"]
+                assert led.value == 1
+                assert again.call("left.reset") == "reset"
+                assert again.call("left.state")["state"] == "idle"
+    finally:
+        release.set()

@@ -494,3 +494,118 @@ def test_runner_keeps_under_the_servers_inflight_bound(runner: WorkflowRunner) -
         assert [h.wait(WAIT) for h in handles] == ["success"] * 100
         stats = demo.stats_snapshot()
     assert str(-32003) not in stats["errors_by_code"]  # never busy: the gate held them back
+
+
+def test_a_command_timeout_cancels_the_command_on_the_server(
+    runner: WorkflowRunner, demo: CommandServer, tmp_path: Path
+) -> None:
+    """The workflow's timeout is the client's: the runner sends rpc.cancel, so the device is
+    free again and the next command does not queue behind the abandoned one."""
+    spec = parse_workflow(
+        textwrap.dedent("""
+        name: cancel-on-timeout
+        servers: {device: "127.0.0.1:1"}
+        initial: long
+        states:
+          long:
+            command: demo.calibrate
+            params: {steps: 50, delay: 1}
+            timeout: 200ms
+            next: done
+            on_error: {timeout: short}
+          short:
+            command: demo.calibrate
+            params: {steps: 1, delay: 0}
+            timeout: 5s
+            next: done
+          done: {final: success}
+    """)
+    )
+    handle, entries = run(runner, spec, {"device": demo.address}, tmp_path)
+    assert handle.outcome == "success", entries
+    errors = [e for e in entries if e["event"] == "error"]
+    assert [e["error"]["kind"] for e in errors] == ["timeout"]
+    assert entries[-2]["command"] == "demo.calibrate" and entries[-2]["result"]["steps"] == 1
+
+
+def test_commands_waiting_for_a_slot_are_dropped_when_their_run_is_aborted(
+    runner: WorkflowRunner, tmp_path: Path
+) -> None:
+    release = threading.Event()
+    calls: list[str] = []
+    server = CommandServer(port=0, grace=0.5, limits=Limits(max_inflight=1))
+
+    @server.command("work")
+    def work() -> str:
+        calls.append("work")
+        release.wait(WAIT)
+        return "done"
+
+    spec = parse_workflow(
+        textwrap.dedent("""
+        name: gated
+        servers: {device: "127.0.0.1:1"}
+        initial: work
+        states:
+          work:
+            command: work
+            timeout: 20s
+            next: done
+          done: {final: success}
+    """)
+    )
+    with server:
+        servers = {"device": server.address}
+        first = runner.start(spec, servers=servers)
+        waiting = runner.start(spec, servers=servers)  # behind first: the bound is 1
+        waiting.abort()
+        assert waiting.wait(WAIT) == "aborted"
+        release.set()
+        last = runner.start(spec, servers=servers)
+        assert first.wait(WAIT) == "success" and last.wait(WAIT) == "success"
+    assert len(calls) == 2  # first and last: the aborted run's command was never sent
+
+
+def test_a_server_that_hangs_the_connect_does_not_stall_other_runs(
+    runner: WorkflowRunner, demo: CommandServer, tmp_path: Path
+) -> None:
+    """Connecting to a server that accepts but never answers rpc.hello (a stuck device)
+    happens off the dispatcher: runs against other servers go on meanwhile."""
+    import socket
+
+    release, holding = threading.Event(), threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def stuck_server() -> None:
+        first, _ = listener.accept()
+        first.close()  # runner.start()'s connect: refused at once, the run goes on
+        second, _ = listener.accept()  # the connect made when the run sends: held
+        holding.set()
+        release.wait(WAIT)
+        second.close()
+
+    thread = threading.Thread(target=stuck_server, daemon=True)
+    thread.start()
+    stuck = parse_workflow(
+        textwrap.dedent("""
+        name: stuck
+        servers: {device: "127.0.0.1:1"}
+        initial: ping
+        states:
+          ping: {command: rpc.ping, timeout: 5s, next: done, on_error: lost}
+          done: {final: success}
+          lost: {final: failure}
+    """)
+    )
+    try:
+        blocked = runner.start(stuck, servers={"device": listener.getsockname()})
+        ok = runner.start(stuck, servers={"device": demo.address})
+        assert ok.wait(WAIT) == "success"
+        assert holding.wait(WAIT)
+        assert not blocked.done  # still connecting while the other run finished
+    finally:
+        release.set()
+        thread.join(WAIT)
+        listener.close()
+    assert blocked.wait(WAIT) == "failure"
+    assert blocked.history[-2]["error"]["kind"] == "connection_lost"

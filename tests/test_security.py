@@ -152,6 +152,24 @@ def test_the_client_refuses_a_server_that_cannot_prove_the_secret():
         assert got[1] == b"", "the client sent nothing after the bad proof"
 
 
+def test_a_client_with_a_secret_refuses_a_server_that_does_not_authenticate():
+    """A server without a secret (or an impostor) answers rpc.hello with ``auth`` null: it
+    never proves it holds the secret, so a client that has one must not go on."""
+    with serve() as server:
+        with pytest.raises(UnauthorizedError, match="did not ask for authentication") as info:
+            Client(server.address, secret=SECRET, reconnect=False)
+        message = str(info.value)
+        assert f"{HOST}:{server.address[1]}" in message
+        assert "--secret-file" in message and "drop the client secret" in message
+        assert info.value.code == UNAUTHORIZED
+        # the client closed the connection having sent nothing but its rpc.hello
+        wait_until(lambda: not server.connections, what="the connection to close")
+        assert server.stats.requests_total == 1
+        # without a secret, the same server is fine
+        with Client(server.address, reconnect=False) as client:
+            assert client.call("echo", ["ok"]) == "ok"
+
+
 def test_the_secret_never_crosses_the_wire():
     with serve(secret=SECRET) as server, Recorder(server.address) as proxy:
         with Client(proxy.address, secret=SECRET, reconnect=False) as client:

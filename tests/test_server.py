@@ -762,3 +762,257 @@ def test_half_close_never_loses_a_queued_reply(server, raw):
         assert conn.json() == {"jsonrpc": "2.0", "id": i, "result": i + 1}
         assert conn.closed()
         conn.close()
+
+
+def test_start_again_after_stop(make_server, raw, release):
+    server = make_server(grace=0.1)
+
+    @server.command("add")
+    def add(a, b):
+        return a + b
+
+    @server.command("block", timeout=60)
+    def block():
+        release.wait(WAIT)
+
+    first = raw(server.address)
+    assert result_of(first.call("add", [1, 2])) == 3
+    first.send_json({"jsonrpc": "2.0", "method": "block"})  # a notification still running ...
+    assert result_of(first.call("rpc.ping")) == "pong"  # ... (dispatched) when stop() comes
+    server.stop()
+    assert first.closed()
+    assert not server.running
+
+    server.start()  # port 0: a new one
+    assert server.running
+    again = raw(server.address)
+    assert result_of(again.call("add", [2, 3])) == 5
+    s = stats(again)
+    assert s["connections"] == 1  # nothing of the last run is counted in this one
+    assert s["requests_in_flight"] == 1  # this call only, not the notification of the last run
+    server.stop()
+    assert again.closed()
+    assert not server.running
+
+
+def test_a_start_that_cannot_listen_leaves_no_worker_threads(server):
+    def workers() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("statelink-worker")}
+
+    before = workers()
+    other = CommandServer(host=server.address[0], port=server.address[1])
+    with pytest.raises(OSError, match="cannot listen"):
+        other.start()
+    for thread in workers() - before:
+        thread.join(WAIT)
+        assert not thread.is_alive(), thread
+
+
+# -- request ids --------------------------------------------------------------------------
+
+
+def test_a_duplicate_id_in_flight_is_invalid_and_the_first_is_unaffected(server, raw, release):
+    started = threading.Event()
+
+    @server.command("slow", timeout=60)
+    def slow():
+        started.set()
+        release.wait(WAIT)
+        return "first"
+
+    conn = raw()
+    conn.request("slow", id=7)
+    assert started.wait(WAIT)
+    error = error_of(conn.call("echo", ["second"], id=7), -32600)
+    assert error["data"] == {"reason": "the id is already in flight on this connection"}
+    assert "already in flight" in error["message"]
+    # rpc.cancel still reaches the first request, which is answered once, as cancelled
+    conn.request("rpc.cancel", {"id": 7}, id="c")
+    replies = {r["id"]: r for r in (conn.json(), conn.json())}
+    assert result_of(replies["c"]) == {"cancelled": True}
+    assert error_of(replies[7], -32005)["data"] == {"id": 7}
+    assert result_of(conn.call("echo", ["again"], id=7)) == "again"  # free again once answered
+    s = stats(conn)
+    assert s["errors_by_code"] == {"-32600": 1, "-32005": 1}
+    assert s["requests_in_flight"] == 1  # the cancelled "slow" is not counted any more
+
+
+def test_a_duplicate_id_in_a_batch_is_invalid(server, raw, release):
+    started = threading.Event()
+
+    @server.command("slow", timeout=60)
+    def slow():
+        started.set()
+        release.wait(WAIT)
+        return "first"
+
+    conn = raw()
+    conn.send_json(
+        [
+            {"jsonrpc": "2.0", "id": "b", "method": "slow"},
+            {"jsonrpc": "2.0", "id": "b", "method": "echo", "params": ["second"]},
+        ]
+    )
+    assert started.wait(WAIT)
+    release.set()
+    entries = conn.json()
+    assert sorted(json.dumps(e, sort_keys=True) for e in entries) == sorted(
+        json.dumps(e, sort_keys=True)
+        for e in [
+            {"jsonrpc": "2.0", "id": "b", "result": "first"},
+            {
+                "jsonrpc": "2.0",
+                "id": "b",
+                "error": {
+                    "code": -32600,
+                    "message": "Invalid Request: a request with this id is already in flight "
+                    "on this connection",
+                    "data": {"reason": "the id is already in flight on this connection"},
+                },
+            },
+        ]
+    )
+
+
+def test_null_ids_in_flight_together_are_each_answered(server, raw, release):
+    """A null id is allowed (if discouraged): several may be in flight on one connection."""
+    started = threading.Semaphore(0)
+
+    @server.command("slow", timeout=60)
+    def slow(value):
+        started.release()
+        release.wait(WAIT)
+        return value
+
+    conn = raw()
+    for value in ("a", "b"):
+        conn.send_json({"jsonrpc": "2.0", "id": None, "method": "slow", "params": [value]})
+    for _ in range(2):
+        assert started.acquire(timeout=WAIT)
+    assert stats(conn)["requests_in_flight"] == 3
+    release.set()
+    replies = [conn.json(), conn.json()]
+    assert sorted(r["result"] for r in replies) == ["a", "b"]
+    assert all(r["id"] is None for r in replies)
+    assert stats(conn)["requests_in_flight"] == 1
+
+
+def test_stop_answers_every_null_id_request_in_flight(make_server, raw, release):
+    server = make_server()
+    started = threading.Semaphore(0)
+
+    @server.command("slow", timeout=60)
+    def slow():
+        started.release()
+        release.wait(WAIT)
+
+    conn = raw(server.address)
+    for _ in range(2):
+        conn.send_json({"jsonrpc": "2.0", "id": None, "method": "slow"})
+    for _ in range(2):
+        assert started.acquire(timeout=WAIT)
+    server.stop(grace=0.1)
+    replies = [conn.json(), conn.json()]
+    assert conn.closed()
+    assert conn.buffer == b""
+    for reply in replies:
+        assert reply["id"] is None
+        assert error_of(reply, -32005)["data"] == {"reason": "shutdown"}
+
+
+# -- callback delivery ----------------------------------------------------------------------
+
+
+def _callback_sink() -> socket.socket:
+    sink = socket.create_server(("127.0.0.1", 0))
+    sink.settimeout(WAIT)
+    return sink
+
+
+def _read_line(sock: socket.socket) -> dict:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        assert chunk, f"the callback link closed; got {data!r}"
+        data += chunk
+    return json.loads(data)
+
+
+def test_replies_go_to_the_request_connection_once_the_callback_link_is_closed(
+    server, raw, release
+):
+    started = threading.Event()
+
+    @server.command("slow", timeout=60)
+    def slow():
+        started.set()
+        release.wait(WAIT)
+        return "slow done"
+
+    conn = raw()
+    with _callback_sink() as sink:
+        port = sink.getsockname()[1]
+        hello = result_of(conn.call("rpc.hello", {"callback_port": port}))
+        assert hello["callback"] == {"host": "127.0.0.1", "port": port}
+        conn.request("echo", ["over the link"], id=1)
+        link, _ = sink.accept()
+        with link:
+            link.settimeout(WAIT)
+            assert _read_line(link) == {"jsonrpc": "2.0", "id": 1, "result": "over the link"}
+            conn.request("slow", id=2)
+            assert started.wait(WAIT)
+            # The client's end of the link goes away (here: shuts down; then closes). The
+            # server sees the EOF and closes its end too: the link is given up.
+            link.shutdown(socket.SHUT_WR)
+            assert link.recv(65536) == b""
+    release.set()
+    # the reply to the request in flight, and every later one, come on the request connection
+    assert conn.json() == {"jsonrpc": "2.0", "id": 2, "result": "slow done"}
+    assert result_of(conn.call("echo", ["after"], id=3)) == "after"
+    assert conn.call("nope", id=4)["error"]["code"] == -32601
+
+
+def test_a_client_whose_callback_listener_closes_still_gets_its_replies(server, wait_until):
+    from controller import CallbackListener, Client
+
+    listener = CallbackListener()
+    try:
+        with Client(server.address, reconnect=False, callback_listener=listener) as client:
+            assert client.call("add", [40, 2], timeout=WAIT) == 42
+            assert listener.received == 1  # delivered over the callback link
+            (conn,) = server.connections
+            assert conn.callback is not None and conn.callback.usable
+            listener.close()  # closes the link's socket too
+            wait_until(lambda: not conn.callback.usable, WAIT, "the server to give up the link")
+            assert client.call("add", [1, 2], timeout=WAIT) == 3  # on the request connection
+            assert listener.received == 1
+    finally:
+        listener.close()
+
+
+def test_replies_waiting_for_the_link_are_not_lost_when_rpc_hello_moves_it(server, raw):
+    """rpc.hello with a new callback_port ends the old link while it is still connecting: the
+    reply queued for it goes to the request connection instead."""
+    conn = raw()
+    with _callback_sink() as old, _callback_sink() as new:
+        old_port, new_port = old.getsockname()[1], new.getsockname()[1]
+        hello = {"jsonrpc": "2.0", "method": "rpc.hello"}
+        conn.send(  # one read on the server: the old link cannot connect in between
+            b"".join(
+                json.dumps(message).encode() + b"\n"
+                for message in (
+                    dict(hello, id="h1", params={"callback_port": old_port}),
+                    {"jsonrpc": "2.0", "id": "p", "method": "rpc.ping"},
+                    dict(hello, id="h2", params={"callback_port": new_port}),
+                )
+            )
+        )
+        replies = [conn.json() for _ in range(3)]
+        assert [r["id"] for r in replies] == ["h1", "p", "h2"]
+        assert replies[1]["result"] == "pong"
+        assert replies[2]["result"]["callback"] == {"host": "127.0.0.1", "port": new_port}
+        conn.request("echo", ["new link"], id="e")
+        link, _ = new.accept()
+        with link:
+            link.settimeout(WAIT)
+            assert _read_line(link) == {"jsonrpc": "2.0", "id": "e", "result": "new link"}
