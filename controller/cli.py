@@ -170,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=HOST:PORT",
         help="override a server address of the workflow (repeatable)",
     )
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set one of the workflow's inputs (VALUE is read as YAML: 25, 0.5, fast, [1, 2])",
+    )
     run.add_argument("--journal", metavar="FILE", help="write the run's journal (JSON lines)")
     run.add_argument("--plain", action="store_true", help="plain log lines, no live display")
     _add_secret_args(run)

@@ -156,6 +156,21 @@ def _server_overrides(items: list[str]) -> dict[str, str]:
     return overrides
 
 
+def _input_values(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    values = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--set takes NAME=VALUE, got {item!r}")
+        try:
+            values[name] = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError as exc:
+            raise UsageError(f"--set {name}: {text!r} is not a value: {exc}")
+    return values
+
+
 def execute(
     spec: Any,
     servers: dict[str, Any],
@@ -164,6 +179,7 @@ def execute(
     plain: bool,
     secret: bytes | None = None,
     ssl: Any = None,
+    inputs: dict[str, Any] | None = None,
 ) -> int:
     """Run one workflow to its end with a progress view; the exit code of its outcome."""
     with (
@@ -171,7 +187,9 @@ def execute(
         ProgressView(spec.name, plain) as view,
     ):
         try:
-            handle = runner.start(spec, servers=servers, journal=journal, observer=view.on_entry)
+            handle = runner.start(
+                spec, servers=servers, journal=journal, observer=view.on_entry, context=inputs
+            )
         except ValueError as exc:
             raise UsageError(str(exc))
         for address in set(handle.servers.values()):
@@ -225,6 +243,7 @@ def run_workflow_command(args: argparse.Namespace) -> int:
         plain=args.plain,
         secret=read_secret(args),
         ssl=client_ssl(args),
+        inputs=_input_values(args.set),
     )
 
 

@@ -139,9 +139,14 @@ class WorkflowRunner:
         observer: Observer | None = None,
         context: dict[str, Any] | None = None,
     ) -> RunHandle:
-        """Start one run; returns at once. ``servers`` overrides the workflow's addresses."""
+        """Start one run; returns at once (after connecting to servers not yet connected).
+
+        ``servers`` overrides the workflow's addresses; ``context`` sets the values of the
+        workflow's ``inputs`` (ValueError for a name that is not one).
+        """
         compiled = self.compile(workflow)
         spec = compiled.spec
+        spec.run_context(context)  # a name that is no input: fail before anything opens
         addresses = {name: parse_address(addr) for name, addr in spec.servers.items()}
         for name, addr in (servers or {}).items():
             if name not in addresses:

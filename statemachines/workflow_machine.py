@@ -136,10 +136,10 @@ class _WithParams(Mapping[str, Any]):
 class WorkflowRun:
     """One run of a workflow (the ``transitions`` model). Drive it from one thread only.
 
-    Public state: ``run_id``, ``state`` (current state name), ``context`` (saved names and
-    ``result``), ``outcome`` (None until done, then "success", "failure" or "aborted"),
-    ``done``, ``reason`` (why it failed or was aborted), ``history`` (the newest journal
-    entries), ``ignored`` (how many stale events were dropped).
+    Public state: ``run_id``, ``state`` (current state name), ``context`` (``result``, the
+    inputs and the saved names), ``outcome`` (None until done, then "success", "failure" or
+    "aborted"), ``done``, ``reason`` (why it failed or was aborted), ``history`` (the newest
+    journal entries), ``ignored`` (how many stale events were dropped).
     """
 
     state: str
@@ -155,9 +155,7 @@ class WorkflowRun:
         self.spec = compiled.spec
         self.effects = effects
         self.run_id = run_id
-        self.context: dict[str, Any] = {"result": None}
-        if context:
-            self.context.update(context)
+        self.context: dict[str, Any] = self.spec.run_context(context)  # ValueError: no input
         self.outcome: str | None = None
         self.done = False
         self.reason: str | None = None
@@ -293,6 +291,8 @@ def _prep_begin(run: WorkflowRun, args: tuple[Any, ...]) -> None:
         "workflow": run.spec.name,
         "run": run.run_id,
     }
+    if run.spec.inputs:
+        run._entry["inputs"] = {name: run.context[name] for name in run.spec.inputs}
 
 
 def _prep_reply(run: WorkflowRun, args: tuple[Any, ...]) -> None:

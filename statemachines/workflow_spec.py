@@ -62,6 +62,7 @@ TOP_KEYS: tuple[str, ...] = (
     "timeout",
     "command_timeout",
     "on_abort",
+    "inputs",
 )
 
 #: The keys each kind of state may use.
@@ -223,6 +224,22 @@ class WorkflowSpec:
     description: str = ""
     saved_names: frozenset[str] = frozenset()
     line: int = 1
+    #: name -> default value; set per run with ``--set NAME=VALUE`` or ``start(context=...)``
+    inputs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    def run_context(self, values: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The context a run starts with: ``result`` (None) and every input, its default
+        replaced by ``values``. Raises ValueError for a name that is not an input."""
+        context: dict[str, Any] = {"result": None, **self.inputs}
+        for key, value in (values or {}).items():
+            if key not in self.inputs:
+                known = ", ".join(self.inputs) or "none"
+                raise ValueError(
+                    f"workflow {self.name} has no input {key!r} (inputs: {known}); "
+                    "declare it under inputs: in the workflow"
+                )
+            context[key] = value
+        return context
 
     def finals(self) -> tuple[str, ...]:
         """The names of the final states."""
@@ -306,6 +323,7 @@ class _Loader:
         self.default_server: str | None = None
         self.command_timeout: float | None = None
         self.saved: set[str] = set()
+        self.inputs: dict[str, Any] = {}
         self.cur_line = 1  # line of the state being built
 
     def err(self, line: int, message: str) -> None:
@@ -329,6 +347,7 @@ class _Loader:
         self._servers(root)
         timeout = self._duration(root, "timeout", "the whole run's timeout")
         self.command_timeout = self._duration(root, "command_timeout", "the command timeout")
+        self._inputs(root)
 
         raw_states = root.get("states")
         if not isinstance(raw_states, dict) or not raw_states:
@@ -364,6 +383,7 @@ class _Loader:
             description=description,
             saved_names=frozenset(self.saved),
             line=_line(root),
+            inputs=MappingProxyType(dict(self.inputs)),
         )
 
     def _text(self, node: Any, key: str, what: str) -> str | None:
@@ -495,20 +515,39 @@ class _Loader:
             kinds[name] = kind
         return kinds
 
+    def _inputs(self, root: Any) -> None:
+        raw = root.get("inputs")
+        if raw is None:
+            return
+        if not isinstance(raw, dict):
+            self.err(
+                _line(root, "inputs"),
+                "inputs must map names to default values, e.g. inputs: {target: 25}",
+            )
+            return
+        for name, default in raw.items():
+            if self._check_name(_line(raw, name), "input", "inputs", name):
+                self.inputs[name] = default
+
     def _check_save(self, body: Any, state: str, save: Any) -> None:
-        line = _line(body, "save")
-        if not isinstance(save, str) or not save.isidentifier() or keyword.iskeyword(save):
-            self.err(line, f"save in state {state!r} must be a name like level or door_state")
-        elif save in RESERVED_NAMES:
+        if self._check_name(_line(body, "save"), "save name", f"state {state!r}", save):
+            self.saved.add(save)
+
+    def _check_name(self, line: int, what: str, where: str, name: Any) -> bool:
+        """A name expressions can read (saved or input): report what is wrong with it."""
+        if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+            self.err(line, f"{what} {name!r} in {where} must be a name like level or door_state")
+        elif name in RESERVED_NAMES:
             self.err(
                 line,
-                f"save name {save!r} in state {state!r} would shadow the built-in name {save!r}: "
+                f"{what} {name!r} in {where} would shadow the built-in name {name!r}: "
                 "choose another name",
             )
-        elif save.startswith("_"):
-            self.err(line, f"save name {save!r} must not start with _")
+        elif name.startswith("_"):
+            self.err(line, f"{what} {name!r} in {where} must not start with _")
         else:
-            self.saved.add(save)
+            return True
+        return False
 
     def _state(self, name: str, body: Any, kind: str, line: int) -> StateSpec | None:
         before = len(self.errors)
@@ -649,14 +688,14 @@ class _Loader:
         return expr
 
     def _check_names(self, names: Iterable[str], line: int, text: str, allowed: set[str]) -> None:
-        known = {"result"} | self.saved | allowed
+        known = {"result"} | self.saved | set(self.inputs) | allowed
         for unknown in sorted(set(names) - known):
             if unknown == "params":
                 hint = "params is only defined in the if of an await state"
             else:
-                saved = ", ".join(sorted(self.saved)) or "none"
+                saved = ", ".join(sorted(self.saved | set(self.inputs))) or "none"
                 hint = (
-                    f"use result, or a name saved with save: (saved names: {saved})"
+                    f"use result, an input, or a name saved with save: (names: {saved})"
                     f"{constant_hint(unknown)}{_suggest(unknown, known)}"
                 )
             self.err(line, f"{unknown!r} is never defined in {text!r}: {hint}")

@@ -609,3 +609,39 @@ def test_a_server_that_hangs_the_connect_does_not_stall_other_runs(
         listener.close()
     assert blocked.wait(WAIT) == "failure"
     assert blocked.history[-2]["error"]["kind"] == "connection_lost"
+
+
+def test_run_sets_inputs_from_the_command_line(tmp_path: Path) -> None:
+    workflow = tmp_path / "inputs.yaml"
+    workflow.write_text(
+        textwrap.dedent("""
+        name: inputs
+        inputs: {steps: 1, note: none}
+        servers: {device: "127.0.0.1:1"}
+        command_timeout: 5s
+        initial: calibrate
+        states:
+          calibrate:
+            command: demo.calibrate
+            params: {steps: "{{ steps }}", delay: 0}
+            choices:
+              - {if: result.steps == 2 and note == "two steps", next: done}
+              - {next: wrong}
+          done: {final: success}
+          wrong: {final: failure}
+    """)
+    )
+    served = ServeProcess("--device", str(DEMO_DEVICE), "--simulate")
+    try:
+        args = ["run", str(workflow), "--plain", "--server", f"device={served.server}"]
+        ok = statelink(*args, "--set", "steps=2", "--set", "note=two steps", "--journal",
+                       str(tmp_path / "j.jsonl"))  # fmt: skip
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        entries = journal(tmp_path / "j.jsonl")
+        assert entries[0]["inputs"] == {"steps": 2, "note": "two steps"}
+        assert entries[1]["params"] == {"steps": 2, "delay": 0}
+        assert statelink(*args).returncode == 1  # the defaults: one step
+        unknown = statelink(*args, "--set", "step=2")
+        assert unknown.returncode == 2 and "has no input 'step'" in unknown.stderr
+    finally:
+        served.kill()

@@ -425,7 +425,7 @@ def test_names_that_are_never_defined(tmp_path: Path) -> None:
     assert "'levle' is never defined" in messages and "did you mean 'level'" in messages
     assert "params is only defined in the if of an await state" in messages
     assert "'true' is never defined" in messages and "did you mean True?" in messages
-    assert "saved names: level" in messages
+    assert "(names: level)" in messages
 
 
 def test_save_names(tmp_path: Path) -> None:
@@ -763,3 +763,51 @@ def test_check_against_skips_servers_without_a_catalog(tmp_path: Path) -> None:
     assert len(check_against(spec, {"device": DEMO})) == 1
     assert len(check_against(spec, {"*": DEMO})) == 1  # "*": every server without its own
     assert check_against(spec, {"*": DEMO, "device": {"nothing.here": DEMO["demo.state"]}}) == []
+
+
+# --- inputs ----------------------------------------------------------------------------------
+
+INPUTS = """
+name: t
+inputs:
+  steps: 3
+  label: first
+servers: {device: "127.0.0.1:15769"}
+command_timeout: 2s
+initial: go
+states:
+  go:
+    command: demo.calibrate
+    params: {steps: "{{ steps }}"}
+    choices:
+      - {if: 'result.steps == steps and label != ""', next: done}
+      - {next: done}
+  done: {final: success}
+"""
+
+
+def test_inputs_are_names_expressions_can_read(tmp_path: Path) -> None:
+    spec = load(tmp_path, INPUTS)
+    assert dict(spec.inputs) == {"steps": 3, "label": "first"}
+    assert spec.run_context({"steps": 5}) == {"result": None, "steps": 5, "label": "first"}
+    with pytest.raises(ValueError, match="has no input 'step' \\(inputs: steps, label\\)"):
+        spec.run_context({"step": 5})
+
+
+@pytest.mark.parametrize(
+    ("inputs", "fragment"),
+    [
+        ("inputs: [steps]", "inputs must map names to default values"),
+        ("inputs: {result: 1}", "input 'result' in inputs would shadow the built-in name"),
+        ("inputs: {2x: 1}", "input '2x' in inputs must be a name like level"),
+        ("inputs: {_x: 1}", "input '_x' in inputs must not start with _"),
+    ],
+)
+def test_bad_inputs(tmp_path: Path, inputs: str, fragment: str) -> None:
+    text = INPUTS.replace("inputs:\n  steps: 3\n  label: first\n", inputs + "\n")
+    text = text.replace('"{{ steps }}"', "3").replace(
+        'result.steps == steps and label != ""', "result.steps == 3"
+    )
+    found = problems(tmp_path, text)
+    assert [e.line for e in found] == [2], [str(e) for e in found]
+    assert fragment in found[0].message, found[0].message

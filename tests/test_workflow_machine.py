@@ -173,11 +173,13 @@ def test_journal_entries(tmp_path: Path) -> None:
 
 
 def test_the_run_is_a_model_only_while_it_runs(tmp_path: Path) -> None:
-    wf = compiled(tmp_path, LINEAR)
+    wf = compiled(tmp_path, "inputs: {preset: 0, other: x}\n" + LINEAR)
     fx = Recorder()
     run = wf.new_run(fx, "r1", {"preset": 1})
     assert run in wf.machine.models and run.state == NEW_STATE
-    assert run.context == {"result": None, "preset": 1}
+    assert run.context == {"result": None, "preset": 1, "other": "x"}
+    with pytest.raises(ValueError, match="has no input 'nope' \\(inputs: preset, other\\)"):
+        wf.new_run(fx, "r2", {"nope": 1})
     run.start()
     run.start()  # a second start does nothing
     assert len(fx.sent) == 1
