@@ -270,10 +270,21 @@ def is_loopback(host: str) -> bool:
 def load_devices(paths: Sequence[str]) -> list[Any]:
     """Load and validate every device config; all problems at once as ConfigErrors."""
     from statemachines.device import load_device
+    from statemachines.source import load_yaml
 
     specs, errors = [], []
     for path in paths:
         try:
+            data = load_yaml(path)
+            if (
+                isinstance(data, dict)
+                and "device" not in data
+                and isinstance(data.get("states"), dict)
+            ):
+                raise UsageError(
+                    f"{path} is a workflow, not a device config: run it with "
+                    f"`statelink run {path}`, and serve a device with --device DEVICE.yaml"
+                )
             specs.append(load_device(path))
         except ConfigErrors as exc:
             errors.extend(exc.errors)
@@ -357,6 +368,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     host, port = server.address
     devices = ", ".join(f"{s.name} ({s.path})" for s in specs) or "none"
+    if not specs:
+        log.warning("no --device given: serving only the rpc.* methods")
     log.info(
         "serving on %s:%s; devices: %s%s",
         host,
@@ -400,7 +413,11 @@ def cmd_call(args: argparse.Namespace) -> int:
         print(f"error {exc.code}: {exc.message}", file=sys.stderr)
         return EXIT_FAILED
     except (OSError, ConnectionLostError) as exc:
-        print(f"cannot reach {address[0]}:{address[1]}: {exc}", file=sys.stderr)
+        print(
+            f"cannot reach {address[0]}:{address[1]}: {exc} "
+            "(is `statelink serve` running there? --server HOST:PORT picks another)",
+            file=sys.stderr,
+        )
         return EXIT_UNREACHABLE
     with client:
         future = client.send_command(args.method, params, timeout=args.timeout)
@@ -408,8 +425,12 @@ def cmd_call(args: argparse.Namespace) -> int:
             result = future.result(timeout=args.timeout + 5.0)
         except KeyboardInterrupt:
             try:  # best effort: leave the device free rather than running for nobody
-                client.cancel(future).result(timeout=2.0)
-                outcome = f"cancelled {args.method} on the server"
+                answer = client.cancel(future).result(timeout=2.0)
+                outcome = (
+                    f"cancelled {args.method} on the server"
+                    if isinstance(answer, dict) and answer.get("cancelled")
+                    else f"{args.method} was no longer running on the server"
+                )
             except Exception as exc:
                 outcome = f"could not cancel {args.method} on the server: {exc}"
             print(f"interrupted: {outcome}", file=sys.stderr)
@@ -418,7 +439,10 @@ def cmd_call(args: argparse.Namespace) -> int:
             print(f"cannot reach {address[0]}:{address[1]}: {exc.message}", file=sys.stderr)
             return EXIT_UNREACHABLE
         except RpcError as exc:
-            print(f"error {exc.code}: {exc.message}", file=sys.stderr)
+            hint = ""
+            if exc.code == -32601:
+                hint = f": {args.method} (`statelink call rpc.discover` lists the methods)"
+            print(f"error {exc.code}: {exc.message}{hint}", file=sys.stderr)
             return EXIT_FAILED
     print(json.dumps(result, indent=2, ensure_ascii=False))
     return EXIT_OK

@@ -200,7 +200,12 @@ class Client:
         if callback_listener is not None:
             callback_listener.attach(self)
         if connect:
-            self.connect()
+            try:
+                self.connect()
+            except BaseException:
+                if callback_listener is not None:
+                    callback_listener.detach(self)
+                raise
 
     # -- connection -------------------------------------------------------------------------
     @property
@@ -244,8 +249,8 @@ class Client:
         if self.secret is None:
             if info.get("auth") and not info.get("authenticated"):
                 raise UnauthorizedError(
-                    "the server requires a secret: pass secret= (or set STATELINK_SECRET / "
-                    "--secret-file)"
+                    f"the server at {host}:{port} requires the shared secret: give it with "
+                    "--secret-file PATH or $STATELINK_SECRET (Client(secret=...) in Python)"
                 )
             return info
         # With a secret, the server must prove it holds it too: a server that skips the
@@ -260,7 +265,10 @@ class Client:
         if not isinstance(challenge, str) or not auth.verify(
             self.secret, "server", challenge, nonce, info.get("proof")
         ):
-            raise UnauthorizedError("the server could not prove it knows the secret")
+            raise UnauthorizedError(
+                f"the server at {host}:{port} holds a different secret (its proof does not "
+                "match ours): check --secret-file / $STATELINK_SECRET on both sides"
+            )
         answer = {"response": auth.digest(self.secret, "client", challenge, nonce)}
         confirmed = self._exchange(sock, decoder, "rpc.hello", answer)
         if confirmed.get("authenticated") is not True:
@@ -415,9 +423,18 @@ class Client:
         if self._closed.is_set():
             future.set_exception(ConnectionLostError("the client is closed", {"method": method}))
             return future
-        timer = self.scheduler.call_later(timeout, self._expire, request_id, timeout)
-        with self._lock:
-            self._pending[request_id] = _Pending(future, method, timer)
+        pending = _Pending(future, method, None)
+        with self._lock:  # pending first: a timer that fires at once must find it
+            self._pending[request_id] = pending
+        try:
+            pending.timer = self.scheduler.call_later(timeout, self._expire, request_id, timeout)
+        except RuntimeError:  # the scheduler is closed: close() is under way
+            self._settle(
+                request_id, None, ConnectionLostError("the client is closed", {"method": method})
+            )
+            return future
+        if future.done():  # answered (or lost) before its timer existed
+            pending.timer.cancel()
         if not self._send(data):
             self._settle(
                 request_id,

@@ -104,6 +104,11 @@ class DeviceRuntime:
     def state(self) -> str:
         return self.machine.state
 
+    @property
+    def busy(self) -> bool:
+        """True while a command's handler runs (I/O thread)."""
+        return self._running is not None
+
     # -- lifetime (with the server's; the I/O thread is not running) -------------------------
     def _open_board(self) -> None:
         if self.spec.gpio and self.board is None:

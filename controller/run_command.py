@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import signal
 import sys
 import threading
@@ -17,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from .cli import EXIT_ABORTED, EXIT_FAILED, EXIT_OK, UsageError, client_ssl, read_secret
-from .runner import RunHandle, WorkflowRunner
+from .errors import RpcError
+from .runner import RunHandle, WorkflowRunner, resolve_servers
 
 EXIT_BY_OUTCOME = {"success": EXIT_OK, "failure": EXIT_FAILED, "aborted": EXIT_ABORTED}
 
@@ -182,6 +184,11 @@ def execute(
     inputs: dict[str, Any] | None = None,
 ) -> int:
     """Run one workflow to its end with a progress view; the exit code of its outcome."""
+    try:  # usage errors before the progress view starts
+        resolve_servers(spec, servers)
+        spec.run_context(inputs)
+    except ValueError as exc:
+        raise UsageError(str(exc))
     with (
         WorkflowRunner(secret=secret, ssl=ssl, client_name="statelink-run") as runner,
         ProgressView(spec.name, plain) as view,
@@ -195,8 +202,8 @@ def execute(
         for address in set(handle.servers.values()):
             try:
                 runner.client(address).subscribe("rpc.progress", view.on_progress)
-            except OSError:
-                pass  # the run itself reports connection_lost through its error route
+            except (OSError, RpcError):
+                pass  # the run itself meets the error (connection_lost, unauthorized) and routes it
         aborts = 0
 
         def on_sigint(_signum: int, _frame: Any) -> None:
@@ -204,7 +211,10 @@ def execute(
             aborts += 1
             if aborts == 1:
                 print(
-                    "\naborting: running the workflow's on_abort (Ctrl-C again to stop at once)",
+                    "\naborting: running the workflow's on_abort state "
+                    f"{spec.on_abort!r} (Ctrl-C again to stop at once)"
+                    if spec.on_abort
+                    else "\naborting (the workflow has no on_abort state)",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -257,6 +267,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
     config = shipped_config_dir()
     device = load_device(config / "devices" / "demo.yaml")
     spec = load_workflow(config / "workflows" / "demo.yaml")
+    logging.getLogger("statelink.server").setLevel(logging.WARNING)  # the view tells the story
     server = CommandServer("127.0.0.1", 0, name="statelink-demo")
     server.add_device(device, simulate=True)
     with server:

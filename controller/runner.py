@@ -39,6 +39,24 @@ _STOP = object()
 _COMPILED_CACHE = 64  #: compiled machines kept for reuse, per runner
 
 
+def resolve_servers(
+    spec: WorkflowSpec, servers: Mapping[str, str | Address] | None = None
+) -> dict[str, Address]:
+    """The workflow's server addresses with ``servers`` overriding some of them.
+
+    Raises ValueError for a name the workflow does not have or a bad address.
+    """
+    addresses = {name: parse_address(addr) for name, addr in spec.servers.items()}
+    for name, addr in (servers or {}).items():
+        if name not in addresses:
+            raise ValueError(
+                f"workflow {spec.name} has no server named {name!r} "
+                f"(servers: {', '.join(sorted(addresses)) or 'none'})"
+            )
+        addresses[name] = parse_address(addr)
+    return addresses
+
+
 class RunHandle:
     """One run of a workflow: wait for it, abort it, read its state, context and history."""
 
@@ -90,7 +108,16 @@ class RunHandle:
     def abort(self) -> None:
         """Abort: cancel the command in flight (``rpc.cancel``, so the device is free for the
         clean-up), then enter the ``on_abort`` state (if any); the outcome is "aborted"."""
-        self.runner.post(self.run.abort)
+        self.runner.post(self._abort)
+
+    def _abort(self) -> None:
+        # On the dispatcher: what is in flight now is the command being left, never the
+        # on_abort path's first command (which run.abort() sends next).
+        self.cancel_inflight()
+        self.run.abort()
+
+    def cancel_inflight(self) -> None:
+        """Send ``rpc.cancel`` for this run's command in flight, if any (any thread)."""
         for client, future in list(self.inflight.values()):
             if not future.done():
                 client.cancel(future)
@@ -111,7 +138,8 @@ class WorkflowRunner:
         self.client_name = client_name
         self.scheduler = Scheduler("statelink-runner-timers")
         self._clients: dict[Address, Client] = {}
-        self._client_lock = threading.Lock()
+        self._client_lock = threading.Lock()  #: guards _clients, _address_locks, _closed
+        self._address_locks: dict[Address, threading.Lock] = {}
         self._subscribed: set[tuple[Address, str]] = set()
         self._gates: dict[Address, _Gate] = {}
         #: addresses being connected off the dispatcher -> what to do once done (dispatcher)
@@ -144,17 +172,12 @@ class WorkflowRunner:
         ``servers`` overrides the workflow's addresses; ``context`` sets the values of the
         workflow's ``inputs`` (ValueError for a name that is not one).
         """
+        if self._closed:
+            raise RuntimeError("the workflow runner is closed; start runs on a new one")
         compiled = self.compile(workflow)
         spec = compiled.spec
         spec.run_context(context)  # a name that is no input: fail before anything opens
-        addresses = {name: parse_address(addr) for name, addr in spec.servers.items()}
-        for name, addr in (servers or {}).items():
-            if name not in addresses:
-                raise ValueError(
-                    f"workflow {spec.name} has no server named {name!r} "
-                    f"(servers: {', '.join(sorted(addresses)) or 'none'})"
-                )
-            addresses[name] = parse_address(addr)
+        addresses = resolve_servers(spec, servers)
         # Connect here, on the caller's thread, so that most runs find their clients ready; a
         # server that is down is connected later, off the dispatcher, when a run sends to it
         # (and its failure follows the run's own error route).
@@ -195,19 +218,36 @@ class WorkflowRunner:
     def client(self, address: Address) -> Client:
         """The shared client of one server address, connected on first use.
 
-        Raises ``OSError``/:class:`RpcError` when the server cannot be reached.
+        Raises ``OSError``/:class:`RpcError` when the server cannot be reached, and
+        :class:`ConnectionLostError` once the runner is closed. Connects to different
+        addresses run in parallel: each address has its own lock.
         """
         with self._client_lock:
             client = self._clients.get(address)
-            if client is None:
-                client = Client(
-                    address,
-                    name=self.client_name,
-                    secret=self.secret,
-                    ssl=self.ssl,
-                    scheduler=self.scheduler,
-                )
-                self._clients[address] = client
+            if client is not None:
+                return client
+            if self._closed:
+                raise ConnectionLostError("the workflow runner is closed")
+            lock = self._address_locks.setdefault(address, threading.Lock())
+        with lock:
+            with self._client_lock:
+                client = self._clients.get(address)
+            if client is not None:
+                return client
+            client = Client(
+                address,
+                name=self.client_name,
+                secret=self.secret,
+                ssl=self.ssl,
+                scheduler=self.scheduler,
+            )
+            with self._client_lock:
+                closed = self._closed
+                if not closed:
+                    self._clients[address] = client
+            if closed:  # close() ran while connecting: nobody would close this one
+                client.close()
+                raise ConnectionLostError("the workflow runner is closed")
             return client
 
     def with_client(
@@ -229,7 +269,7 @@ class WorkflowRunner:
         def connect() -> None:
             try:
                 self.post(self._connected, address, self.client(address), None)
-            except (OSError, RpcError) as exc:
+            except BaseException as exc:  # every waiting command gets an outcome
                 self.post(self._connected, address, None, exc)
 
         threading.Thread(target=connect, name="statelink-runner-connect", daemon=True).start()
@@ -247,7 +287,7 @@ class WorkflowRunner:
             limit = client.server_info.get("max_inflight")
             limit = limit if isinstance(limit, int) else 256
             # a few slots stay free for the runner's own calls (rpc.subscribe, rpc.cancel)
-            gate = self._gates[address] = _Gate(limit - 8 if limit > 16 else limit)
+            gate = self._gates[address] = _Gate(limit - max(1, min(8, limit // 4)))
         return gate
 
     def release(self, gate: _Gate) -> None:
@@ -263,15 +303,19 @@ class WorkflowRunner:
         """Abort nothing; stop the dispatcher, the clients and the scheduler. Runs still going
         stop where they are: their journals (those opened from a path) are closed without a
         ``finished`` line, as after a crash. Abort them first to run their ``on_abort``."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._client_lock:
+            if self._closed:
+                return
+            self._closed = True
         self._events.put(_STOP)
         self._dispatcher.join(timeout=10)
         for handle in list(self._active.values()):
             if handle._owns_journal and handle._journal is not None:
                 handle._journal.close()
-        for client in list(self._clients.values()):
+            handle._done.set()  # wait() returns (outcome None: it never finished)
+        with self._client_lock:
+            clients = list(self._clients.values())
+        for client in clients:
             client.close()
         self.scheduler.close()
 
@@ -413,7 +457,7 @@ class _Effects:
                 if isinstance(error.data, dict) and error.data.get("source") == "client":
                     # Our timeout, not the server's: the command may still be running there.
                     # Cancel it, so that a retry or the next state does not queue behind it.
-                    client.cancel(future)
+                    runner.post(client.cancel, future)  # not on the timer thread: it sends
                 runner.post(run.on_error, token, error.kind, error.code, error.message, error.data)
             else:
                 runner.post(
@@ -435,6 +479,9 @@ class _Effects:
 
     def record(self, run: WorkflowRun, entry: dict[str, Any]) -> None:
         handle = self.handle
+        if entry["event"] == "workflow_timeout":
+            # The same path as an abort: free the device for on_abort at once.
+            handle.cancel_inflight()
         journal = handle._journal
         if journal is not None:
             try:
@@ -452,4 +499,4 @@ class _Effects:
         self.runner._finished(self.handle)
 
 
-__all__ = ["ConnectionLostError", "RunHandle", "WorkflowRunner"]
+__all__ = ["ConnectionLostError", "RunHandle", "WorkflowRunner", "resolve_servers"]

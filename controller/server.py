@@ -69,6 +69,9 @@ from .workers import PoolFull, WorkerPool
 
 log = logging.getLogger("statelink.server")
 
+#: seconds stop() waits, after the grace, for cancelled device handlers to return
+SETTLE_AT_STOP = 1.0
+
 _FLUSH_AT = 64 * 1024  #: bytes of replies queued on a connection before they are flushed at once
 
 PROTOCOL_VERSION = "1.0"
@@ -1089,6 +1092,11 @@ class CommandServer:
                     "the server stopped before the command finished", {"reason": "shutdown"}
                 )
             )
+        # Device handlers just cancelled get a moment (at most SETTLE_AT_STOP s) to return, so
+        # that their device settles as cancelled, not faulted as "outcome unknown" at stop.
+        settle_by = self.loop.time() + SETTLE_AT_STOP
+        while any(d.busy for d in self.devices.values()) and self.loop.time() < settle_by:
+            await asyncio.sleep(0.01)
         self.pool.shutdown(
             error=CancelledError(
                 "the server stopped before the command started", {"reason": "shutdown"}
@@ -1213,6 +1221,9 @@ class CommandServer:
             else:
                 conn.challenge = None
                 conn.auth_failures += 1
+                log.warning(
+                    "authentication failed from %s:%s (wrong secret or no challenge)", *conn.peer
+                )
                 if conn.auth_failures >= self.limits.max_auth_failures:
                     self.loop.call_soon(conn.close, "auth_failures")
                 raise UnauthorizedError(

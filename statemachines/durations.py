@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+#: seconds per unit; ms divides (700ms is 0.7, not 700 * 0.001 = 0.7000000000000001)
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 
 
@@ -23,5 +24,6 @@ def parse_duration(value: object) -> float:
     if isinstance(value, str):
         match = _PATTERN.match(value)
         if match:
-            return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+            number, unit = float(match.group(1)), match.group(2) or "s"
+            return number / 1000.0 if unit == "ms" else number * _UNITS[unit]
     raise ValueError(f"expected a duration like 500ms, 2s or 1m, got {value!r}")

@@ -149,7 +149,7 @@ def device_edges(spec: DeviceSpec) -> list[tuple[str, str, str]]:
     A command draws ``origin -> running`` (its name), ``running -> to`` (``<name> done``; back
     to each origin when there is no ``to``) and ``running -> origin`` (``<name> cancelled``);
     without a running state, ``origin -> to`` (or a loop on the origin). Failures draw
-    ``state -> fault`` labelled ``error``.
+    ``state -> fault`` labelled ``error``. Running states are not origins of other commands.
     """
     merged: dict[tuple[str, str], list[str]] = {}
 
@@ -159,8 +159,15 @@ def device_edges(spec: DeviceSpec) -> list[tuple[str, str, str]]:
             labels.append(label)
 
     fault = spec.fault_state
+    # States a device is only in while a command runs: commands on one device run one at a
+    # time, so no command begins there (no edges drawn from them but the running command's).
+    busy = (
+        {c.running for c in spec.commands.values() if c.running}
+        - {c.to for c in spec.commands.values()}
+        - {spec.initial, fault}
+    )
     for name, cmd in spec.commands.items():
-        origins = spec.allowed_states(name)
+        origins = [s for s in spec.allowed_states(name) if s not in busy]
         if cmd.running is None:
             for origin in origins:
                 add(origin, cmd.to or origin, name)

@@ -99,20 +99,20 @@ def _coerce(spec: ParamSpec, value: Any) -> Any:
     kind = spec.type
     if kind == "number":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"must be a number, got {describe_type(value)} {value!r}")
+            raise ValueError(f"must be a number, got {describe_type(value)} {_fmt(value)}")
         if not math.isfinite(value):
-            raise ValueError(f"must be a finite number, got {value!r}")
+            raise ValueError(f"must be a finite number, got {_fmt(value)}")
         value = float(value)
     elif kind == "integer":
         if isinstance(value, float) and math.isfinite(value) and value.is_integer():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"must be an integer, got {describe_type(value)} {value!r}")
+            raise ValueError(f"must be an integer, got {describe_type(value)} {_fmt(value)}")
     elif kind == "string":
         if not isinstance(value, str):
-            raise ValueError(f"must be a string, got {describe_type(value)} {value!r}")
+            raise ValueError(f"must be a string, got {describe_type(value)} {_fmt(value)}")
     elif kind == "boolean" and not isinstance(value, bool):
-        raise ValueError(f"must be true or false, got {describe_type(value)} {value!r}")
+        raise ValueError(f"must be true or false, got {describe_type(value)} {_fmt(value)}")
     if spec.min is not None and value < spec.min:
         raise ValueError(f"must be >= {_fmt(spec.min)}, got {_fmt(value)}")
     if spec.max is not None and value > spec.max:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import json
 import keyword
 import re
 from collections.abc import Iterable, Mapping
@@ -33,7 +34,7 @@ from .expressions import (
     constant_hint,
     has_template,
 )
-from .source import ConfigError, ConfigErrors, load_yaml, parse_yaml
+from .source import ConfigError, ConfigErrors, describe_type, load_yaml, parse_yaml
 
 __all__ = [
     "FINAL_OUTCOMES",
@@ -237,6 +238,16 @@ class WorkflowSpec:
                 raise ValueError(
                     f"workflow {self.name} has no input {key!r} (inputs: {known}); "
                     "declare it under inputs: in the workflow"
+                )
+            problem = _not_json(value)
+            if problem:
+                raise ValueError(f"input {key!r} of workflow {self.name}: the value {problem}")
+            default = self.inputs[key]
+            if default is not None and _kind_of(value) != _kind_of(default):
+                raise ValueError(
+                    f"input {key!r} of workflow {self.name} takes {_kind_of(default)} like its "
+                    f"default {json.dumps(default, default=str)}, got {describe_type(value)} "
+                    f"{json.dumps(value, default=str)}"
                 )
             context[key] = value
         return context
@@ -526,7 +537,12 @@ class _Loader:
             )
             return
         for name, default in raw.items():
-            if self._check_name(_line(raw, name), "input", "inputs", name):
+            if not self._check_name(_line(raw, name), "input", "inputs", name):
+                continue
+            problem = _not_json(default)
+            if problem:
+                self.err(_line(raw, name), f"input {name!r}: the default {problem}")
+            else:
                 self.inputs[name] = default
 
     def _check_save(self, body: Any, state: str, save: Any) -> None:
@@ -677,7 +693,12 @@ class _Loader:
         line = _line(node, key)
         text = node[key]
         if not isinstance(text, str):
-            self.err(line, f"{key} must be an expression string, got {text!r}: quote it")
+            shown = (
+                json.dumps(text)
+                if isinstance(text, (bool, int, float)) or text is None
+                else repr(text)
+            )
+            self.err(line, f"{key} must be an expression string, got {shown}: quote it")
             return None
         try:
             expr = compile_expression(text)
@@ -1017,4 +1038,22 @@ def _param_problem(rule: Mapping[str, Any], value: Any) -> str | None:
             return f"must be >= {low}, got {value!r}"
         if high is not None and value > high:
             return f"must be <= {high}, got {value!r}"
+    return None
+
+
+def _kind_of(value: Any) -> str:
+    """An input's kind, for checking a value against its default (an integer is a number)."""
+    kind = describe_type(value)
+    return "a number" if kind == "an integer" else kind
+
+
+def _not_json(value: Any) -> str | None:
+    """Why ``value`` cannot be sent as JSON (None if it can): inputs go into params."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return (
+            f"{value!r} is not a JSON value (text, number, true/false, null, list or mapping): "
+            "quote dates and times, e.g. '2024-05-01'"
+        )
     return None

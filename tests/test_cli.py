@@ -117,3 +117,11 @@ def test_version_and_invalid_timeouts() -> None:
     for bad in ("inf", "nan", "0", "-1", "soon"):
         result = statelink("call", "--timeout", bad, "rpc.ping")
         assert result.returncode == 2 and "--timeout" in result.stderr, (bad, result.stderr)
+
+
+def test_serve_a_workflow_as_a_device_says_so() -> None:
+    workflow = ROOT / "config" / "workflows" / "demo.yaml"
+    result = statelink("serve", "--port", "0", "--device", str(workflow), timeout=WAIT)
+    assert result.returncode == 2
+    assert "is a workflow, not a device config" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

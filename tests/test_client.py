@@ -546,7 +546,7 @@ def test_wrong_secret_is_unauthorized(secret_server):
 
 
 def test_no_secret_is_unauthorized(secret_server):
-    with pytest.raises(UnauthorizedError, match="requires a secret"):
+    with pytest.raises(UnauthorizedError, match="requires the shared secret"):
         Client(secret_server.address, reconnect=False)
 
 
@@ -623,3 +623,19 @@ def test_callback_port_refused_falls_back_to_the_request_connection(busy_server,
     conn.call("rpc.hello", {"callback_port": port})
     assert conn.call("add", [2, 2], id="x")["result"] == 4
     assert conn.call("add", [3, 3], id="y")["result"] == 6
+
+
+def test_a_client_that_fails_to_connect_leaves_its_callback_listener() -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    listener = CallbackListener()
+    try:
+        for _ in range(20):
+            with pytest.raises(OSError):
+                Client(("127.0.0.1", port), callback_listener=listener, reconnect=False)
+        assert listener._clients == {}
+    finally:
+        listener.close()

@@ -312,3 +312,42 @@ def test_a_restarted_server_reopens_gpio_and_faults_a_command_left_running(
                 assert again.call("left.state")["state"] == "idle"
     finally:
         release.set()
+
+
+def test_stop_lets_a_cancelled_handler_settle_its_device(tmp_path: Path) -> None:
+    """A handler that stops when cancelled, but needs a moment to do it safely, leaves its
+    device back where the command started, not faulted."""
+    (tmp_path / "careful_hw.py").write_text(
+        textwrap.dedent("""
+        import threading
+        started = threading.Event()
+
+        def work(ctx):
+            started.set()
+            while ctx.sleep(0.01):  # False once cancelled
+                pass
+            threading.Event().wait(0.1)  # park the hardware safely
+            return "parked"
+    """)
+    )
+    path = tmp_path / "careful.yaml"
+    path.write_text(
+        textwrap.dedent("""
+        device: careful
+        states: [idle, working, fault]
+        commands:
+          work: {from: [idle], running: working, to: idle, handler: careful_hw:work,
+                 timeout: 30s}
+    """)
+    )
+    spec = load_device(path)
+    started = spec.commands["work"].handler.__globals__["started"]  # type: ignore[union-attr]
+    server = CommandServer(port=0, workers=2, grace=0.1)
+    server.add_device(spec)
+    with server, Client(server.address, reconnect=False) as client:
+        future = client.send_command("careful.work", timeout=WAIT)
+        assert started.wait(WAIT)
+        server.stop()
+        with pytest.raises(CancelledError):
+            future.result(WAIT)
+    assert server.devices["careful"].state == "idle"

@@ -187,3 +187,12 @@ def test_workflow_graph_uses_graph_args() -> None:
         "wf", ["a", "b"], "a", [("a", "b", "ok")], ["b"]
     )
     assert workflow_graph(Compiled(), "dot").startswith('digraph "wf" {')
+
+
+def test_no_command_begins_in_a_running_state() -> None:
+    """Commands on one device run one at a time: `from: "*"` does not draw edges out of a
+    state the device is only in while another command runs."""
+    spec = load_device(Path(__file__).resolve().parent.parent / "config/devices/demo.yaml")
+    sources = {(s, d) for s, d, _ in device_edges(spec)}
+    assert ("calibrating", "calibrating") not in sources
+    assert {d for s, d in sources if s == "calibrating"} == {"idle", "fault"}

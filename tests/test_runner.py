@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import ROOT, ServeProcess, statelink
+from support import ROOT, ServeProcess, statelink, wait_until
 
 from controller import BusyError, Client, CommandServer, Limits
 from controller.runner import RunHandle, WorkflowRunner
@@ -645,3 +645,85 @@ def test_run_sets_inputs_from_the_command_line(tmp_path: Path) -> None:
         assert unknown.returncode == 2 and "has no input 'step'" in unknown.stderr
     finally:
         served.kill()
+
+
+def test_the_workflow_timeout_cancels_the_command_in_flight(
+    runner: WorkflowRunner, demo: CommandServer, tmp_path: Path
+) -> None:
+    spec = parse_workflow(
+        textwrap.dedent("""
+        name: run-timeout
+        servers: {device: "127.0.0.1:1"}
+        timeout: 500ms
+        on_abort: safe
+        initial: long
+        states:
+          long:
+            command: demo.calibrate
+            params: {steps: 50, delay: 1}
+            timeout: 60s
+            next: done
+          safe:
+            command: demo.led_off
+            timeout: 3s
+            next: done
+          done: {final: success}
+    """)
+    )
+    handle, entries = run(runner, spec, {"device": demo.address}, tmp_path)
+    assert handle.outcome == "failure" and handle.state == "done", entries
+    events = [(e["event"], e.get("command")) for e in entries]
+    assert ("workflow_timeout", None) in events
+    assert ("reply", "demo.led_off") in events  # not stuck behind the calibration
+
+
+def test_run_with_the_wrong_secret_fails_cleanly_with_a_complete_journal(tmp_path: Path) -> None:
+    (tmp_path / "server.secret").write_text("the right secret\n")
+    (tmp_path / "client.secret").write_text("a wrong secret\n")
+    served = ServeProcess(
+        "--device", str(DEMO_DEVICE), "--simulate", "--secret-file", str(tmp_path / "server.secret")
+    )
+    try:
+        result = statelink(
+            "run", str(WORKFLOWS / "demo.yaml"), "--plain",
+            "--server", f"device={served.server}",
+            "--secret-file", str(tmp_path / "client.secret"),
+            "--journal", str(tmp_path / "j.jsonl"),
+        )  # fmt: skip
+    finally:
+        served.kill()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    entries = journal(tmp_path / "j.jsonl")
+    assert any(e.get("error", {}).get("kind") == "unauthorized" for e in entries), entries
+    assert entries[-1]["event"] == "finished" and entries[-1]["final"] == "failure"
+
+
+def test_abort_cancels_fit_under_a_small_inflight_bound(runner: WorkflowRunner) -> None:
+    """The runner keeps a slot free for its own rpc.cancel, whatever the server's bound."""
+    spec = parse_workflow(
+        textwrap.dedent("""
+        name: long
+        servers: {device: "127.0.0.1:1"}
+        initial: calibrate
+        states:
+          calibrate:
+            command: demo.calibrate
+            params: {steps: 50, delay: 1}
+            timeout: 120s
+            next: done
+          done: {final: success}
+    """)
+    )
+    with demo_server(limits=Limits(max_inflight=8)) as demo, Client(demo.address) as probe:
+        handles = [runner.start(spec, servers={"device": demo.address}) for _ in range(8)]
+        wait_until(lambda: probe.call("demo.state")["state"] == "calibrating", what="running")
+        for handle in handles:
+            handle.abort()
+        assert [h.wait(WAIT) for h in handles] == ["aborted"] * 8
+        wait_until(
+            lambda: demo.stats_snapshot()["requests_in_flight"] == 0,
+            what="every command to be cancelled",
+        )
+        assert probe.call("demo.state")["state"] == "idle"
+        assert str(-32003) not in demo.stats_snapshot()["errors_by_code"]

@@ -792,6 +792,14 @@ def test_inputs_are_names_expressions_can_read(tmp_path: Path) -> None:
     assert spec.run_context({"steps": 5}) == {"result": None, "steps": 5, "label": "first"}
     with pytest.raises(ValueError, match="has no input 'step' \\(inputs: steps, label\\)"):
         spec.run_context({"step": 5})
+    with pytest.raises(
+        ValueError,
+        match="input 'steps' of workflow t takes a number like its default 3, got a string \"abc\"",
+    ):
+        spec.run_context({"steps": "abc"})
+    assert spec.run_context({"steps": 2.5})["steps"] == 2.5  # an integer default takes numbers
+    with pytest.raises(ValueError, match="the value nan is not a JSON value"):
+        spec.run_context({"steps": float("nan")})
 
 
 @pytest.mark.parametrize(
@@ -801,6 +809,7 @@ def test_inputs_are_names_expressions_can_read(tmp_path: Path) -> None:
         ("inputs: {result: 1}", "input 'result' in inputs would shadow the built-in name"),
         ("inputs: {2x: 1}", "input '2x' in inputs must be a name like level"),
         ("inputs: {_x: 1}", "input '_x' in inputs must not start with _"),
+        ("inputs: {day: 2024-05-01}", "input 'day': the default datetime.date(2024, 5, 1) is not"),
     ],
 )
 def test_bad_inputs(tmp_path: Path, inputs: str, fragment: str) -> None:
