@@ -307,9 +307,18 @@ class Client:
             backoff = min(backoff * 2, self.max_backoff)
             try:
                 self._open()
-            except (OSError, RpcError) as exc:
+            except OSError as exc:
                 log.debug("reconnect to %s:%s failed: %s", *self.address, exc)
                 continue
+            except RpcError as exc:  # e.g. the server came back with another secret
+                log.warning("reconnect to %s:%s refused: %s", *self.address, exc.message)
+                continue
+            if self._closed.is_set():  # close() ran while reconnecting: do not stay open
+                self._connected.clear()
+                new, self._sock = self._sock, None
+                if new is not None:
+                    new.close()
+                return
             backoff = 0.05
             self.reconnects += 1
             log.info("reconnected to %s:%s", *self.address)

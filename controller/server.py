@@ -793,6 +793,9 @@ class CallbackLink:
         except (OSError, asyncio.TimeoutError) as exc:
             self.lost(f"cannot connect: {exc}")
             return
+        except asyncio.CancelledError:  # the server stops: what waits goes the other way
+            self.close()
+            raise
         assert isinstance(transport, asyncio.Transport)
         if not self.usable:  # closed (or lost) while connecting
             transport.close()
