@@ -36,6 +36,14 @@ def demo() -> Iterator[tuple[CommandServer, Client]]:
         yield server, client
 
 
+def _device(tmp_path: Path, name: str, *, hw: str, config: str) -> Any:
+    """Load device ``name`` from ``config``, with ``hw`` as its module ``<name>_hw``."""
+    (tmp_path / f"{name}_hw.py").write_text(textwrap.dedent(hw))
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(textwrap.dedent(config))
+    return load_device(path)
+
+
 def _lane_device(tmp_path: Path, name: str) -> Path:
     """A device whose `slow` command waits on a gate the test opens."""
     (tmp_path / f"{name}_hw.py").write_text(
@@ -138,8 +146,10 @@ def test_a_cancelled_command_that_ignores_it_and_overruns_faults_the_device(
     """rpc.cancel on a handler that never looks at ctx: the timeout answers the call (with the
     cancelled error the client asked for), and the device faults (its hardware state is
     unknown) instead of going back to where it started while the handler still runs."""
-    (tmp_path / "stub_hw.py").write_text(
-        textwrap.dedent("""
+    spec = _device(
+        tmp_path,
+        "stub",
+        hw="""
         import threading
         release = threading.Event()
 
@@ -149,20 +159,16 @@ def test_a_cancelled_command_that_ignores_it_and_overruns_faults_the_device(
 
         def reset(ctx):
             return "reset"
-    """)
-    )
-    path = tmp_path / "stub.yaml"
-    path.write_text(
-        textwrap.dedent("""
+    """,
+        config="""
         device: stub
         states: [idle, busy, fault]
         commands:
           stubborn: {from: [idle], running: busy, to: idle, handler: stub_hw:stubborn,
                      timeout: 500ms}
           reset: {from: [fault], to: idle, handler: stub_hw:reset}
-    """)
+    """,
     )
-    spec = load_device(path)
     release = spec.commands["stubborn"].handler.__globals__["release"]  # type: ignore[union-attr]
     server = CommandServer(port=0, workers=2, grace=0.5)
     server.add_device(spec)
@@ -263,8 +269,10 @@ def test_graph_of_a_device_is_mermaid_by_default_and_dot_on_request() -> None:
 def test_a_restarted_server_reopens_gpio_and_faults_a_command_left_running(
     tmp_path: Path,
 ) -> None:
-    (tmp_path / "left_hw.py").write_text(
-        textwrap.dedent("""
+    spec = _device(
+        tmp_path,
+        "left",
+        hw="""
         import threading
         release = threading.Event()
 
@@ -274,11 +282,8 @@ def test_a_restarted_server_reopens_gpio_and_faults_a_command_left_running(
 
         def reset(ctx):
             return "reset"
-    """)
-    )
-    path = tmp_path / "left.yaml"
-    path.write_text(
-        textwrap.dedent("""
+    """,
+        config="""
         device: left
         states: [idle, busy, fault]
         gpio:
@@ -288,9 +293,8 @@ def test_a_restarted_server_reopens_gpio_and_faults_a_command_left_running(
                      timeout: 30s}
           light: {from: "*", gpio: {object: led, action: "on"}}
           reset: {from: [fault], to: idle, handler: left_hw:reset}
-    """)
+    """,
     )
-    spec = load_device(path)
     release = spec.commands["stubborn"].handler.__globals__["release"]  # type: ignore[union-attr]
     server = CommandServer(port=0, workers=2, grace=0.2)
     server.add_device(spec, simulate=True)
@@ -317,8 +321,10 @@ def test_a_restarted_server_reopens_gpio_and_faults_a_command_left_running(
 def test_stop_lets_a_cancelled_handler_settle_its_device(tmp_path: Path) -> None:
     """A handler that stops when cancelled, but needs a moment to do it safely, leaves its
     device back where the command started, not faulted."""
-    (tmp_path / "careful_hw.py").write_text(
-        textwrap.dedent("""
+    spec = _device(
+        tmp_path,
+        "careful",
+        hw="""
         import threading
         started = threading.Event()
 
@@ -328,19 +334,15 @@ def test_stop_lets_a_cancelled_handler_settle_its_device(tmp_path: Path) -> None
                 pass
             threading.Event().wait(0.1)  # park the hardware safely
             return "parked"
-    """)
-    )
-    path = tmp_path / "careful.yaml"
-    path.write_text(
-        textwrap.dedent("""
+    """,
+        config="""
         device: careful
         states: [idle, working, fault]
         commands:
           work: {from: [idle], running: working, to: idle, handler: careful_hw:work,
                  timeout: 30s}
-    """)
+    """,
     )
-    spec = load_device(path)
     started = spec.commands["work"].handler.__globals__["started"]  # type: ignore[union-attr]
     server = CommandServer(port=0, workers=2, grace=0.1)
     server.add_device(spec)
