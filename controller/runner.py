@@ -108,19 +108,7 @@ class RunHandle:
     def abort(self) -> None:
         """Abort: cancel the command in flight (``rpc.cancel``, so the device is free for the
         clean-up), then enter the ``on_abort`` state (if any); the outcome is "aborted"."""
-        self.runner.post(self._abort)
-
-    def _abort(self) -> None:
-        # On the dispatcher: what is in flight now is the command being left, never the
-        # on_abort path's first command (which run.abort() sends next).
-        self.cancel_inflight()
-        self.run.abort()
-
-    def cancel_inflight(self) -> None:
-        """Send ``rpc.cancel`` for this run's command in flight, if any (any thread)."""
-        for client, future in list(self.inflight.values()):
-            if not future.done():
-                client.cancel(future)
+        self.runner.post(self.run.abort)  # the run abandons its command: _Effects.abandon
 
 
 class WorkflowRunner:
@@ -477,11 +465,16 @@ class _Effects:
     def start_timer(self, run: WorkflowRun, token: int, delay: float) -> None:
         self.runner.scheduler.call_later(delay, self.runner.post, run.on_timer, token)
 
+    def abandon(self, run: WorkflowRun, token: int) -> None:
+        """The run leaves command ``token`` (abort, workflow timeout): ``rpc.cancel`` it, so
+        the device is free for the on_abort path. A command still waiting for a slot is
+        dropped by :meth:`WorkflowRunner.release`; a timer token is in neither place."""
+        entry = self.handle.inflight.get(token)
+        if entry is not None and not entry[1].done():
+            entry[0].cancel(entry[1])
+
     def record(self, run: WorkflowRun, entry: dict[str, Any]) -> None:
         handle = self.handle
-        if entry["event"] == "workflow_timeout":
-            # The same path as an abort: free the device for on_abort at once.
-            handle.cancel_inflight()
         journal = handle._journal
         if journal is not None:
             try:

@@ -68,9 +68,12 @@ class Effects(Protocol):
 
     ``send_command`` and ``start_timer`` may call back into the run synchronously (the event
     is queued behind the current one). If one of them raises, that run fails with an
-    ``internal_error`` journal entry. ``record`` and ``finished`` must not raise: their
-    exceptions propagate to the caller of the event method. ``finished`` is called once,
-    after the last ``record``.
+    ``internal_error`` journal entry. ``abandon(run, token)`` says that the run leaves its
+    current action ``token`` without waiting for it (an abort, the workflow timeout): a command
+    still in flight with that token is best cancelled, so that the device is free for the
+    ``on_abort`` path; it is called before that path sends anything. ``abandon``, ``record``
+    and ``finished`` must not raise: their exceptions propagate to the caller of the event
+    method. ``finished`` is called once, after the last ``record``.
     """
 
     def send_command(
@@ -78,6 +81,8 @@ class Effects(Protocol):
     ) -> None: ...
 
     def start_timer(self, run: WorkflowRun, token: int, delay: float) -> None: ...
+
+    def abandon(self, run: WorkflowRun, token: int) -> None: ...
 
     def record(self, run: WorkflowRun, entry: dict[str, Any]) -> None: ...
 
@@ -399,11 +404,13 @@ def _prep_decide(run: WorkflowRun, args: tuple[Any, ...]) -> None:
 
 def _prep_abort(run: WorkflowRun, args: tuple[Any, ...]) -> None:
     run._fresh = True
+    run.effects.abandon(run, run._token)
     run._entry = {"time": _now(), "state": run.state, "event": "abort"}
 
 
 def _prep_expire(run: WorkflowRun, args: tuple[Any, ...]) -> None:
     run._fresh = True
+    run.effects.abandon(run, run._token)
     run._entry = {
         "time": _now(),
         "state": run.state,

@@ -43,6 +43,7 @@ class Recorder:
         self.timers: list[Timer] = []
         self.entries: list[dict[str, Any]] = []
         self.done: list[WorkflowRun] = []
+        self.abandoned: list[int] = []
 
     def send_command(
         self, run: WorkflowRun, token: int, server: str, method: str, params: Any, timeout: float
@@ -51,6 +52,9 @@ class Recorder:
 
     def start_timer(self, run: WorkflowRun, token: int, delay: float) -> None:
         self.timers.append(Timer(run, token, delay))
+
+    def abandon(self, run: WorkflowRun, token: int) -> None:
+        self.abandoned.append(token)
 
     def record(self, run: WorkflowRun, entry: dict[str, Any]) -> None:
         assert run not in self.done, "recorded after finished"
@@ -508,6 +512,7 @@ def test_abort_goes_through_on_abort_then_ends_aborted(tmp_path: Path) -> None:
     assert deadline.delay == 30.0
     run.abort()
     assert run.state == "led_off" and fx.methods() == ["demo.calibrate", "demo.led_off"]
+    assert fx.abandoned == [in_flight]  # the calibration, not the on_abort command
     run.on_reply(in_flight, "calibrated too late")
     assert run.state == "led_off" and run.ignored == 1
     fx.reply(None)
@@ -546,8 +551,10 @@ def test_abort_before_start(tmp_path: Path) -> None:
 
 def test_workflow_timeout_goes_to_on_abort_and_fails(tmp_path: Path) -> None:
     run, fx = start(tmp_path, ABORT)
+    in_flight = fx.sent[-1].token
     run.on_timer(fx.timers[0].token)
     assert run.state == "led_off"
+    assert fx.abandoned == [in_flight]
     fx.reply(None)
     assert run.outcome == "failure" and run.reason == "workflow timeout (30s) expired"
     assert fx.events() == ["start", "workflow_timeout", "reply", "finished"]
@@ -693,6 +700,9 @@ class Quiet:
         run.context["_token"] = token
 
     def start_timer(self, run: WorkflowRun, token: int, delay: float) -> None:
+        pass
+
+    def abandon(self, run: WorkflowRun, token: int) -> None:
         pass
 
     def record(self, run: WorkflowRun, entry: dict[str, Any]) -> None:
