@@ -295,6 +295,7 @@ def make_statelink_server(
     devices: list[str] | None = None,
 ) -> Any:
     from controller import CommandServer, Limits
+    from controller.devices import add_device
 
     limits = Limits()
     if max_inflight is not None:
@@ -322,7 +323,7 @@ def make_statelink_server(
         from statemachines.device import load_device
 
         for path in devices:  # simulated: gpiozero's mock pins
-            server.add_device(load_device(path), simulate=True)
+            add_device(server, load_device(path), simulate=True)
     return server
 
 

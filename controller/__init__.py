@@ -14,6 +14,7 @@ _EXPORTS = {
     "Scheduler": "scheduler",
     "CommandServer": "server",
     "Limits": "server",
+    "add_device": "devices",
     **{
         name: "errors"
         for name in (
@@ -63,5 +64,6 @@ __all__ = [
     "RpcError",
     "Scheduler",
     "UnauthorizedError",
+    "add_device",
     "parse_address",
 ]

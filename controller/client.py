@@ -10,7 +10,8 @@ Contracts:
 
 - ``send_command`` never blocks on the network reply; its future and its callback get exactly
   one outcome: the result, the server's error (a typed :class:`~controller.errors.RpcError`),
-  :class:`~controller.errors.CommandTimeoutError` after ``timeout`` seconds, or
+  :class:`~controller.errors.ClientTimeoutError` (a ``CommandTimeoutError``) after ``timeout``
+  seconds, or
   :class:`~controller.errors.ConnectionLostError`. Nothing stays pending forever.
 - ``future.cancel()`` on a pending future means "I no longer care": the future is cancelled
   at once (its callback runs with the cancelled future) and the reply, when it comes, is
@@ -41,16 +42,16 @@ from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
-from . import auth
+from statemachines.addresses import Address, parse_address
+
+from .client_hello import hello
 from .errors import (
-    CommandTimeoutError,
+    ClientTimeoutError,
     ConnectionLostError,
     RpcError,
-    UnauthorizedError,
     error_for,
 )
 from .protocol import (
-    DEFAULT_PORT,
     Batch,
     Decoder,
     ErrorResponse,
@@ -63,39 +64,11 @@ from .scheduler import Scheduler, Timer
 
 log = logging.getLogger("statelink.client")
 
-Address = tuple[str, int]
 Callback = Callable[["Future[Any]"], None]
 Handler = Callable[[Any], None]
 
 #: separates a client's random id prefix from its request number (callback delivery only)
 ID_SEPARATOR = "."
-
-
-def parse_address(value: str | Address, default_port: int = DEFAULT_PORT) -> Address:
-    """``"host:port"``, ``"[::1]:port"``, ``"host"`` or a ``(host, port)`` tuple.
-
-    >>> parse_address("127.0.0.1:15769"), parse_address("[::1]:80"), parse_address("pi")
-    (('127.0.0.1', 15769), ('::1', 80), ('pi', 15769))
-    """
-    if isinstance(value, tuple):
-        return (str(value[0]), int(value[1]))
-    text = value.strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = rest.lstrip(":")
-    elif text.count(":") == 1:
-        host, _, port = text.partition(":")
-    else:
-        host, port = text, ""
-    if not host:
-        raise ValueError(f"no host in address {value!r}; expected HOST:PORT")
-    try:
-        number = int(port) if port else default_port
-    except ValueError:
-        raise ValueError(f"bad port in address {value!r}; expected HOST:PORT")
-    if not 0 < number < 65536:
-        raise ValueError(f"port out of range in address {value!r}")
-    return (host, number)
 
 
 def read_events(
@@ -239,59 +212,16 @@ class Client:
 
     def _handshake(self, sock: socket.socket) -> dict[str, Any]:
         """``rpc.hello`` (and authentication) before the reader thread starts."""
-        decoder = Decoder()
-        nonce = auth.new_nonce()
-        params: dict[str, Any] = {"client": self.name, "protocol": "1.0", "nonce": nonce}
-        if self.callback_listener is not None:
-            params["callback_port"] = self.callback_listener.address[1]
-        info = self._exchange(sock, decoder, "rpc.hello", params)
-        host, port = self.address
-        if self.secret is None:
-            if info.get("auth") and not info.get("authenticated"):
-                raise UnauthorizedError(
-                    f"the server at {host}:{port} requires the shared secret: give it with "
-                    "--secret-file PATH or $STATELINK_SECRET (Client(secret=...) in Python)"
-                )
-            return info
-        # With a secret, the server must prove it holds it too: a server that skips the
-        # challenge (no secret, or an impostor) gets nothing more from this client.
-        if not info.get("auth"):
-            raise UnauthorizedError(
-                f"the server at {host}:{port} did not ask for authentication, so it cannot "
-                "prove it holds the secret; start it with --secret-file (or "
-                "$STATELINK_SECRET), or drop the client secret"
-            )
-        challenge = info.get("challenge")
-        if not isinstance(challenge, str) or not auth.verify(
-            self.secret, "server", challenge, nonce, info.get("proof")
-        ):
-            raise UnauthorizedError(
-                f"the server at {host}:{port} holds a different secret (its proof does not "
-                "match ours): check --secret-file / $STATELINK_SECRET on both sides"
-            )
-        answer = {"response": auth.digest(self.secret, "client", challenge, nonce)}
-        confirmed = self._exchange(sock, decoder, "rpc.hello", answer)
-        if confirmed.get("authenticated") is not True:
-            raise UnauthorizedError(
-                f"the server at {host}:{port} did not confirm the authentication"
-            )
-        info.update(confirmed)
-        return info
-
-    def _exchange(
-        self, sock: socket.socket, decoder: Decoder, method: str, params: dict[str, Any]
-    ) -> dict[str, Any]:
-        request_id = f"hello-{next(self._ids)}"
-        sock.sendall(encode(Request(method, params, request_id)))
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                raise ConnectionLostError("the server closed the connection during the handshake")
-            for event in decoder.feed(data):
-                if isinstance(event, Response) and event.id == request_id:
-                    return event.result if isinstance(event.result, dict) else {}
-                if isinstance(event, ErrorResponse) and event.id in (request_id, None):
-                    raise error_for(event.code, event.message, event.data)
+        return hello(
+            sock,
+            self.address,
+            client=self.name,
+            secret=self.secret,
+            callback_port=(
+                self.callback_listener.address[1] if self.callback_listener is not None else None
+            ),
+            ids=self._ids,
+        )
 
     def _read_forever(self) -> None:
         backoff = 0.05
@@ -482,7 +412,7 @@ class Client:
             _resolve(
                 pending.future,
                 None,
-                CommandTimeoutError(
+                ClientTimeoutError(
                     f"no reply to {pending.method} within {timeout:g} s",
                     {"timeout": timeout, "method": pending.method, "source": "client"},
                 ),

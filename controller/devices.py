@@ -1,7 +1,9 @@
 """Serve devices: each device is a state machine, each command one of its events.
 
-A :class:`DeviceRuntime` joins a :class:`~statemachines.device.DeviceSpec` to a
-:class:`~controller.server.CommandServer`:
+:func:`add_device` joins a :class:`~statemachines.device.DeviceSpec` to a
+:class:`~controller.server.CommandServer`, as a :class:`DeviceRuntime` plugged in through the
+server's public interface (``register``, ``attach``, the call hooks); the server never imports
+this module:
 
 - commands of one device run one at a time, in arrival order (the device's *lane*); different
   devices run in parallel on the worker pool;
@@ -13,6 +15,8 @@ A :class:`DeviceRuntime` joins a :class:`~statemachines.device.DeviceSpec` to a
   the command that caused it.
 
 All lane and machine work happens on the server's I/O thread; only handlers run on workers.
+The handler functions come from :func:`controller.handlers.resolve_handlers`, once, when the
+runtime is built.
 """
 
 from __future__ import annotations
@@ -20,19 +24,30 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import threading
 from collections import deque
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from statemachines.device import CommandNotAllowed, CommandSpec, DeviceMachine, DeviceSpec
+from statemachines.device import (
+    CommandNotAllowed,
+    CommandSpec,
+    DeviceMachine,
+    DeviceSpec,
+    not_allowed_message,
+)
 from statemachines.params import ParamError, schema_to_json, validate_params
 
 from .errors import BusyError, CancelledError, InvalidParamsError, NotAllowedError, RpcError
+from .handlers import resolve_handlers
+from .server import Call, Core
 from .workers import PoolFull
 
-if TYPE_CHECKING:
-    from .server import Call, CommandServer
+
+def add_device(server: Core, spec: DeviceSpec, *, simulate: bool = False) -> DeviceRuntime:
+    """Serve ``spec`` on ``server``: its commands, ``<device>.state`` and ``device.state``
+    notifications. Raises :class:`statemachines.source.ConfigErrors` for a handler that cannot
+    be resolved."""
+    return DeviceRuntime(server, spec, simulate=simulate)
 
 
 class DeviceContext:
@@ -44,7 +59,7 @@ class DeviceContext:
         self.gpio = gpio
         self.log = logging.getLogger(f"statelink.device.{device}")
         self._call = call
-        self._cancel = call.cancel_event or threading.Event()
+        self._cancel = call.cancel_signal()
 
     @property
     def cancelled(self) -> bool:
@@ -83,22 +98,23 @@ class _Job:
 
 
 class DeviceRuntime:
-    """One device served on one server. Create it with ``server.add_device(spec)``."""
+    """One device served on one server (a :class:`~controller.server.Plugin`). Create it with
+    :func:`add_device`."""
 
-    def __init__(self, server: CommandServer, spec: DeviceSpec, *, simulate: bool = False):
+    def __init__(self, server: Core, spec: DeviceSpec, *, simulate: bool = False):
         self.server = server
         self.spec = spec
+        self.handlers = resolve_handlers(spec)
         self.machine = DeviceMachine(spec, on_change=self._on_change)
         self.simulate = simulate
         self.board: Any = None
         self._lane: deque[_Job] = deque()
         self._running: _Job | None = None
-        self._open_board()
-        server._on_start.append(self._open_board)
-        server._on_stop.append(self._stopped)
+        self.start()
         for command in spec.commands.values():
             server.register(command.method, _DeviceCommand(self, command))
         server.register(f"{spec.name}.state", _DeviceState(self))
+        server.attach(spec.name, self)
 
     @property
     def state(self) -> str:
@@ -109,14 +125,19 @@ class DeviceRuntime:
         """True while a command's handler runs (I/O thread)."""
         return self._running is not None
 
+    def describe(self) -> dict[str, Any]:
+        """This device's entry in ``rpc.discover``."""
+        return self.spec.describe()
+
     # -- lifetime (with the server's; the I/O thread is not running) -------------------------
-    def _open_board(self) -> None:
+    def start(self) -> None:
+        """The server starts: open the pins (once)."""
         if self.spec.gpio and self.board is None:
             from .gpio import GpioBoard
 
             self.board = GpioBoard(self.spec, simulate=self.simulate)
 
-    def _stopped(self) -> None:
+    def stop(self) -> None:
         """The server stopped: release the pins, forget the lane. A command still running
         (a handler that ignored the cancellation) has an unknown outcome: fault, as for a
         timeout, so that a restarted server does not carry on as if it had finished."""
@@ -146,8 +167,8 @@ class DeviceRuntime:
                 )
             )
             return
-        job.call.cancel_event = threading.Event()
-        job.call.on_cancel = lambda: self._cancel(job)
+        job.call.cancel_signal()  # before the handler runs: its ctx waits on it
+        job.call.set_hooks(on_cancel=lambda: self._cancel(job))
         self._lane.append(job)
         self._pump()
 
@@ -163,7 +184,7 @@ class DeviceRuntime:
             call = job.call
             if call.done:
                 continue
-            if call.conn.closing:
+            if call.disconnected:
                 call.reject(CancelledError("the client disconnected", {"reason": "disconnect"}))
                 continue
             self._begin(job)
@@ -175,8 +196,7 @@ class DeviceRuntime:
         except CommandNotAllowed as exc:
             call.reject(
                 NotAllowedError(
-                    f"{command.method} is not allowed in state '{exc.state}' "
-                    f"(allowed in: {', '.join(exc.allowed)})",
+                    not_allowed_message(command.method, exc.state, exc.allowed),
                     {
                         "device": spec.name,
                         "state": exc.state,
@@ -187,14 +207,13 @@ class DeviceRuntime:
             )
             return
         self._running = job
-        assert call.cancel_event is not None
         if command.gpio is not None:
             fn: Any = self.board.run
             args: tuple[Any, ...] = (command.gpio, job.params)
             kwargs: dict[str, Any] = {}
         else:
             ctx = DeviceContext(spec.name, command.name, call, self.gpio_objects)
-            fn, args, kwargs = command.handler, (ctx,), job.params
+            fn, args, kwargs = self.handlers[command.name], (ctx,), job.params
         if inspect.iscoroutinefunction(fn):
             task = self.server.loop.create_task(fn(*args, **kwargs))
             task.add_done_callback(
@@ -209,7 +228,7 @@ class DeviceRuntime:
                 self._timed_out(job)
                 task.cancel()
 
-            call.on_timeout = on_timeout
+            call.set_hooks(on_timeout=on_timeout)
         else:
             try:
                 self.server.pool.submit(fn, args, kwargs, lambda r, e: self._finish(job, r, e))
@@ -218,7 +237,7 @@ class DeviceRuntime:
                 self.machine.cancel(command.name)
                 call.reject(BusyError(f"server busy: {exc}", {"retry": True}))
                 return
-            call.on_timeout = lambda: self._timed_out(job)
+            call.set_hooks(on_timeout=lambda: self._timed_out(job))
         timeout = command.timeout or spec.timeout or self.server.default_timeout
         call.arm_timeout(timeout)
 
@@ -229,7 +248,7 @@ class DeviceRuntime:
     def _finish(self, job: _Job, result: Any, exc: BaseException | None) -> None:
         """Handler outcome (I/O thread): settle the machine, then answer."""
         if job.settled:
-            self.server.stats.late_outcomes += 1
+            job.call.late()
             return
         job.settled = True
         self._running = None
@@ -274,26 +293,8 @@ class _DeviceCommand:
         self.runtime.enqueue(_Job(call, self.command, params))
 
     def describe(self) -> dict[str, Any]:
-        command, spec = self.command, self.runtime.spec
-        schema = schema_to_json(command.params)
-        props = schema.get("properties", schema) if isinstance(schema, dict) else {}
-        required = set(schema.get("required", [])) if isinstance(schema, dict) else set()
-        return {
-            "description": command.description or "",
-            "params": [
-                {
-                    "name": name,
-                    "required": name in required or bool(isinstance(s, dict) and s.get("required")),
-                    "schema": s,
-                }
-                for name, s in props.items()
-            ],
-            "x-device": spec.name,
-            "x-allowed-states": spec.allowed_states(command.name),
-            "x-running": command.running,
-            "x-to": command.to,
-            "timeout": command.timeout or spec.timeout or self.runtime.server.default_timeout,
-        }
+        runtime = self.runtime
+        return method_description(runtime.spec, self.command, runtime.server.default_timeout)
 
 
 class _DeviceState:
@@ -304,10 +305,37 @@ class _DeviceState:
         call.resolve({"device": self.runtime.spec.name, "state": self.runtime.machine.state})
 
     def describe(self) -> dict[str, Any]:
-        spec = self.runtime.spec
+        return method_description(self.runtime.spec, None, self.runtime.server.default_timeout)
+
+
+def method_description(
+    spec: DeviceSpec, command: CommandSpec | None, default_timeout: float
+) -> dict[str, Any]:
+    """The ``rpc.discover`` entry of a device method: ``command``, or ``<device>.state`` for
+    None. (The one place that shapes it; to become ``statemachines.catalog.CommandInfo``.)"""
+    if command is None:
         return {
             "description": f"The current state of {spec.name}.",
             "params": [],
             "x-device": spec.name,
             "x-allowed-states": list(spec.states),
         }
+    schema = schema_to_json(command.params)
+    props = schema.get("properties", schema) if isinstance(schema, dict) else {}
+    required = set(schema.get("required", [])) if isinstance(schema, dict) else set()
+    return {
+        "description": command.description or "",
+        "params": [
+            {
+                "name": name,
+                "required": name in required or bool(isinstance(s, dict) and s.get("required")),
+                "schema": s,
+            }
+            for name, s in props.items()
+        ],
+        "x-device": spec.name,
+        "x-allowed-states": spec.allowed_states(command.name),
+        "x-running": command.running,
+        "x-to": command.to,
+        "timeout": command.timeout or spec.timeout or default_timeout,
+    }

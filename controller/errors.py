@@ -72,6 +72,11 @@ class CommandTimeoutError(RpcError, TimeoutError):
     default_message = "Command timed out"
 
 
+class ClientTimeoutError(CommandTimeoutError):
+    """No reply within the client's own timeout (``data.source == "client"``): unlike the
+    server's timeout, the command may still be running there."""
+
+
 class BusyError(RpcError):
     code = ek.BUSY
     default_message = "Server busy, try again later"

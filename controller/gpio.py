@@ -25,18 +25,6 @@ from statemachines.params import ParamError, validate_params
 SPEED_OF_SOUND = 343.26  #: m/s, the value gpiozero's DistanceSensor uses
 SIM_TICK = 0.01  #: seconds between two steps of the input simulation
 
-_CLASSES = {
-    "digital_output": "DigitalOutputDevice",
-    "led": "LED",
-    "pwm_output": "PWMOutputDevice",
-    "pwm_led": "PWMLED",
-    "digital_input": "DigitalInputDevice",
-    "button": "Button",
-    "distance_sensor": "DistanceSensor",
-    "servo": "Servo",
-}
-_PWM_KINDS = frozenset({"pwm_output", "pwm_led", "servo"})
-
 
 class GpioError(RuntimeError):
     """A GPIO action could not be done (e.g. a distance sensor gave no echo in time)."""
@@ -191,10 +179,11 @@ class GpioBoard:
         import gpiozero
         from gpiozero.pins.mock import MockFactory, MockPin, MockPWMPin
 
-        cls = getattr(gpiozero, _CLASSES[obj.kind])
+        kind = GPIO_KINDS[obj.kind]
+        cls = getattr(gpiozero, kind.gpiozero_class)
         factory = self.pin_factory
-        with self._mock_pin_class(MockPWMPin if obj.kind in _PWM_KINDS else MockPin):
-            if obj.kind != "distance_sensor":
+        with self._mock_pin_class(MockPWMPin if kind.pwm else MockPin):
+            if kind.family != "distance":
                 return cls(obj.pins["pin"], **obj.options, pin_factory=factory)
             if self.simulate and isinstance(factory, MockFactory) and obj.simulate:
                 echo = factory.pin(obj.pins["echo"])
@@ -219,7 +208,7 @@ class GpioBoard:
             n: d for n, d in self._objects.items() if GPIO_KINDS[self.spec.gpio[n].kind].output
         }
         for name, obj in self.spec.gpio.items():
-            if obj.simulate is not None and obj.kind in ("button", "digital_input"):
+            if obj.simulate is not None and GPIO_KINDS[obj.kind].family == "input":
                 self._simulations.append(_InputSimulation(self._objects[name], obj, outputs))
         if any(sim.ticking for sim in self._simulations):
             self._thread = threading.Thread(
@@ -245,22 +234,22 @@ class GpioBoard:
         if self._closed:
             raise GpioError(f"the GPIO board of {self.spec.name!r} is closed")
         spec = self.spec.gpio[action.object]
-        arg_specs = GPIO_KINDS[spec.kind].actions[action.action]
-        args = validate_params(arg_specs, {**action.options, **(params or {})})
+        kind = GPIO_KINDS[spec.kind]
+        args = validate_params(kind.actions[action.action], {**action.options, **(params or {})})
         device = self._objects[action.object]
         name = action.action
-        if spec.kind in ("digital_input", "button"):
+        if kind.family == "input":
             return self._input(spec, device, name, args)
-        if spec.kind == "distance_sensor":
+        if kind.family == "distance":
             return {"distance": self._distance(spec, device, args["timeout"])}
-        if spec.kind == "servo":
+        if kind.family == "servo":
             return self._servo(device, name, args)
         return self._output(spec, device, name, args)
 
     @staticmethod
     def _value(spec: GpioObjectSpec, device: Any) -> Any:
         value = device.value
-        return float(value) if spec.kind in _PWM_KINDS else int(value)
+        return float(value) if GPIO_KINDS[spec.kind].pwm else int(value)
 
     def _output(self, spec: GpioObjectSpec, device: Any, name: str, args: dict[str, Any]) -> Any:
         if name in ("blink", "pulse"):

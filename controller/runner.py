@@ -5,9 +5,11 @@
 >>> #                       servers={"device": "127.0.0.1:15769"}, journal="demo.jsonl")
 >>> # handle.wait(60) -> "success" | "failure" | "aborted"
 
-Threads: client reader threads and the scheduler thread only *post* events; one dispatcher
-thread applies every event to its run, in arrival order, so a run is never touched by two
-threads. One scheduler serves every timer; one client per server address serves every run.
+Threads: transport threads (client readers, connect threads) and the scheduler thread only
+*post* events; one dispatcher thread applies every event to its run, in arrival order, so a
+run is never touched by two threads. One scheduler serves every timer; one sender
+(:mod:`controller.senders`) per server address serves every run. This module only
+dispatches: connecting, the in-flight bound and cancelling are the sender's.
 """
 
 from __future__ import annotations
@@ -16,26 +18,28 @@ import functools
 import itertools
 import json
 import logging
+import os
 import queue
+import ssl as ssl_module
 import threading
-from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from statemachines import errorkinds as ek
-from statemachines.workflow import CompiledWorkflow, WorkflowRun, WorkflowSpec
+from statemachines.addresses import Address, format_address, parse_address
+from statemachines.workflow import CompiledWorkflow, JournalEntry, WorkflowRun, WorkflowSpec
 
-from .client import Address, Client, parse_address
+from .client import Client
 from .errors import ConnectionLostError, RpcError
 from .scheduler import Scheduler
+from .senders import Command, Sender
+from .tcp_sender import TcpSender
 
 log = logging.getLogger("statelink.runner")
 
-Observer = Callable[["RunHandle", dict[str, Any]], None]
+Observer = Callable[["RunHandle", JournalEntry], None]
 
-_STOP = object()
 _COMPILED_CACHE = 64  #: compiled machines kept for reuse, per runner
 
 
@@ -57,27 +61,38 @@ def resolve_servers(
     return addresses
 
 
+@dataclass(slots=True, eq=False)
+class _Event:
+    """One item of the dispatcher's queue: ``fn(*args)``."""
+
+    fn: Callable[..., object]
+    args: tuple[object, ...]
+
+
 class RunHandle:
     """One run of a workflow: wait for it, abort it, read its state, context and history."""
 
     def __init__(
         self,
         runner: WorkflowRunner,
+        compiled: CompiledWorkflow,
         run_id: str,
         servers: dict[str, Address],
+        senders: dict[str, Sender],
+        context: Mapping[str, Any] | None,
         journal: IO[str] | None,
+        owns_journal: bool,
         observers: list[Observer],
     ):
         self.runner = runner
         self.run_id = run_id
         self.servers = servers
-        self.run: WorkflowRun = None  # type: ignore[assignment]  # set by the runner
+        self._senders = senders
         self._journal = journal
-        self._owns_journal = False  #: opened by the runner from a path: closed when done
+        self._owns_journal = owns_journal  #: opened by the runner from a path: closed when done
         self._observers = observers
         self._done = threading.Event()
-        #: requests this run has in flight: token -> (client, future); cancelled on abort
-        self.inflight: dict[int, tuple[Client, Future[Any]]] = {}
+        self.run: WorkflowRun = compiled.new_run(_Effects(runner, self), run_id, context)
 
     @property
     def state(self) -> str:
@@ -93,7 +108,7 @@ class RunHandle:
         return self.run.context
 
     @property
-    def history(self) -> list[dict[str, Any]]:
+    def history(self) -> list[JournalEntry]:
         return self.run.history
 
     @property
@@ -110,6 +125,12 @@ class RunHandle:
         clean-up), then enter the ``on_abort`` state (if any); the outcome is "aborted"."""
         self.runner.post(self.run.abort)  # the run abandons its command: _Effects.abandon
 
+    def _end(self) -> None:
+        """Finished, or the runner closed: close the journal (if ours); wait() returns."""
+        if self._owns_journal and self._journal is not None:
+            self._journal.close()
+        self._done.set()
+
 
 class WorkflowRunner:
     """Runs workflow runs concurrently in this process. Use as a context manager."""
@@ -118,23 +139,17 @@ class WorkflowRunner:
         self,
         *,
         secret: bytes | str | None = None,
-        ssl: Any = None,
+        ssl: ssl_module.SSLContext | None = None,
         client_name: str = "statelink-runner",
     ) -> None:
         self.secret = secret
         self.ssl = ssl
         self.client_name = client_name
         self.scheduler = Scheduler("statelink-runner-timers")
-        self._clients: dict[Address, Client] = {}
-        self._client_lock = threading.Lock()  #: guards _clients, _address_locks, _closed
-        self._address_locks: dict[Address, threading.Lock] = {}
+        self._senders: dict[Address, TcpSender] = {}
+        self._lock = threading.Lock()  #: guards _senders and _closed
         self._subscribed: set[tuple[Address, str]] = set()
-        self._gates: dict[Address, _Gate] = {}
-        #: addresses being connected off the dispatcher -> what to do once done (dispatcher)
-        self._connecting: dict[
-            Address, list[Callable[[Client | None, BaseException | None], None]]
-        ] = {}
-        self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[_Event | None] = queue.SimpleQueue()  # None: stop
         self._compiled: dict[int, CompiledWorkflow] = {}
         self._active: dict[str, RunHandle] = {}
         self._ids = itertools.count(1)
@@ -153,7 +168,7 @@ class WorkflowRunner:
         run_id: str | None = None,
         journal: str | Path | IO[str] | None = None,
         observer: Observer | None = None,
-        context: dict[str, Any] | None = None,
+        context: Mapping[str, Any] | None = None,
     ) -> RunHandle:
         """Start one run; returns at once (after connecting to servers not yet connected).
 
@@ -166,23 +181,32 @@ class WorkflowRunner:
         spec = compiled.spec
         spec.run_context(context)  # a name that is no input: fail before anything opens
         addresses = resolve_servers(spec, servers)
-        # Connect here, on the caller's thread, so that most runs find their clients ready; a
+        senders: dict[str, Sender] = {name: self.sender(a) for name, a in addresses.items()}
+        # Connect here, on the caller's thread, so that most runs find their servers ready; a
         # server that is down is connected later, off the dispatcher, when a run sends to it
         # (and its failure follows the run's own error route).
-        for address in set(addresses.values()):
+        for sender in set(senders.values()):
             try:
-                self.client(address)
+                sender.connect()
             except (OSError, RpcError) as exc:
-                log.warning("cannot connect to %s:%s yet: %s", *address, exc)
+                log.warning("cannot connect to %s yet: %s", format_address(sender.address), exc)
         run_id = run_id or f"{spec.name}-{next(self._ids)}"
         stream: IO[str] | None
-        if journal is None or hasattr(journal, "write"):
-            stream = journal  # type: ignore[assignment]
+        if journal is None or not isinstance(journal, (str, os.PathLike)):
+            stream = journal
         else:
             stream = open(journal, "w", encoding="utf-8", buffering=1)  # noqa: SIM115
-        handle = RunHandle(self, run_id, addresses, stream, [observer] if observer else [])
-        handle._owns_journal = stream is not journal
-        handle.run = compiled.new_run(_Effects(self, handle), run_id, context)
+        handle = RunHandle(
+            self,
+            compiled,
+            run_id,
+            addresses,
+            senders,
+            context,
+            stream,
+            stream is not journal,
+            [observer] if observer else [],
+        )
         self._subscribe_awaited(compiled, addresses)
         self._active[run_id] = handle
         self.post(handle.run.start)
@@ -199,112 +223,52 @@ class WorkflowRunner:
             compiled = self._compiled[id(workflow)] = CompiledWorkflow(workflow)
         return compiled
 
-    def post(self, fn: Callable[..., Any], *args: Any) -> None:
+    def post(self, fn: Callable[..., object], /, *args: object) -> None:
         """Queue ``fn(*args)`` for the dispatcher thread (thread-safe)."""
-        self._events.put((fn, args))
+        self._events.put(_Event(fn, args))
+
+    def sender(self, address: Address) -> TcpSender:
+        """The sender of one server address (created on first use, not connected yet).
+        Raises :class:`ConnectionLostError` once the runner is closed."""
+        with self._lock:
+            if self._closed:
+                raise ConnectionLostError("the workflow runner is closed")
+            sender = self._senders.get(address)
+            if sender is None:
+                sender = self._senders[address] = TcpSender(
+                    address,
+                    self.post,
+                    name=self.client_name,
+                    secret=self.secret,
+                    ssl=self.ssl,
+                    scheduler=self.scheduler,
+                )
+            return sender
 
     def client(self, address: Address) -> Client:
         """The shared client of one server address, connected on first use.
 
         Raises ``OSError``/:class:`RpcError` when the server cannot be reached, and
         :class:`ConnectionLostError` once the runner is closed. Connects to different
-        addresses run in parallel: each address has its own lock.
+        addresses run in parallel.
         """
-        with self._client_lock:
-            client = self._clients.get(address)
-            if client is not None:
-                return client
-            if self._closed:
-                raise ConnectionLostError("the workflow runner is closed")
-            lock = self._address_locks.setdefault(address, threading.Lock())
-        with lock:
-            with self._client_lock:
-                client = self._clients.get(address)
-            if client is not None:
-                return client
-            client = Client(
-                address,
-                name=self.client_name,
-                secret=self.secret,
-                ssl=self.ssl,
-                scheduler=self.scheduler,
-            )
-            with self._client_lock:
-                closed = self._closed
-                if not closed:
-                    self._clients[address] = client
-            if closed:  # close() ran while connecting: nobody would close this one
-                client.close()
-                raise ConnectionLostError("the workflow runner is closed")
-            return client
-
-    def with_client(
-        self, address: Address, then: Callable[[Client | None, BaseException | None], None]
-    ) -> None:
-        """Dispatcher thread: ``then(client, None)`` with the connected client of ``address``,
-        or ``then(None, error)``; a connect that is needed runs on its own thread (one per
-        address at a time), so an unreachable server never stalls the other runs."""
-        client = self._clients.get(address)
-        if client is not None:
-            then(client, None)
-            return
-        waiting = self._connecting.get(address)
-        if waiting is not None:
-            waiting.append(then)
-            return
-        self._connecting[address] = [then]
-
-        def connect() -> None:
-            try:
-                self.post(self._connected, address, self.client(address), None)
-            except BaseException as exc:  # every waiting command gets an outcome
-                self.post(self._connected, address, None, exc)
-
-        threading.Thread(target=connect, name="statelink-runner-connect", daemon=True).start()
-
-    def _connected(
-        self, address: Address, client: Client | None, error: BaseException | None
-    ) -> None:
-        for then in self._connecting.pop(address, []):
-            then(client, error)
-
-    def gate(self, address: Address, client: Client) -> _Gate:
-        """The in-flight gate of one server address (dispatcher thread)."""
-        gate = self._gates.get(address)
-        if gate is None:
-            limit = client.server_info.get("max_inflight")
-            limit = limit if isinstance(limit, int) else 256
-            # a few slots stay free for the runner's own calls (rpc.subscribe, rpc.cancel)
-            gate = self._gates[address] = _Gate(limit - max(1, min(8, limit // 4)))
-        return gate
-
-    def release(self, gate: _Gate) -> None:
-        """A request of ``gate`` was answered: send the next waiting one (dispatcher thread)."""
-        gate.inflight -= 1
-        waiting = gate.waiting
-        while waiting and gate.inflight < gate.limit:
-            effects, run, token, *args = waiting.popleft()
-            if run.expects(token):  # else the run moved on (aborted, timed out) while waiting
-                effects.send_now(gate, run, token, *args)
+        return self.sender(address).client()
 
     def close(self) -> None:
-        """Abort nothing; stop the dispatcher, the clients and the scheduler. Runs still going
+        """Abort nothing; stop the dispatcher, the senders and the scheduler. Runs still going
         stop where they are: their journals (those opened from a path) are closed without a
         ``finished`` line, as after a crash. Abort them first to run their ``on_abort``."""
-        with self._client_lock:
+        with self._lock:
             if self._closed:
                 return
             self._closed = True
-        self._events.put(_STOP)
+            senders = list(self._senders.values())
+        self._events.put(None)
         self._dispatcher.join(timeout=10)
         for handle in list(self._active.values()):
-            if handle._owns_journal and handle._journal is not None:
-                handle._journal.close()
-            handle._done.set()  # wait() returns (outcome None: it never finished)
-        with self._client_lock:
-            clients = list(self._clients.values())
-        for client in clients:
-            client.close()
+            handle._end()  # wait() returns (outcome None: it never finished)
+        for sender in senders:
+            sender.close()
         self.scheduler.close()
 
     def __enter__(self) -> WorkflowRunner:
@@ -317,14 +281,13 @@ class WorkflowRunner:
     def _dispatch(self) -> None:
         events = self._events
         while True:
-            item = events.get()
-            if item is _STOP:
+            event = events.get()
+            if event is None:
                 return
-            fn, args = item
             try:
-                fn(*args)
+                event.fn(*event.args)
             except Exception:
-                log.exception("workflow event %s failed", getattr(fn, "__name__", fn))
+                log.exception("workflow event %s failed", getattr(event.fn, "__name__", event.fn))
 
     def _subscribe_awaited(self, compiled: CompiledWorkflow, addresses: dict[str, Address]) -> None:
         for server, method in compiled.awaited():
@@ -332,17 +295,15 @@ class WorkflowRunner:
             if address is None or (address, method) in self._subscribed:
                 continue
             try:
-                client = self.client(address)
-                client.subscribe(
-                    method, functools.partial(self._post_notification, address, method)
+                self._senders[address].subscribe(
+                    method, functools.partial(self.post, self._notify_runs, address, method)
                 )
             except (OSError, RpcError) as exc:
-                log.warning("cannot subscribe to %s at %s:%s: %s", method, *address, exc)
+                log.warning(
+                    "cannot subscribe to %s at %s: %s", method, format_address(address), exc
+                )
                 continue
             self._subscribed.add((address, method))
-
-    def _post_notification(self, address: Address, method: str, params: Any) -> None:
-        self.post(self._notify_runs, address, method, params)
 
     def _notify_runs(self, address: Address, method: str, params: Any) -> None:
         for handle in list(self._active.values()):
@@ -352,27 +313,13 @@ class WorkflowRunner:
 
     def _finished(self, handle: RunHandle) -> None:
         self._active.pop(handle.run_id, None)
-        if handle._owns_journal and handle._journal is not None:
-            handle._journal.close()
-        handle._done.set()
-
-
-class _Gate:
-    """Keeps one connection's requests in flight under the server's per-connection bound
-    (``max_inflight``, from ``rpc.hello``). The runs' commands beyond it wait here, in order;
-    each run has at most one command in flight, so this queue is bounded by the runs.
-    Dispatcher thread only."""
-
-    __slots__ = ("inflight", "limit", "waiting")
-
-    def __init__(self, limit: int):
-        self.limit = max(1, limit)
-        self.inflight = 0
-        self.waiting: deque[tuple[Any, ...]] = deque()
+        handle._end()
 
 
 class _Effects:
-    """The I/O a run asks for, done on its behalf (dispatcher thread)."""
+    """The I/O a run asks for (statemachines' ``Effects``), done on its behalf on the
+    dispatcher thread: commands go to the run's senders, timers to the scheduler, journal
+    entries to the journal and the observers."""
 
     __slots__ = ("handle", "runner")
 
@@ -383,97 +330,19 @@ class _Effects:
     def send_command(
         self, run: WorkflowRun, token: int, server: str, method: str, params: Any, timeout: float
     ) -> None:
-        address = self.handle.servers[server]
-
-        def with_client(client: Client | None, error: BaseException | None) -> None:
-            if client is not None:
-                self._send(run, token, address, client, method, params, timeout)
-            elif isinstance(error, RpcError):
-                run.on_error(token, error.kind, error.code, error.message, error.data)
-            else:
-                run.on_error(
-                    token,
-                    "connection_lost",
-                    ek.CONNECTION_LOST,
-                    f"cannot reach {server} at {address[0]}:{address[1]}: {error}",
-                    {"server": server},
-                )
-
-        self.runner.with_client(address, with_client)
-
-    def _send(
-        self,
-        run: WorkflowRun,
-        token: int,
-        address: Address,
-        client: Client,
-        method: str,
-        params: Any,
-        timeout: float,
-    ) -> None:
-        runner = self.runner
-        if not run.expects(token):
-            return  # the run moved on (aborted, timed out) while connecting
-        gate = runner.gate(address, client)
-        if gate.inflight >= gate.limit:
-            # The connection is at the server's bound: wait here (at most one entry per run).
-            gate.waiting.append((self, run, token, client, method, params, timeout))
-            return
-        self.send_now(gate, run, token, client, method, params, timeout)
-
-    def send_now(
-        self,
-        gate: _Gate,
-        run: WorkflowRun,
-        token: int,
-        client: Client,
-        method: str,
-        params: Any,
-        timeout: float,
-    ) -> None:
-        runner = self.runner
-        inflight = self.handle.inflight
-        gate.inflight += 1
-
-        def deliver(future: Future[Any]) -> None:
-            inflight.pop(token, None)
-            runner.post(runner.release, gate)
-            error = future.exception()
-            if error is None:
-                runner.post(run.on_reply, token, future.result())
-            elif isinstance(error, RpcError):
-                if isinstance(error.data, dict) and error.data.get("source") == "client":
-                    # Our timeout, not the server's: the command may still be running there.
-                    # Cancel it, so that a retry or the next state does not queue behind it.
-                    runner.post(client.cancel, future)  # not on the timer thread: it sends
-                runner.post(run.on_error, token, error.kind, error.code, error.message, error.data)
-            else:
-                runner.post(
-                    run.on_error,
-                    token,
-                    "internal_error",
-                    ek.INTERNAL_ERROR,
-                    f"{type(error).__name__}: {error}",
-                    None,
-                )
-
-        future = client.send_command(method, params, timeout=timeout)
-        if not future.done():
-            inflight[token] = (client, future)
-        future.add_done_callback(deliver)
+        self.handle._senders[server].send(Command(run, token, server, method, params, timeout))
 
     def start_timer(self, run: WorkflowRun, token: int, delay: float) -> None:
         self.runner.scheduler.call_later(delay, self.runner.post, run.on_timer, token)
 
     def abandon(self, run: WorkflowRun, token: int) -> None:
-        """The run leaves command ``token`` (abort, workflow timeout): ``rpc.cancel`` it, so
-        the device is free for the on_abort path. A command still waiting for a slot is
-        dropped by :meth:`WorkflowRunner.release`; a timer token is in neither place."""
-        entry = self.handle.inflight.get(token)
-        if entry is not None and not entry[1].done():
-            entry[0].cancel(entry[1])
+        """The run leaves command ``token`` (abort, workflow timeout): its sender cancels it
+        (``rpc.cancel``), so the device is free for the on_abort path; a timer token is
+        nobody's."""
+        for sender in set(self.handle._senders.values()):
+            sender.cancel(run, token)
 
-    def record(self, run: WorkflowRun, entry: dict[str, Any]) -> None:
+    def record(self, run: WorkflowRun, entry: JournalEntry) -> None:
         handle = self.handle
         journal = handle._journal
         if journal is not None:

@@ -1,4 +1,5 @@
-"""Durations in configs: ``500ms``, ``2s``, ``1m``, ``1h`` or a plain number of seconds."""
+"""Durations in configs: ``500ms``, ``2s``, ``1m``, ``1h`` or a plain number of seconds (parse
+and format)."""
 
 from __future__ import annotations
 
@@ -27,3 +28,16 @@ def parse_duration(value: object) -> float:
             number, unit = float(match.group(1)), match.group(2) or "s"
             return number / 1000.0 if unit == "ms" else number * _UNITS[unit]
     raise ValueError(f"expected a duration like 500ms, 2s or 1m, got {value!r}")
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as a config would write them.
+
+    >>> format_duration(0.5), format_duration(2), format_duration(90), format_duration(120)
+    ('500ms', '2s', '90s', '2m')
+    """
+    if seconds < 1 and seconds * 1000 == int(seconds * 1000):
+        return f"{int(seconds * 1000)}ms"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{int(seconds // 60)}m"
+    return f"{seconds:g}s"

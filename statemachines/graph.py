@@ -144,7 +144,8 @@ def _dot(
 
 
 def device_edges(spec: DeviceSpec) -> list[tuple[str, str, str]]:
-    """The edges of a device's machine, labels merged per (source, dest).
+    """The edges of a device's machine (:attr:`DeviceSpec.transitions`), labels merged per
+    (source, dest).
 
     A command draws ``origin -> running`` (its name), ``running -> to`` (``<name> done``; back
     to each origin when there is no ``to``) and ``running -> origin`` (``<name> cancelled``);
@@ -152,12 +153,6 @@ def device_edges(spec: DeviceSpec) -> list[tuple[str, str, str]]:
     ``state -> fault`` labelled ``error``. Running states are not origins of other commands.
     """
     merged: dict[tuple[str, str], list[str]] = {}
-
-    def add(source: str, dest: str, label: str) -> None:
-        labels = merged.setdefault((source, dest), [])
-        if label not in labels:
-            labels.append(label)
-
     fault = spec.fault_state
     # States a device is only in while a command runs: commands on one device run one at a
     # time, so no command begins there (no edges drawn from them but the running command's).
@@ -166,22 +161,27 @@ def device_edges(spec: DeviceSpec) -> list[tuple[str, str, str]]:
         - {c.to for c in spec.commands.values()}
         - {spec.initial, fault}
     )
-    for name, cmd in spec.commands.items():
-        origins = [s for s in spec.allowed_states(name) if s not in busy]
-        if cmd.running is None:
-            for origin in origins:
-                add(origin, cmd.to or origin, name)
-                if fault is not None and origin != fault:
-                    add(origin, fault, "error")
+    drawn = {n for n in spec.commands if any(s not in busy for s in spec.allowed_states(n))}
+    for t in spec.transitions:
+        if t.command not in drawn:
             continue
-        for origin in origins:
-            add(origin, cmd.running, name)
-            add(cmd.running, cmd.to or origin, f"{name} done")
-        for origin in origins:
-            if origin != cmd.running:
-                add(cmd.running, origin, f"{name} cancelled")
-        if fault is not None:
-            add(cmd.running, fault, "error")
+        running = spec.commands[t.command].running
+        # the state the command began in, when this edge belongs to one origin
+        began = t.source if t.event == "begin" or running is None else t.origin
+        if began in busy:
+            continue
+        if t.event == "begin":
+            label = t.command if running is not None else ""
+        elif t.event == "succeed":
+            label = t.command if running is None else f"{t.command} done"
+        elif t.event == "cancel":
+            label = f"{t.command} cancelled" if t.dest != t.source else ""
+        else:  # fail: only a move to the fault state is drawn
+            label = "error" if t.dest == fault and t.source != fault else ""
+        if label:
+            labels = merged.setdefault((t.source, t.dest), [])
+            if label not in labels:
+                labels.append(label)
     return [(s, d, ", ".join(labels)) for (s, d), labels in merged.items()]
 
 

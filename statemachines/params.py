@@ -20,10 +20,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .source import ConfigError, ConfigErrors, describe_type, line_of
+from .source import ConfigError, ConfigErrors, describe_type, line_of, yaml_bool_hint
 
 #: The param types, as named in configs and in JSON Schema.
 PARAM_TYPES: tuple[str, ...] = ("number", "integer", "string", "boolean")
+
+#: The type of a param described without one (a plain method's, in ``rpc.discover``): any value.
+ANY_TYPE = "any"
 
 #: The keys a param schema may use.
 PARAM_KEYS: tuple[str, ...] = (
@@ -72,7 +75,10 @@ class ParamSpec:
 
     def summary(self) -> str:
         """A short human description of the rule, e.g. ``number between 0 and 1``."""
-        text = f"an {self.type}" if self.type == "integer" else f"a {self.type}"
+        if self.type == ANY_TYPE:
+            text = "any value"
+        else:
+            text = f"an {self.type}" if self.type == "integer" else f"a {self.type}"
         if self.min is not None and self.max is not None:
             text += f" between {_fmt(self.min)} and {_fmt(self.max)}"
         elif self.min is not None:
@@ -191,6 +197,8 @@ def schema_to_json(specs: Mapping[str, ParamSpec]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for name, spec in specs.items():
         rule: dict[str, Any] = {"type": spec.type, "required": spec.required}
+        if spec.type == ANY_TYPE:
+            del rule["type"]
         if spec.min is not None:
             rule["minimum"] = spec.min
         if spec.max is not None:
@@ -203,6 +211,56 @@ def schema_to_json(specs: Mapping[str, ParamSpec]) -> dict[str, dict[str, Any]]:
             rule["description"] = spec.description
         out[name] = rule
     return out
+
+
+def specs_from_json(rules: Mapping[str, Any]) -> dict[str, ParamSpec]:
+    """The inverse of :func:`schema_to_json`: ``{name: JSON rule}`` -> specs, in order.
+
+    A rule without ``type`` takes any value (:data:`ANY_TYPE`), one without ``required: true``
+    is optional (as in JSON Schema). Raises :class:`ParamError`
+    naming the param for a rule the validator cannot apply: a type other than
+    :data:`PARAM_TYPES` (no aliases such as ``int`` or ``str``), the config words ``min``,
+    ``max`` or ``choices`` instead of ``minimum``, ``maximum`` or ``enum``, a bound that is not
+    a number, an ``enum`` that is not a non-empty list. Other JSON Schema keys are ignored.
+    """
+    specs: dict[str, ParamSpec] = {}
+    for name, rule in rules.items():
+        specs[str(name)] = _spec_from_json(str(name), rule)
+    return specs
+
+
+def _spec_from_json(name: str, rule: Any) -> ParamSpec:
+    def bad(message: str) -> ParamError:
+        return ParamError(f"param '{name}': {message}", name)
+
+    if not isinstance(rule, Mapping):
+        raise bad(f"the rule must be a mapping, got {describe_type(rule)}")
+    kind = rule.get("type", ANY_TYPE)
+    if kind != ANY_TYPE and kind not in PARAM_TYPES:
+        raise bad(f"unknown type {kind!r} (types: {', '.join(PARAM_TYPES)})")
+    for word, json_word in (("min", "minimum"), ("max", "maximum"), ("choices", "enum")):
+        if word in rule:
+            raise bad(f"unknown key {word!r} in a JSON rule: it is written {json_word!r}")
+    bounds: list[float | None] = []
+    for key in ("minimum", "maximum"):
+        value = rule.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise bad(f"{key!r} must be a number, got {describe_type(value)}")
+        bounds.append(value)
+    enum = rule.get("enum")
+    if enum is not None and (not isinstance(enum, list) or not enum):
+        raise bad("'enum' must be a non-empty list of allowed values")
+    default = rule.get("default")
+    return ParamSpec(
+        name=name,
+        type=kind,
+        min=bounds[0],
+        max=bounds[1],
+        choices=None if enum is None else tuple(enum),
+        required=rule.get("required") is True,
+        default=default,
+        description=str(rule.get("description") or ""),
+    )
 
 
 # --- config side ---------------------------------------------------------------------------
@@ -249,10 +307,7 @@ def parse_param_specs(
 
 def _parse_one(name: Any, body: Any, at: int, err: Any) -> ParamSpec | None:
     if not isinstance(name, str):
-        hint = ""
-        if isinstance(name, bool):
-            hint = " (YAML reads bare on/off/yes/no as booleans: quote the name)"
-        err(at, f"param name {name!r} must be a string{hint}")
+        err(at, f"param name {name!r} must be a string{yaml_bool_hint(name, 'the name')}")
         return None
     if not name.isidentifier() or keyword.iskeyword(name):
         err(at, f"param name {name!r} must be a Python identifier (letters, digits, _)")

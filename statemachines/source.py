@@ -120,6 +120,15 @@ def load_yaml(path: str | Path) -> Any:
     return parse_yaml(text, file)
 
 
+def yaml_bool_hint(value: Any, what: str = "it") -> str:
+    """The one hint for a value YAML 1.1 read as a boolean where a name was wanted: ``""``
+    unless ``value`` is a bool, else `` (YAML reads bare on/off/... as booleans: quote it)``
+    (``what``: what to quote, e.g. "the name")."""
+    if not isinstance(value, bool):
+        return ""
+    return f" (YAML reads bare on/off/yes/no/true/false as booleans: quote {what})"
+
+
 def describe_type(value: Any) -> str:
     """A value's type in words for error messages: "a string", "an integer", "a list", ..."""
     if value is None:

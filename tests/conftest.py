@@ -12,12 +12,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from support import RawConnection, wait_until
+from support import WAIT, RawConnection, wait_until
 
 from controller import CommandServer
-
-#: seconds any single wait in a test may take before the test fails
-WAIT = 10.0
 
 
 @pytest.fixture(name="wait_until")

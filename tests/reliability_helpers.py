@@ -36,13 +36,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from support import wait_until
+from support import WAIT, wait_until
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 HOST = "127.0.0.1"
 #: seconds any single wait may take before the test fails
-WAIT = 10.0
 
 
 # -- waiting ---------------------------------------------------------------------------------

@@ -118,7 +118,7 @@ def test_fast_param_binding_matches_inspect_bind() -> None:
     import itertools
 
     from controller.errors import InvalidParamsError
-    from controller.server import _Binder, bind_params
+    from controller.server import Binder, bind_params
 
     def f0():
         pass
@@ -154,7 +154,7 @@ def test_fast_param_binding_matches_inspect_bind() -> None:
             cases.append({k: i for i, k in enumerate(keys)})
     for func in (f0, f1, f2, f3, f4, f5, f6, f7, f8):
         signature = inspect.signature(func)
-        binder = _Binder(signature)
+        binder = Binder(signature)
         for params in cases:
             want: tuple[Any, ...]
             got: tuple[Any, ...]

@@ -13,7 +13,6 @@ from concurrent.futures import Future
 import pytest
 from reliability_helpers import (
     REPO,
-    WAIT,
     ChildServer,
     error_code,
     listener,
@@ -21,12 +20,13 @@ from reliability_helpers import (
     serve,
     stats,
 )
+from support import WAIT, wait_until
 from support import RawConnection as Raw
-from support import wait_until
 
 from controller import BusyError, Client, Limits, cli
-
-BUSY, INVALID_REQUEST, PARSE_ERROR, UNAUTHORIZED = -32003, -32600, -32700, -32004
+from controller.devices import add_device
+from statemachines import errorkinds as ek
+from statemachines.errorkinds import BUSY, INVALID_REQUEST, PARSE_ERROR
 
 
 def request_line(method: str, params: object = None, id: object = 1) -> bytes:
@@ -109,7 +109,7 @@ def test_device_lane_is_bounded_by_max_queue(tmp_path):
     from statemachines.device import load_device
 
     with serve(limits=Limits(max_queue=2)) as server:
-        server.add_device(load_device(write_device(tmp_path)))
+        add_device(server, load_device(write_device(tmp_path)))
         with Raw(server.address) as raw:
             raw.request("testdev.slow", {"seconds": 20}, id="running")
             wait_until(lambda: stats(server.address)["requests_in_flight"] == 2)
@@ -289,7 +289,7 @@ def dropped(client: Client) -> int:
 def test_replies_queued_in_one_loop_iteration_stay_under_the_flush_unit(monkeypatch):
     """White-box: replies produced in one burst are handed to the transport every 64 KiB, so
     max_outgoing is checked before more pile up (600 x 64 KiB arrive in one burst here)."""
-    from controller import server as server_module
+    from controller.server import connection as server_module
 
     queued: list[int] = []
     real_flush = server_module.Connection._flush
@@ -305,7 +305,7 @@ def test_replies_queued_in_one_loop_iteration_stay_under_the_flush_unit(monkeypa
         wait_until(lambda: stats(server.address)["closed_by_reason"], what="the hog dropped")
         wait_until(lambda: stats(server.address)["requests_in_flight"] == 1)
         assert stats(server.address)["closed_by_reason"] == {"outgoing_buffer": 1}
-    assert max(queued) <= server_module._FLUSH_AT + 65536 + 100
+    assert max(queued) <= server_module.FLUSH_AT + 65536 + 100
 
 
 def test_outgoing_buffer_of_a_callback_link_that_stops_reading():
@@ -348,7 +348,11 @@ def test_stats_reports_connections_inflight_totals_and_errors():
             assert now["connections"] == 2
             assert now["requests_in_flight"] == 2  # hang + this stats call
             assert now["requests_total"] == base["requests_total"] + 4
-            assert now["errors_by_code"] == {"-32700": 1, "-32601": 1, "-32006": 1}
+            assert now["errors_by_code"] == {
+                str(ek.PARSE_ERROR): 1,
+                str(ek.METHOD_NOT_FOUND): 1,
+                str(ek.DEVICE_FAULT): 1,
+            }
             assert set(now) >= {
                 "connections_total",
                 "replies_total",

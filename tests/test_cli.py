@@ -13,11 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import ServeProcess, statelink, wait_until
+from support import WAIT, ServeProcess, statelink, wait_until
+
+from statemachines import errorkinds as ek
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DEVICE = ROOT / "config" / "devices" / "demo.yaml"
-WAIT = 20.0
 
 
 @pytest.fixture
@@ -40,9 +41,9 @@ def test_call_prints_result_and_exit_codes(served: ServeProcess) -> None:
     assert json.loads(ok.stdout)["steps"] == 1
     refused = statelink("call", "--server", served.server, "demo.reset")
     assert refused.returncode == 1
-    assert refused.stderr.startswith("error -32001: ")
+    assert refused.stderr.startswith(f"error {ek.NOT_ALLOWED}: ")
     unknown = statelink("call", "--server", served.server, "nope")
-    assert unknown.returncode == 1 and unknown.stderr.startswith("error -32601: ")
+    assert unknown.returncode == 1 and unknown.stderr.startswith(f"error {ek.METHOD_NOT_FOUND}: ")
     bad_json = statelink("call", "--server", served.server, "demo.blink", "{nope")
     assert bad_json.returncode == 2
 
@@ -125,3 +126,31 @@ def test_serve_a_workflow_as_a_device_says_so() -> None:
     assert result.returncode == 2
     assert "is a workflow, not a device config" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_serve_reports_handler_problems_as_config_errors(tmp_path: Path) -> None:
+    """A handler that cannot be imported is a config error (exit 2, ``file:line: message``),
+    reported before any port opens, even though it is found when the device is served."""
+    device = tmp_path / "door.yaml"
+    device.write_text(
+        "device: door\nstates: [closed, open]\ninitial: closed\n"
+        "commands:\n  open: {from: [closed], to: open, handler: no_such_module_here:open}\n"
+    )
+    result = statelink("serve", "--port", "0", "--device", str(device), timeout=WAIT)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"{device}:5: "), result.stderr
+    assert "no_such_module_here" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_run_and_check_take_the_same_server_forms(served: ServeProcess, tmp_path: Path) -> None:
+    workflow = str(ROOT / "config" / "workflows" / "not_allowed.yaml")
+    for form in (f"device={served.server}", served.server):  # a bare address: every server
+        ran = statelink("run", workflow, "--plain", "--server", form)
+        assert ran.returncode == 0, (form, ran.stdout + ran.stderr)
+        checked = statelink("check", workflow, "--server", form)
+        assert checked.returncode == 0, (form, checked.stderr)
+    for bad in ("device=", "=127.0.0.1:1", "device=127.0.0.1:port", "127.0.0.1:99999"):
+        for command in ("run", "check"):
+            result = statelink(command, workflow, "--server", bad)
+            assert result.returncode == 2, (command, bad, result.stderr)
+            assert "--server" in result.stderr and "Traceback" not in result.stderr

@@ -15,7 +15,7 @@ import time
 from concurrent.futures import Future
 
 import pytest
-from support import RawConnection
+from support import WAIT, RawConnection
 
 from controller import (
     CallbackListener,
@@ -31,8 +31,8 @@ from controller import (
     UnauthorizedError,
     auth,
 )
-
-WAIT = 10.0
+from controller.errors import ClientTimeoutError
+from statemachines import errorkinds as ek
 
 
 @pytest.fixture
@@ -117,7 +117,7 @@ def test_server_error_is_a_typed_exception(busy_server, clients):
     future = client.send_command("fail", callback=outcomes.callback)
     error = future.exception(WAIT)
     assert isinstance(error, DeviceFaultError) and isinstance(error, RpcError)
-    assert error.code == -32006 and error.kind == "device_fault"
+    assert error.code == ek.DEVICE_FAULT and error.kind == "device_fault"
     assert error.data == {"exception": "RuntimeError", "message": "no power"}
     assert outcomes.done.wait(WAIT) and outcomes.count(future) == 1
 
@@ -130,7 +130,8 @@ def test_client_timeout_then_late_reply_is_dropped(busy_server, clients, release
     error = future.exception(WAIT)
     assert time.monotonic() - t0 >= 0.2
     assert isinstance(error, CommandTimeoutError) and isinstance(error, TimeoutError)
-    assert error.code == -32002
+    assert isinstance(error, ClientTimeoutError)  # ours, not the server's
+    assert error.code == ek.TIMEOUT
     assert error.data == {"timeout": 0.2, "method": "slow", "source": "client"}
     release.set()  # the server now answers; the client must drop that reply
     assert client.call("rpc.ping") == "pong"  # on the same connection: after the late reply
@@ -144,7 +145,7 @@ def test_call_raises_typed_errors(busy_server, clients):
     assert client.call("add", {"a": "x", "b": "y"}) == "xy"
     with pytest.raises(MethodNotFoundError) as info:
         client.call("missing")
-    assert info.value.code == -32601 and info.value.kind == "unknown_command"
+    assert info.value.code == ek.METHOD_NOT_FOUND and info.value.kind == "unknown_command"
     with pytest.raises(InvalidParamsError) as info:
         client.call("add", [1])
     assert "missing a required argument" in info.value.data["reason"]
@@ -314,7 +315,7 @@ def test_connection_dropped_mid_request_gives_connection_lost(clients):
     error = future.exception(WAIT)
     assert got_request.is_set()
     assert isinstance(error, ConnectionLostError) and isinstance(error, ConnectionError)
-    assert error.code == -32010 and error.kind == "connection_lost"
+    assert error.code == ek.CONNECTION_LOST and error.kind == "connection_lost"
     assert error.data == {"method": "anything"}
     assert outcomes.count(future) == 1
     thread.join(WAIT)
@@ -485,7 +486,11 @@ def test_a_peer_cannot_inject_replies_through_the_callback_listener(
             {"jsonrpc": "2.0", "id": int(number), "result": "forged"},  # a client's plain number
             {"jsonrpc": "2.0", "id": number, "result": "forged"},
             {"jsonrpc": "2.0", "id": f"{'0' * 32}.{number}", "result": "forged"},  # wrong prefix
-            {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "forged"}},
+            {
+                "jsonrpc": "2.0",
+                "id": None,
+                "error": {"code": ek.INVALID_REQUEST, "message": "forged"},
+            },
             {"jsonrpc": "2.0", "method": "device.state", "params": {"forged": True}},
         ]
         with RawConnection(listener.address) as intruder:
@@ -515,7 +520,7 @@ def test_future_cancel_with_callback_delivery(busy_server, clients, release, wai
 def test_callback_port_must_be_a_port(busy_server, raw):
     conn = raw(busy_server.address)
     reply = conn.call("rpc.hello", {"callback_port": 70000})
-    assert reply["error"]["code"] == -32602
+    assert reply["error"]["code"] == ek.INVALID_PARAMS
 
 
 # -- authentication -----------------------------------------------------------------------
@@ -542,7 +547,7 @@ def test_right_secret_works(secret_server, clients):
 def test_wrong_secret_is_unauthorized(secret_server):
     with pytest.raises(UnauthorizedError) as info:
         Client(secret_server.address, secret="wrong", reconnect=False)
-    assert info.value.code == -32004
+    assert info.value.code == ek.UNAUTHORIZED
 
 
 def test_no_secret_is_unauthorized(secret_server):
@@ -554,7 +559,7 @@ def test_raw_call_before_hello_is_refused_then_closed(secret_server, raw):
     conn = raw(secret_server.address)
     for i in range(3):
         reply = conn.call("rpc.ping", id=i)
-        assert reply["error"]["code"] == -32004
+        assert reply["error"]["code"] == ek.UNAUTHORIZED
         assert reply["error"]["data"] == {"auth": "hmac-sha256"}
     assert conn.closed()
 
@@ -564,7 +569,7 @@ def test_raw_wrong_response_is_refused(secret_server, raw):
     hello = conn.call("rpc.hello", {"nonce": "abc"})["result"]
     assert hello["authenticated"] is False and hello["challenge"]
     reply = conn.call("rpc.hello", {"response": "0" * 64})
-    assert reply["error"]["code"] == -32004
+    assert reply["error"]["code"] == ek.UNAUTHORIZED
 
 
 def test_raw_handshake(secret_server, raw):

@@ -1,4 +1,5 @@
-"""Device configs: loading, every validation error (file, line, message), handlers, catalog."""
+"""Device configs: loading, every validation error (file, line, message), handler references
+(resolved by controller.handlers: more in tests/test_handlers.py), catalog."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from controller.handlers import resolve_handlers
 from statemachines.device import (
     GPIO_KINDS,
     DeviceSpec,
@@ -89,6 +91,20 @@ def errors(tmp_path: Path, text: str, hw: str | None = HW) -> list[tuple[int, st
     return [(e.line, e.message) for e in found]
 
 
+def handler_errors(tmp_path: Path, text: str, hw: str | None = HW) -> list[tuple[int, str]]:
+    """The problems of a config that loads but whose handlers do not resolve."""
+    path = write(tmp_path, text, hw)
+    spec = load_device(path)
+    with pytest.raises(ConfigErrors) as info:
+        resolve_handlers(spec)
+    found = info.value.errors
+    assert found
+    for error in found:
+        assert error.file == str(path)
+        assert str(error) == f"{path}:{error.line}: {error.message}"
+    return [(e.line, e.message) for e in found]
+
+
 def edit(text: str, old: str, new: str) -> str:
     assert old in text, old
     return text.replace(old, new, 1)
@@ -132,7 +148,8 @@ def test_demo_config_loads_with_the_agreed_commands() -> None:
     calibrate = cmds["calibrate"]
     assert calibrate.allowed_from == ("idle",)
     assert (calibrate.running, calibrate.to, calibrate.timeout) == ("calibrating", "idle", 10.0)
-    assert calibrate.handler_ref == "demo_hw:calibrate" and callable(calibrate.handler)
+    assert str(calibrate.handler_ref) == "demo_hw:calibrate"
+    assert callable(resolve_handlers(spec)["calibrate"])
     steps, delay = calibrate.params["steps"], calibrate.params["delay"]
     assert (steps.type, steps.min, steps.max, steps.default) == ("integer", 1, 50, 5)
     assert (delay.type, delay.min, delay.max, delay.default) == ("number", 0, 2, 0.2)
@@ -159,8 +176,8 @@ def test_door_config_loads() -> None:
 
 def test_handler_modules_load_without_touching_sys_path() -> None:
     before = list(sys.path)
-    load_device(CONFIG / "demo.yaml")
-    load_device(CONFIG / "door.yaml")
+    resolve_handlers(load_device(CONFIG / "demo.yaml"))
+    resolve_handlers(load_device(CONFIG / "door.yaml"))
     assert sys.path == before
 
 
@@ -173,8 +190,9 @@ def test_base_config(tmp_path: Path) -> None:
     opening = spec.commands["open"]
     assert opening.method == "door.open"
     assert opening.timeout == 10.0
-    assert opening.handler is not None and opening.handler(None, speed=1) == {"speed": 1}
-    assert opening.handler_ref == "hw:open" and opening.gpio is None
+    assert resolve_handlers(spec)["open"](None, speed=1) == {"speed": 1}
+    assert opening.handler_ref is not None and opening.gpio is None
+    assert str(opening.handler_ref) == "hw:open" and opening.handler_ref.line == 12
     assert spec.commands["reset"].timeout is None
 
 
@@ -211,7 +229,8 @@ def test_gpio_objects_and_actions(tmp_path: Path) -> None:
     assert spec.gpio["fan"].options == {"active_high": True, "initial_value": 0.0, "frequency": 100}
     assert spec.commands["light"].gpio == GpioActionSpec("led", "on", {})
     dim = spec.commands["dim"]
-    assert dim.gpio == GpioActionSpec("fan", "set", {}) and dim.handler is None
+    assert dim.gpio == GpioActionSpec("fan", "set", {}) and dim.handler_ref is None
+    assert resolve_handlers(spec) == {}
     assert dim.allowed_from == ("idle", "busy")
 
 
@@ -264,50 +283,53 @@ def test_handler_in_a_subdirectory_and_async(tmp_path: Path) -> None:
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "mod.py").write_text(HW)
     text = BASE + "  wait: {handler: pkg.mod:wait, params: {seconds: {type: number, default: 1}}}\n"
-    spec = load(tmp_path, text)
-    assert spec.commands["wait"].handler is not None
-    assert spec.commands["wait"].handler.__name__ == "wait"
+    handlers = resolve_handlers(load(tmp_path, text))
+    assert handlers["wait"] is not None
+    assert handlers["wait"].__name__ == "wait"
 
 
 def test_handler_falls_back_to_an_importable_module(tmp_path: Path) -> None:
     spec = load(tmp_path, BASE.replace("handler: hw:reset", "handler: json:dumps"))
-    assert spec.commands["reset"].handler is json.dumps
+    assert resolve_handlers(spec)["reset"] is json.dumps
 
 
 def test_parse_device_resolves_handlers_in_base_dir(tmp_path: Path) -> None:
     (tmp_path / "hw.py").write_text(HW)
     spec = parse_device(BASE, base_dir=tmp_path)
-    assert spec.path == "<string>" and spec.commands["open"].handler is not None
+    assert spec.path == "<string>" and resolve_handlers(spec)["open"] is not None
+    spec = parse_device(BASE)  # loads: the handler module is only named
     with pytest.raises(ConfigErrors) as info:
-        parse_device(BASE)  # no directory to look in, and no module `hw` to import
+        resolve_handlers(spec)  # no directory to look in, and no module `hw` to import
     assert [e.file for e in info.value.errors] == ["<string>", "<string>"]
     assert "no module 'hw'" in info.value.errors[0].message
 
 
 def test_handler_module_missing(tmp_path: Path) -> None:
-    line, message = one_error(tmp_path, BASE.replace("hw:open", "nowhere_xyz:open"))
+    [(line, message)] = handler_errors(tmp_path, BASE.replace("hw:open", "nowhere_xyz:open"))
     assert line == 12
     assert message.startswith("command 'open': handler 'nowhere_xyz:open': no module 'nowhere_xyz'")
     assert str(tmp_path / "nowhere_xyz.py") in message
 
 
 def test_handler_function_missing(tmp_path: Path) -> None:
-    assert one_error(tmp_path, BASE.replace("hw:open", "hw:opn")) == (
-        12,
-        "command 'open': handler 'hw:opn': module 'hw' has no function 'opn' "
-        "(functions: open, reset, wait)",
-    )
+    assert handler_errors(tmp_path, BASE.replace("hw:open", "hw:opn")) == [
+        (
+            12,
+            "command 'open': handler 'hw:opn': module 'hw' has no function 'opn' "
+            "(functions: open, reset, wait)",
+        )
+    ]
 
 
 def test_handler_module_that_fails_to_import(tmp_path: Path) -> None:
-    found = errors(tmp_path, BASE, hw="1 / 0\n")
+    found = handler_errors(tmp_path, BASE, hw="1 / 0\n")
     assert [line for line, _ in found] == [12, 13]  # each command using the module
     for _, message in found:
         assert f"importing {tmp_path / 'hw.py'} failed: ZeroDivisionError" in message
 
 
 def test_handler_signature_must_take_the_params(tmp_path: Path) -> None:
-    line, message = one_error(
+    [(line, message)] = handler_errors(
         tmp_path, BASE, hw=HW.replace("def open(ctx, speed=0.5)", "def open(ctx)")
     )
     assert line == 12
@@ -474,7 +496,9 @@ def test_bad_yaml_is_reported_with_its_line(tmp_path: Path) -> None:
 
 def test_all_problems_are_collected_in_line_order(tmp_path: Path) -> None:
     text = edit(
-        edit(edit(BASE, "to: open", "to: opn"), "from: [closed]", "from: [x]"), "hw:reset", "hw:rst"
+        edit(edit(BASE, "to: open", "to: opn"), "from: [closed]", "from: [x]"),
+        "hw:reset",
+        "hw.reset",
     )
     found = errors(tmp_path, text)
     assert [line for line, _ in found] == [6, 8, 13]
@@ -667,10 +691,10 @@ def test_catalog(tmp_path: Path) -> None:
     catalog = spec.catalog()
     assert set(catalog) == {"door.open", "door.reset", "door.state"}
     entry = catalog["door.open"]
-    assert entry["device"] == "door" and entry["command"] == "open"
-    assert entry["from"] == ["closed"]
-    assert entry["states"] == list(spec.states)
-    assert entry["params"]["speed"] == {
+    assert entry.device == "door" and entry.command == "open"
+    assert list(entry.allowed_from) == ["closed"]
+    assert list(entry.states) == list(spec.states)
+    assert entry.params["speed"] == {
         "type": "number",
         "required": False,
         "minimum": 0,
@@ -678,8 +702,8 @@ def test_catalog(tmp_path: Path) -> None:
         "default": 0.5,
     }
     state = catalog["door.state"]
-    assert state["from"] == list(spec.states) and state["params"] == {}
-    json.dumps(catalog)
+    assert list(state.allowed_from) == list(spec.states) and state.params == {}
+    json.dumps({method: info.to_json() for method, info in catalog.items()})
 
 
 def test_describe_is_json() -> None:
@@ -714,10 +738,10 @@ def test_catalog_from_discover_round_trips() -> None:
         "devices": [json.loads(json.dumps(spec.describe()))],
     }
     catalog = catalog_from_discover(described)
-    expected = json.loads(json.dumps(spec.catalog()))
+    expected = spec.catalog()
     assert {m: catalog[m] for m in expected} == expected
-    assert catalog["add"]["from"] == ["*"] and catalog["add"]["device"] is None
-    assert catalog["add"]["params"] == {"a": {"required": True}, "b": {"required": False}}
+    assert catalog["add"].allowed_from == ("*",) and catalog["add"].device is None
+    assert catalog["add"].params == {"a": {"required": True}, "b": {"required": False}}
     assert "rpc.stats" not in catalog
     assert catalog_from_discover({}) == {}
 

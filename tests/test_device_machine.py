@@ -247,3 +247,17 @@ def test_demo_calibrate_cycle() -> None:
         "read_sensor",
         "reset",
     ]
+
+
+def test_the_machine_runs_the_specs_transition_list(tmp_path: Path) -> None:
+    spec = spec_of(tmp_path)
+    assert spec.transitions is spec.transitions  # computed once per spec
+    work = [(t.event, t.source, t.dest, t.origin) for t in spec.transitions if t.command == "work"]
+    assert work == [
+        ("begin", "idle", "busy", None),
+        ("succeed", "busy", "open", None),
+        ("cancel", "busy", "idle", "idle"),
+        ("fail", "busy", "fault", None),
+    ]
+    poke = {(t.event, t.source, t.dest) for t in spec.transitions if t.command == "poke"}
+    assert ("succeed", "open", "open") in poke and ("fail", "idle", "fault") in poke

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import statelink
+from support import WAIT, statelink
 
 from controller import (
     CancelledError,
@@ -21,17 +21,18 @@ from controller import (
     InvalidParamsError,
     NotAllowedError,
 )
+from controller.devices import add_device
+from statemachines import errorkinds as ek
 from statemachines.device import load_device
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "config" / "devices" / "demo.yaml"
-WAIT = 10.0
 
 
 @pytest.fixture
 def demo() -> Iterator[tuple[CommandServer, Client]]:
     server = CommandServer(port=0, grace=0.5)
-    server.add_device(load_device(DEMO), simulate=True)
+    add_device(server, load_device(DEMO), simulate=True)
     with server, Client(server.address) as client:
         yield server, client
 
@@ -79,7 +80,7 @@ def test_command_refused_in_wrong_state_with_documented_error(demo: Any) -> None
     _, client = demo
     with pytest.raises(NotAllowedError) as refused:
         client.call("demo.reset")
-    assert refused.value.code == -32001
+    assert refused.value.code == ek.NOT_ALLOWED
     assert refused.value.data == {
         "device": "demo",
         "state": "idle",
@@ -93,7 +94,7 @@ def test_params_validated_before_the_handler(demo: Any) -> None:
     _, client = demo
     with pytest.raises(InvalidParamsError) as exc:
         client.call("demo.calibrate", {"steps": 500})
-    assert exc.value.code == -32602 and "steps" in exc.value.message
+    assert exc.value.code == ek.INVALID_PARAMS and "steps" in exc.value.message
     with pytest.raises(InvalidParamsError, match="speed"):
         client.call("demo.calibrate", {"speed": 1})
     with pytest.raises(InvalidParamsError, match="steps"):
@@ -111,7 +112,7 @@ def test_fault_then_reset_with_ordered_state_notifications(demo: Any) -> None:
     }
     with pytest.raises(DeviceFaultError) as fault:
         client.call("demo.selftest", {"fail": True})
-    assert fault.value.code == -32006 and "Traceback" not in fault.value.message
+    assert fault.value.code == ek.DEVICE_FAULT and "Traceback" not in fault.value.message
     assert client.call("demo.state")["state"] == "fault"
     with pytest.raises(NotAllowedError):
         client.call("demo.calibrate")
@@ -136,7 +137,7 @@ def test_progress_then_cancel(demo: Any) -> None:
     assert client.cancel(future).result(WAIT) == {"cancelled": True}
     with pytest.raises(CancelledError) as cancelled:
         future.result(WAIT)
-    assert cancelled.value.code == -32005
+    assert cancelled.value.code == ek.CANCELLED
     assert client.call("demo.state")["state"] == "idle"  # cancelled is not a fault
 
 
@@ -169,9 +170,8 @@ def test_a_cancelled_command_that_ignores_it_and_overruns_faults_the_device(
           reset: {from: [fault], to: idle, handler: stub_hw:reset}
     """,
     )
-    release = spec.commands["stubborn"].handler.__globals__["release"]  # type: ignore[union-attr]
     server = CommandServer(port=0, workers=2, grace=0.5)
-    server.add_device(spec)
+    release = add_device(server, spec).handlers["stubborn"].__globals__["release"]
     with server, Client(server.address) as client:
         try:
             future = client.send_command("stub.stubborn", timeout=WAIT)
@@ -191,11 +191,10 @@ def test_a_cancelled_command_that_ignores_it_and_overruns_faults_the_device(
 def test_commands_serialised_per_device_parallel_across_devices(tmp_path: Path) -> None:
     spec_a = load_device(_lane_device(tmp_path, "alpha"))
     spec_b = load_device(_lane_device(tmp_path, "beta"))
-    gate = spec_a.commands["slow"].handler.__globals__["gate"]  # type: ignore[union-attr]
-    order = spec_a.commands["slow"].handler.__globals__["order"]  # type: ignore[union-attr]
     server = CommandServer(port=0, workers=4, grace=0.5)
-    server.add_device(spec_a)
-    server.add_device(spec_b)
+    slow = add_device(server, spec_a).handlers["slow"]
+    gate, order = slow.__globals__["gate"], slow.__globals__["order"]
+    add_device(server, spec_b)
     with server, Client(server.address) as client:
         try:
             slow = client.send_command("alpha.slow", timeout=WAIT)
@@ -295,9 +294,9 @@ def test_a_restarted_server_reopens_gpio_and_faults_a_command_left_running(
           reset: {from: [fault], to: idle, handler: left_hw:reset}
     """,
     )
-    release = spec.commands["stubborn"].handler.__globals__["release"]  # type: ignore[union-attr]
     server = CommandServer(port=0, workers=2, grace=0.2)
-    server.add_device(spec, simulate=True)
+    runtime = add_device(server, spec, simulate=True)
+    release = runtime.handlers["stubborn"].__globals__["release"]
     try:
         with server, Client(server.address, reconnect=False) as client:
             future = client.send_command("left.stubborn", timeout=WAIT)
@@ -343,9 +342,8 @@ def test_stop_lets_a_cancelled_handler_settle_its_device(tmp_path: Path) -> None
                  timeout: 30s}
     """,
     )
-    started = spec.commands["work"].handler.__globals__["started"]  # type: ignore[union-attr]
     server = CommandServer(port=0, workers=2, grace=0.1)
-    server.add_device(spec)
+    started = add_device(server, spec).handlers["work"].__globals__["started"]
     with server, Client(server.address, reconnect=False) as client:
         future = client.send_command("careful.work", timeout=WAIT)
         assert started.wait(WAIT)

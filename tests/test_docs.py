@@ -8,6 +8,8 @@ import sys
 
 from support import ROOT, WAIT
 
+from statemachines import errorkinds as ek
+
 
 def python_blocks(page: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", (ROOT / page).read_text(), re.DOTALL)
@@ -25,6 +27,6 @@ def test_the_python_api_example_runs() -> None:
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert out.startswith("19\n")
-    assert "-32001 idle ['fault']" in out
-    assert "state: idle -> calibrating" in out and "cancelled: -32005" in out
+    assert f"{ek.NOT_ALLOWED} idle ['fault']" in out
+    assert "state: idle -> calibrating" in out and f"cancelled: {ek.CANCELLED}" in out
     assert "workflow: success in state done" in out

@@ -13,14 +13,13 @@ from concurrent.futures import Future
 import pytest
 from reliability_helpers import (
     HOST,
-    WAIT,
     ChildServer,
     serve,
     stats,
     write_device,
 )
+from support import WAIT, wait_until
 from support import RawConnection as Raw
-from support import wait_until
 
 from controller import (
     Client,
@@ -29,6 +28,8 @@ from controller import (
     DeviceFaultError,
     NotAllowedError,
 )
+from controller.devices import add_device
+from statemachines import errorkinds as ek
 from statemachines.device import load_device
 
 
@@ -36,7 +37,7 @@ def test_a_handler_that_raises_is_a_device_fault_and_the_server_goes_on():
     with serve() as server, Client(server.address, reconnect=False) as client:
         with pytest.raises(DeviceFaultError) as info:
             client.call("fail", ["the sensor is unplugged"])
-        assert info.value.code == -32006
+        assert info.value.code == ek.DEVICE_FAULT
         assert info.value.message == "fail failed: RuntimeError: the sensor is unplugged"
         assert info.value.data == {
             "exception": "RuntimeError",
@@ -52,7 +53,7 @@ def test_a_handler_that_hangs_past_its_timeout():
         assert client.call("echo", ["served meanwhile"]) == "served meanwhile"
         with pytest.raises(CommandTimeoutError) as info:
             hung.result(timeout=WAIT)
-        assert info.value.code == -32002
+        assert info.value.code == ek.TIMEOUT
         assert info.value.data == {"timeout": 0.3, "method": "hang"}
         server.test_release.set()  # the abandoned worker finishes; its outcome is dropped
         wait_until(lambda: client.call("rpc.stats")["late_outcomes"] == 1)
@@ -85,7 +86,7 @@ def test_system_exit_and_keyboard_interrupt_in_a_handler(method, exception):
 def device_server(tmp_path):
     spec = load_device(write_device(tmp_path))
     with serve(workers=2) as server:
-        server.add_device(spec)
+        add_device(server, spec)
         yield server
 
 
@@ -154,7 +155,7 @@ def test_a_client_that_disconnects_with_requests_in_flight_leaks_nothing(device_
             ),
             what=f"round {round_}: nothing left in flight",
         )
-    assert sum(len(conn.calls) for conn in server.connections) == 0
+    assert sum(len(conn.session.calls) for conn in server.connections) == 0
     assert server.pool.pending == 0
     after = stats(server.address)
     assert after["connections"] == base["connections"] == 1

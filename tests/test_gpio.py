@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 from gpiozero import Device
 from gpiozero.pins.mock import MockFactory, MockPWMPin
+from support import WAIT
 
 from controller.gpio import GpioBoard, GpioError, _distance_function
+from controller.handlers import resolve_handlers
 from statemachines.device import DeviceSpec, GpioActionSpec, load_device
 from statemachines.params import ParamError
 
@@ -175,12 +177,12 @@ def test_floating_input_with_active_state(bench: GpioBoard) -> None:
 def test_wait_is_bounded(bench: GpioBoard) -> None:
     assert act(bench, "button", "wait", timeout=0.01) == {"pressed": False}
     pin(bench, "button").drive_low()
-    assert act(bench, "button", "wait", timeout=5) == {"pressed": True}
+    assert act(bench, "button", "wait", timeout=WAIT) == {"pressed": True}
     assert act(bench, "button", "wait", pressed=False, timeout=0.01) == {"pressed": True}
     pin(bench, "button").drive_high()
-    assert act(bench, "button", "wait", pressed=False, timeout=5) == {"pressed": False}
+    assert act(bench, "button", "wait", pressed=False, timeout=WAIT) == {"pressed": False}
     pin(bench, "limit").drive_high()
-    assert act(bench, "limit", "wait", timeout=5) == {"value": 1}
+    assert act(bench, "limit", "wait", timeout=WAIT) == {"value": 1}
 
 
 # --- distance sensor -----------------------------------------------------------------------
@@ -267,20 +269,20 @@ def test_simulated_initial_press(sim: GpioBoard) -> None:
 
 def test_simulated_periodic_presses(sim: GpioBoard) -> None:
     ticker = sim.objects["ticker"]
-    assert ticker.wait_for_press(timeout=5)
-    assert ticker.wait_for_release(timeout=5)
-    assert ticker.wait_for_press(timeout=5)
+    assert ticker.wait_for_press(timeout=WAIT)
+    assert ticker.wait_for_release(timeout=WAIT)
+    assert ticker.wait_for_press(timeout=WAIT)
 
 
 def test_simulated_input_follows_outputs(sim: GpioBoard) -> None:
     top = sim.objects["top"]
     assert not top.is_active
     act(sim, "motor_up", "on")
-    assert top.wait_for_active(timeout=5)
+    assert top.wait_for_active(timeout=WAIT)
     act(sim, "motor_up", "off")
     assert top.is_active  # latched: the door stays up
     act(sim, "motor_down", "on")
-    assert top.wait_for_inactive(timeout=5)
+    assert top.wait_for_inactive(timeout=WAIT)
 
 
 def test_close_releases_the_pins(tmp_path: Path, factory: MockFactory) -> None:
@@ -347,7 +349,7 @@ def door(factory: MockFactory) -> Iterator[tuple[DeviceSpec, GpioBoard]]:
 
 
 def handler(spec: DeviceSpec, command: str) -> Callable[..., Any]:
-    func = spec.commands[command].handler
+    func = resolve_handlers(spec).get(command)
     assert func is not None
     return func
 

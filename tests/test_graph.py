@@ -196,3 +196,11 @@ def test_no_command_begins_in_a_running_state() -> None:
     sources = {(s, d) for s, d, _ in device_edges(spec)}
     assert ("calibrating", "calibrating") not in sources
     assert {d for s, d in sources if s == "calibrating"} == {"idle", "fault"}
+
+
+@pytest.mark.parametrize("name", ["demo", "door"])
+def test_device_edges_draw_the_specs_transition_list(name: str) -> None:
+    """The diagram is drawn from the one transition list the machine runs, not rebuilt."""
+    spec = load_device(CONFIG / f"{name}.yaml")
+    moves = {(t.source, t.dest) for t in spec.transitions}
+    assert {(s, d) for s, d, _ in device_edges(spec)} <= moves

@@ -11,6 +11,7 @@ from statemachines.params import (
     ParamSpec,
     parse_param_specs,
     schema_to_json,
+    specs_from_json,
     validate_params,
 )
 from statemachines.source import ConfigError, ConfigErrors, parse_yaml
@@ -219,3 +220,37 @@ def test_schema_to_json(specs: dict[str, ParamSpec]) -> None:
     }
     assert list(schema) == list(specs)  # positional order
     assert schema_to_json({}) == {}
+
+
+def test_specs_from_json_inverts_schema_to_json() -> None:
+    specs = specs_of(
+        """
+params:
+  speed: {type: number, min: 0, max: 1, default: 0.5, description: duty}
+  mode: {type: string, choices: [slow, fast]}
+  count: {type: integer, required: false}
+"""
+    )
+    assert specs_from_json(schema_to_json(specs)) == specs
+    typeless = specs_from_json({"a": {"required": True}})["a"]  # a plain method's param
+    assert typeless.type == "any" and validate_params({"a": typeless}, [[1, 2]]) == {"a": [1, 2]}
+    assert schema_to_json({"a": typeless}) == {"a": {"required": True}}
+
+
+@pytest.mark.parametrize(
+    ("rule", "fragment"),
+    [
+        ({"type": "int"}, "unknown type 'int' (types: number, integer, string, boolean)"),
+        ({"type": "str"}, "unknown type 'str'"),
+        ({"type": "number", "max": 1}, "unknown key 'max' in a JSON rule: it is written 'maximum'"),
+        ({"type": "string", "choices": ["a"]}, "it is written 'enum'"),
+        ({"type": "number", "minimum": "0"}, "'minimum' must be a number"),
+        ({"type": "string", "enum": []}, "'enum' must be a non-empty list"),
+    ],
+)
+def test_specs_from_json_rejects_aliases_and_bad_rules(
+    rule: dict[str, object], fragment: str
+) -> None:
+    with pytest.raises(ParamError, match="param 'x': ") as info:
+        specs_from_json({"x": rule})
+    assert fragment in str(info.value) and info.value.param == "x"

@@ -23,6 +23,7 @@ from controller.protocol import (
     encode_batch,
     parse_message,
 )
+from statemachines import errorkinds as ek
 
 PING = b'{"jsonrpc":"2.0","id":1,"method":"rpc.ping"}'
 PING_EVENT = Request("rpc.ping", None, 1)
@@ -136,7 +137,7 @@ def test_frame_at_the_limit_with_crlf_is_accepted():
 def assert_frame_error(event, limit):
     assert isinstance(event, Invalid)
     assert event.fatal
-    assert event.code == -32600
+    assert event.code == ek.INVALID_REQUEST
     assert event.id is None
     assert str(limit) in event.message
     assert event.data == {"max_frame": limit}
@@ -184,7 +185,7 @@ def test_frame_error_for_an_overlong_tail():
 def test_frame_response_encodes():
     event = Decoder(max_frame=10).feed(b"x" * 100)[0]
     reply = json.loads(encode(event.response()))
-    assert reply["error"]["code"] == -32600 and "10" in reply["error"]["message"]
+    assert reply["error"]["code"] == ek.INVALID_REQUEST and "10" in reply["error"]["message"]
     assert reply["id"] is None
 
 
@@ -195,7 +196,7 @@ def test_invalid_utf8_is_a_parse_error_and_the_decoder_continues():
     d = Decoder()
     events = d.feed(b'{"jsonrpc":"2.0","id":1,"method":"\xff\xfe"}\n' + PING + b"\n")
     assert isinstance(events[0], Invalid)
-    assert events[0].code == -32700
+    assert events[0].code == ek.PARSE_ERROR
     assert events[0].id is None
     assert not events[0].fatal
     assert "UTF-8" in events[0].data["reason"]
@@ -207,7 +208,7 @@ def test_invalid_utf8_is_a_parse_error_and_the_decoder_continues():
 def test_invalid_json_is_a_parse_error(text):
     d = Decoder()
     event, after = d.feed(text + b"\n" + PING + b"\n")
-    assert isinstance(event, Invalid) and event.code == -32700 and event.id is None
+    assert isinstance(event, Invalid) and event.code == ek.PARSE_ERROR and event.id is None
     assert after == PING_EVENT
 
 
@@ -217,7 +218,7 @@ def test_nan_and_infinity_are_rejected(constant):
         Decoder().feed(f'{{"jsonrpc":"2.0","id":1,"method":"m","params":[{constant}]}}\n'.encode())
     )
     assert isinstance(event, Invalid)
-    assert event.code == -32700
+    assert event.code == ek.PARSE_ERROR
 
 
 def test_huge_exponent_decodes_and_its_echo_cannot_be_encoded():
@@ -232,7 +233,7 @@ def test_huge_integer_is_a_parse_error_not_a_crash():
     events = Decoder().feed(
         b'{"jsonrpc":"2.0","id":1,"method":"m","params":[' + b"9" * 5000 + b"]}\n"
     )
-    assert isinstance(only(events), Invalid) and events[0].code == -32700
+    assert isinstance(only(events), Invalid) and events[0].code == ek.PARSE_ERROR
 
 
 @pytest.mark.parametrize("depth", [DEFAULT_MAX_DEPTH + 1, 1000, 100_000])
@@ -240,7 +241,7 @@ def test_deep_nesting_is_an_error_not_a_crash(depth):
     text = b"[" * depth + b"]" * depth
     d = Decoder()
     event, after = d.feed(text + b"\n" + PING + b"\n")
-    assert isinstance(event, Invalid) and event.code == -32700
+    assert isinstance(event, Invalid) and event.code == ek.PARSE_ERROR
     assert after == PING_EVENT
 
 
@@ -250,7 +251,7 @@ def test_deep_nesting_inside_params():
     event = only(
         Decoder().feed(f'{{"jsonrpc":"2.0","id":1,"method":"m","params":{params}}}\n'.encode())
     )
-    assert isinstance(event, Invalid) and event.code == -32700
+    assert isinstance(event, Invalid) and event.code == ek.PARSE_ERROR
     assert event.data == {"max_depth": DEFAULT_MAX_DEPTH}
 
 
@@ -278,12 +279,12 @@ def test_batch_of_calls():
     assert isinstance(event, Batch)
     assert event.items[0] == Request("m", None, 1)
     assert event.items[1] == Notification("n", None)
-    assert isinstance(event.items[2], Invalid) and event.items[2].code == -32600
+    assert isinstance(event.items[2], Invalid) and event.items[2].code == ek.INVALID_REQUEST
 
 
 def test_empty_batch_is_invalid():
     event = only(Decoder().feed(b"[]\n"))
-    assert isinstance(event, Invalid) and event.code == -32600 and event.id is None
+    assert isinstance(event, Invalid) and event.code == ek.INVALID_REQUEST and event.id is None
 
 
 def test_batch_limit():
@@ -291,7 +292,7 @@ def test_batch_limit():
     assert isinstance(only(d.feed(line([req(id=i) for i in range(3)]))), Batch)
     event = only(d.feed(line([req(id=i) for i in range(4)])))
     assert isinstance(event, Invalid)
-    assert event.code == -32600
+    assert event.code == ek.INVALID_REQUEST
     assert not event.fatal
     assert "3" in event.message and "4" in event.message
     assert event.data == {"max_batch": 3}
@@ -328,7 +329,7 @@ def test_valid_ids_are_kept(msg_id):
 def test_bool_object_and_array_ids_are_invalid(msg_id):
     event = only(Decoder().feed(line(req(id=msg_id))))
     assert isinstance(event, Invalid)
-    assert event.code == -32600
+    assert event.code == ek.INVALID_REQUEST
     assert event.id is None  # an invalid id cannot be echoed
     assert "id" in event.data["reason"]
 
@@ -344,7 +345,7 @@ def test_params_must_be_array_or_object(params):
     obj = {"jsonrpc": "2.0", "id": 4, "method": "m", "params": params}
     event = only(Decoder().feed(line(obj)))
     assert isinstance(event, Invalid)
-    assert event.code == -32600
+    assert event.code == ek.INVALID_REQUEST
     assert event.id == 4  # the id is echoed when it is valid
     assert "params" in event.data["reason"]
 
@@ -374,21 +375,21 @@ def test_array_and_object_params(params):
 )
 def test_invalid_messages(obj, reason):
     event = parse_message(obj)
-    assert isinstance(event, Invalid) and event.code == -32600
+    assert isinstance(event, Invalid) and event.code == ek.INVALID_REQUEST
     assert reason in event.data["reason"]
 
 
 @pytest.mark.parametrize("value", [1, "s", None, True, 1.5])
 def test_non_object_top_level_is_invalid_request(value):
     event = only(Decoder().feed(line(value)))
-    assert isinstance(event, Invalid) and event.code == -32600 and event.id is None
+    assert isinstance(event, Invalid) and event.code == ek.INVALID_REQUEST and event.id is None
 
 
 def test_responses_decode():
     d = Decoder()
     assert d.feed(b'{"jsonrpc":"2.0","id":1,"result":null}\n') == [Response(1, None)]
     assert d.feed(b'{"jsonrpc":"2.0","id":"a","error":{"code":-32601,"message":"M"}}\n') == [
-        ErrorResponse("a", -32601, "M", None)
+        ErrorResponse("a", ek.METHOD_NOT_FOUND, "M", None)
     ]
     assert d.feed(
         b'{"jsonrpc":"2.0","id":null,"error":{"code":-1,"message":"M","data":[1]}}\n'
@@ -408,8 +409,8 @@ def test_responses_decode():
         Notification("n", {"k": "\u00e9\u20ac\U0001f600"}),
         Response(1, None),
         Response("x", {"nested": [1, {"a": False}]}),
-        ErrorResponse(None, -32700, "Parse error"),
-        ErrorResponse(3, -32006, "boom", {"exception": "ValueError"}),
+        ErrorResponse(None, ek.PARSE_ERROR, "Parse error"),
+        ErrorResponse(3, ek.DEVICE_FAULT, "boom", {"exception": "ValueError"}),
     ],
 )
 def test_encode_round_trips(message):
@@ -443,7 +444,7 @@ def test_lone_surrogate_round_trips():
 
 
 def test_encode_batch():
-    messages = [Response(1, 2), ErrorResponse(None, -32600, "Invalid Request")]
+    messages = [Response(1, 2), ErrorResponse(None, ek.INVALID_REQUEST, "Invalid Request")]
     event = only(Decoder().feed(encode_batch(messages)))
     assert isinstance(event, Batch) and event.items == messages
 

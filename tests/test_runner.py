@@ -14,21 +14,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import ROOT, ServeProcess, statelink, wait_until
+from support import ROOT, WAIT, ServeProcess, statelink, wait_until
 
-from controller import BusyError, Client, CommandServer, Limits
+from controller import BusyError, Client, CommandServer, Limits, add_device
 from controller.runner import RunHandle, WorkflowRunner
+from statemachines import errorkinds as ek
 from statemachines.device import load_device
 from statemachines.workflow import load_workflow, parse_workflow
 
 WORKFLOWS = ROOT / "config" / "workflows"
 DEMO_DEVICE = ROOT / "config" / "devices" / "demo.yaml"
-WAIT = 30.0
 
 
 def demo_server(**kwargs: Any) -> CommandServer:
     server = CommandServer(port=0, grace=0.5, **kwargs)
-    server.add_device(load_device(DEMO_DEVICE), simulate=True)
+    add_device(server, load_device(DEMO_DEVICE), simulate=True)
     return server
 
 
@@ -165,7 +165,7 @@ def test_command_timeout_takes_the_timeout_route(
     handle, entries = run(runner, spec, {"device": demo.address}, tmp_path)
     assert handle.state == "too_slow" and handle.outcome == "failure"
     error = next(e for e in entries if e["event"] == "error")["error"]
-    assert error["kind"] == "timeout" and error["code"] == -32002
+    assert error["kind"] == "timeout" and error["code"] == ek.TIMEOUT
 
 
 def test_branch_on_a_result(runner: WorkflowRunner, tmp_path: Path) -> None:
@@ -493,7 +493,7 @@ def test_runner_keeps_under_the_servers_inflight_bound(runner: WorkflowRunner) -
         handles = [runner.start(spec, servers={server_name: demo.address}) for _ in range(100)]
         assert [h.wait(WAIT) for h in handles] == ["success"] * 100
         stats = demo.stats_snapshot()
-    assert str(-32003) not in stats["errors_by_code"]  # never busy: the gate held them back
+    assert str(ek.BUSY) not in stats["errors_by_code"]  # never busy: the gate held them back
 
 
 def test_a_command_timeout_cancels_the_command_on_the_server(
@@ -726,4 +726,4 @@ def test_abort_cancels_fit_under_a_small_inflight_bound(runner: WorkflowRunner) 
             what="every command to be cancelled",
         )
         assert probe.call("demo.state")["state"] == "idle"
-        assert str(-32003) not in demo.stats_snapshot()["errors_by_code"]
+        assert str(ek.BUSY) not in demo.stats_snapshot()["errors_by_code"]

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import threading
 
+from support import WAIT
+
 from controller.scheduler import COMPACT_MIN, Scheduler
 
-WAIT = 10.0
 HOUR = 3600.0
 
 

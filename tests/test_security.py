@@ -23,7 +23,6 @@ import pytest
 from reliability_helpers import (
     HOST,
     REPO,
-    WAIT,
     ChildServer,
     Recorder,
     accept_within,
@@ -36,14 +35,15 @@ from reliability_helpers import (
     server_tls,
     stats,
 )
+from support import WAIT, wait_until
 from support import RawConnection as Raw
-from support import wait_until
 
 from controller import CallbackListener, Client, ConnectionLostError, UnauthorizedError, auth, cli
 from controller.server import CommandServer
+from statemachines import errorkinds as ek
+from statemachines.errorkinds import UNAUTHORIZED
 
 SECRET = "correct-horse-battery-staple-7f3a9c"
-UNAUTHORIZED = -32004
 
 
 def hello(raw: Raw, **params: Any) -> dict[str, Any]:
@@ -409,7 +409,7 @@ def test_serve_and_call_with_a_secret_file_and_tls(tmp_path, cert, capsys, monke
         capsys.readouterr()
         monkeypatch.delenv(auth.SECRET_ENV)
         assert cli.main(["call", "--server", address, *tls, "rpc.ping"]) == 1
-        assert "-32004" in capsys.readouterr().err
+        assert str(ek.UNAUTHORIZED) in capsys.readouterr().err
         assert (
             cli.main(
                 ["call", "--server", address, "--secret-file", str(secret), "--tls", "rpc.ping"]
@@ -499,4 +499,6 @@ def test_wire_input_never_reaches_an_interpreter():
             with pytest.raises(Exception, match="Method not found"):
                 client.call(method)
         assert client.call("echo", ["__import__('os')"]) == "__import__('os')"
-        wait_until(lambda: stats(server.address)["errors_by_code"].get("-32601") == 3)
+        wait_until(
+            lambda: stats(server.address)["errors_by_code"].get(str(ek.METHOD_NOT_FOUND)) == 3
+        )

@@ -12,11 +12,11 @@ import socket
 import threading
 
 import pytest
+from support import WAIT
 
 from controller import CommandServer, Limits
 from controller.errors import DeviceFaultError, NotAllowedError
-
-WAIT = 10.0
+from statemachines import errorkinds as ek
 
 
 def result_of(reply):
@@ -149,7 +149,7 @@ def test_frame_limit_closes_only_that_connection(make_server, raw):
     bad = raw(server.address)
     bad.send(b'{"jsonrpc":"2.0","id":1,"method":"rpc.ping","params":["' + b"x" * 1100 + b'"]}\n')
     reply = bad.json()
-    error = error_of(reply, -32600)
+    error = error_of(reply, ek.INVALID_REQUEST)
     assert reply["id"] is None
     assert "1024" in error["message"]
     assert error["data"] == {"max_frame": 1024}
@@ -162,7 +162,7 @@ def test_frame_limit_without_newline(make_server, raw):
     server = make_server(limits=Limits(max_frame=1024))
     bad = raw(server.address)
     bad.send(b"y" * 1026)  # no newline at all
-    error = error_of(bad.json(), -32600)
+    error = error_of(bad.json(), ek.INVALID_REQUEST)
     assert "1024" in error["message"]
     assert bad.closed()
 
@@ -194,7 +194,7 @@ def test_malformed_input_mid_stream(raw):
     assert conn.json() == {"jsonrpc": "2.0", "id": 1, "result": "pong"}
     for _ in range(2):
         reply = conn.json()
-        error_of(reply, -32700)
+        error_of(reply, ek.PARSE_ERROR)
         assert reply["id"] is None
     assert conn.json() == {"jsonrpc": "2.0", "id": 4, "result": 7}
 
@@ -211,7 +211,7 @@ def test_invalid_request_echoes_a_valid_id(raw):
     conn = raw()
     conn.send_json({"jsonrpc": "2.0", "id": 9, "method": "add", "params": "nope"})
     reply = conn.json()
-    error_of(reply, -32600)
+    error_of(reply, ek.INVALID_REQUEST)
     assert reply["id"] == 9
 
 
@@ -219,7 +219,10 @@ def test_response_sent_to_the_server_is_invalid(raw):
     conn = raw()
     conn.send_json({"jsonrpc": "2.0", "id": 5, "result": 1})
     reply = conn.json()
-    assert error_of(reply, -32600)["data"]["reason"] == "the server does not take responses"
+    assert (
+        error_of(reply, ek.INVALID_REQUEST)["data"]["reason"]
+        == "the server does not take responses"
+    )
     assert reply["id"] == 5
 
 
@@ -247,14 +250,14 @@ def test_positional_and_named_params(server, raw):
 )
 def test_params_mismatch_is_invalid_params(raw, params, problem):
     conn = raw()
-    error = error_of(conn.call("add", params), -32602)
+    error = error_of(conn.call("add", params), ek.INVALID_PARAMS)
     assert problem in error["message"]
     assert problem in error["data"]["reason"]
 
 
 def test_unknown_method(raw):
     reply = raw().call("no.such.method", [1])
-    assert error_of(reply, -32601)["message"] == "Method not found"
+    assert error_of(reply, ek.METHOD_NOT_FOUND)["message"] == "Method not found"
 
 
 def test_rpc_names_are_reserved(server):
@@ -286,10 +289,10 @@ def test_async_handlers(make_server, raw):
     conn = raw(server.address)
     assert result_of(conn.call("async_add", [1])) == 11
     assert result_of(conn.call("async_add", {"a": 1, "b": 2})) == 3
-    error = error_of(conn.call("async_fail"), -32006)
+    error = error_of(conn.call("async_fail"), ek.DEVICE_FAULT)
     assert error["data"] == {"exception": "KeyError", "message": "'missing'"}
-    error = error_of(conn.call("async_not_allowed"), -32001)
-    assert error == {"code": -32001, "message": "door is open", "data": {"state": "open"}}
+    error = error_of(conn.call("async_not_allowed"), ek.NOT_ALLOWED)
+    assert error == {"code": ek.NOT_ALLOWED, "message": "door is open", "data": {"state": "open"}}
 
 
 def test_handler_raising_gives_device_fault_without_traceback(server, raw):
@@ -305,11 +308,11 @@ def test_handler_raising_gives_device_fault_without_traceback(server, raw):
     conn.request("broken", id=1)
     line = conn.line()
     assert b"Traceback" not in line and b"File " not in line
-    error = error_of(json.loads(line), -32006)
+    error = error_of(json.loads(line), ek.DEVICE_FAULT)
     assert "ValueError" in error["message"] and "sensor 3 unplugged" in error["message"]
     assert error["data"] == {"exception": "ValueError", "message": "sensor 3 unplugged"}
-    error = error_of(conn.call("typed"), -32006)
-    assert error == {"code": -32006, "message": "motor stalled", "data": {"motor": 2}}
+    error = error_of(conn.call("typed"), ek.DEVICE_FAULT)
+    assert error == {"code": ek.DEVICE_FAULT, "message": "motor stalled", "data": {"motor": 2}}
     # the server goes on
     assert result_of(conn.call("add", [1, 1])) == 2
 
@@ -324,8 +327,8 @@ def test_non_json_result_is_an_internal_error(server, raw):
         return float("nan")
 
     conn = raw()
-    assert "not JSON" in error_of(conn.call("weird"), -32603)["message"]
-    assert "not JSON" in error_of(conn.call("nan"), -32603)["message"]
+    assert "not JSON" in error_of(conn.call("weird"), ek.INTERNAL_ERROR)["message"]
+    assert "not JSON" in error_of(conn.call("nan"), ek.INTERNAL_ERROR)["message"]
     assert result_of(conn.call("rpc.ping")) == "pong"
 
 
@@ -343,7 +346,7 @@ def test_timeout_is_answered_once_and_the_late_result_dropped(
 
     conn = raw(server.address)
     reply = conn.call("stuck", id="s")
-    error = error_of(reply, -32002)
+    error = error_of(reply, ek.TIMEOUT)
     assert error["data"] == {"timeout": 0.2, "method": "stuck"}
     assert "0.2" in error["message"]
     assert stats(conn)["late_outcomes"] == 0
@@ -352,7 +355,7 @@ def test_timeout_is_answered_once_and_the_late_result_dropped(
     wait_until(lambda: stats(conn)["late_outcomes"] == 1, what="the late outcome to be counted")
     # no second reply for "s": the next line is the ping's
     assert conn.call("rpc.ping", id="p") == {"jsonrpc": "2.0", "id": "p", "result": "pong"}
-    assert stats(conn)["errors_by_code"]["-32002"] == 1
+    assert stats(conn)["errors_by_code"][str(ek.TIMEOUT)] == 1
 
 
 def test_async_timeout(make_server, raw):
@@ -368,7 +371,7 @@ def test_async_timeout(make_server, raw):
             raise
 
     conn = raw(server.address)
-    error_of(conn.call("forever"), -32002)
+    error_of(conn.call("forever"), ek.TIMEOUT)
     assert cancelled.wait(WAIT)
     assert result_of(conn.call("rpc.ping")) == "pong"
     assert stats(conn)["requests_in_flight"] == 1  # only rpc.stats itself
@@ -382,7 +385,7 @@ def test_default_timeout_from_the_server(make_server, raw, release):
         release.wait(WAIT)
 
     conn = raw(server.address)
-    assert error_of(conn.call("stuck"), -32002)["data"]["timeout"] == 0.1
+    assert error_of(conn.call("stuck"), ek.TIMEOUT)["data"]["timeout"] == 0.1
 
 
 # -- built-ins ----------------------------------------------------------------------------
@@ -444,7 +447,7 @@ def test_stats(raw):
     assert s["connections"] == 1
     assert s["requests_total"] == 3
     assert s["replies_total"] == 2
-    assert s["errors_by_code"] == {"-32601": 1}
+    assert s["errors_by_code"] == {str(ek.METHOD_NOT_FOUND): 1}
     assert s["requests_in_flight"] == 1
     assert s["limits"]["max_frame"] == 1 << 20
     assert s["workers"] == 8
@@ -464,14 +467,14 @@ def test_cancel_a_sync_command(make_server, raw, release):
     assert started.wait(WAIT)
     conn.request("rpc.cancel", {"id": 7}, id="c")
     replies = {r["id"]: r for r in (conn.json(), conn.json())}
-    error = error_of(replies[7], -32005)
+    error = error_of(replies[7], ek.CANCELLED)
     assert error["data"] == {"id": 7}
     assert result_of(replies["c"]) == {"cancelled": True}
     # cancelling again, an unknown id, or bad params
     assert result_of(conn.call("rpc.cancel", {"id": 7}))["cancelled"] is False
     assert result_of(conn.call("rpc.cancel", {"id": "nope"}))["cancelled"] is False
-    error_of(conn.call("rpc.cancel", [7]), -32602)
-    error_of(conn.call("rpc.cancel", {"id": [7]}), -32602)
+    error_of(conn.call("rpc.cancel", [7]), ek.INVALID_PARAMS)
+    error_of(conn.call("rpc.cancel", {"id": [7]}), ek.INVALID_PARAMS)
 
 
 def test_cancel_an_async_command(make_server, raw):
@@ -493,7 +496,7 @@ def test_cancel_an_async_command(make_server, raw):
     assert started.wait(WAIT)
     conn.request("rpc.cancel", {"id": "w"}, id="c")
     replies = {r["id"]: r for r in (conn.json(), conn.json())}
-    error_of(replies["w"], -32005)
+    error_of(replies["w"], ek.CANCELLED)
     assert result_of(replies["c"]) == {"cancelled": True}
     assert cancelled.wait(WAIT)
 
@@ -532,7 +535,7 @@ def test_subscribe_and_publish(server, raw):
     server.call_soon(server.publish, "device.state", params)
     server.call_soon(server.publish, "other.event", {})
     assert result_of(sub.call("rpc.ping")) == "pong"  # published before this ping: nothing came
-    error_of(sub.call("rpc.subscribe", {}), -32602)
+    error_of(sub.call("rpc.subscribe", {}), ek.INVALID_PARAMS)
 
 
 def test_subscription_limit(make_server, raw):
@@ -541,7 +544,7 @@ def test_subscription_limit(make_server, raw):
     result_of(conn.call("rpc.subscribe", {"method": "a"}))
     result_of(conn.call("rpc.subscribe", {"method": "b"}))
     result_of(conn.call("rpc.subscribe", {"method": "a"}))  # already subscribed: fine
-    error_of(conn.call("rpc.subscribe", {"method": "c"}), -32003)
+    error_of(conn.call("rpc.subscribe", {"method": "c"}), ek.BUSY)
 
 
 def test_progress_notifications(server, raw):
@@ -583,7 +586,7 @@ def test_busy_when_the_worker_queue_is_full(make_server, raw, release):
     assert started.wait(WAIT)
     conn.request("slow", [2], id=2)  # queued
     reply = conn.call("slow", [3], id=3)  # answered at once: busy
-    error = error_of(reply, -32003)
+    error = error_of(reply, ek.BUSY)
     assert error["data"] == {"retry": True}
     assert "worker queue full" in error["message"]
     # built-ins still answer
@@ -605,9 +608,9 @@ def test_max_inflight_refuses_the_extra_request(make_server, raw, release):
     for i in range(3):
         conn.request("slow", [i], id=i)
     reply = conn.call("slow", [3], id=3)
-    error = error_of(reply, -32003)
+    error = error_of(reply, ek.BUSY)
     assert error["data"] == {"max_inflight": 3, "retry": True}
-    error_of(conn.call("rpc.ping"), -32003)  # everything counts, even a ping
+    error_of(conn.call("rpc.ping"), ek.BUSY)  # everything counts, even a ping
     assert result_of(other.call("rpc.ping")) == "pong"  # per connection only
     release.set()
     assert sorted(conn.json()["result"] for _ in range(3)) == [0, 1, 2]
@@ -621,7 +624,7 @@ def test_max_connections(make_server, raw, wait_until):
     assert result_of(b.call("rpc.ping")) == "pong"
     c = raw(server.address)
     reply = c.json()
-    error = error_of(reply, -32003)
+    error = error_of(reply, ek.BUSY)
     assert reply["id"] is None
     assert error["data"] == {"max_connections": 2}
     assert c.closed()
@@ -636,7 +639,7 @@ def test_batch_limit_on_the_server(make_server, raw):
     server = make_server(limits=Limits(max_batch=2))
     conn = raw(server.address)
     conn.send_json([{"jsonrpc": "2.0", "id": i, "method": "rpc.ping"} for i in range(3)])
-    error = error_of(conn.json(), -32600)
+    error = error_of(conn.json(), ek.INVALID_REQUEST)
     assert error["data"] == {"max_batch": 2}
     conn.send_json([{"jsonrpc": "2.0", "id": i, "method": "rpc.ping"} for i in range(2)])
     assert sorted(r["id"] for r in conn.json()) == [0, 1]
@@ -647,7 +650,7 @@ def test_nesting_limit_on_the_server(raw):
     conn.send_line(
         b'{"jsonrpc":"2.0","id":1,"method":"echo","params":[' + b"[" * 100 + b"]" * 100 + b"]}"
     )
-    error = error_of(conn.json(), -32700)
+    error = error_of(conn.json(), ek.PARSE_ERROR)
     assert error["data"] == {"max_depth": 32}
     assert result_of(conn.call("rpc.ping")) == "pong"
 
@@ -690,7 +693,7 @@ def test_stop_after_the_grace_period_cancels(make_server, raw, release):
     conn.request("stuck", id=1)
     assert result_of(conn.call("rpc.ping")) == "pong"  # "stuck" is dispatched
     server.stop(grace=0.1)
-    error = error_of(conn.json(), -32005)
+    error = error_of(conn.json(), ek.CANCELLED)
     assert error["data"] == {"reason": "shutdown"}
     assert conn.closed()
 
@@ -712,7 +715,7 @@ def test_requests_during_shutdown_get_busy(make_server, raw, wait_until):
     stopper = threading.Thread(target=server.stop)
     stopper.start()
     wait_until(lambda: server.stopping, what="stop() to begin")
-    error = error_of(conn.call("add", [1, 2], id=2), -32003)
+    error = error_of(conn.call("add", [1, 2], id=2), ek.BUSY)
     assert "shutting down" in error["message"]
     go.set()
     assert result_of(conn.json()) == "held"
@@ -823,17 +826,17 @@ def test_a_duplicate_id_in_flight_is_invalid_and_the_first_is_unaffected(server,
     conn = raw()
     conn.request("slow", id=7)
     assert started.wait(WAIT)
-    error = error_of(conn.call("echo", ["second"], id=7), -32600)
+    error = error_of(conn.call("echo", ["second"], id=7), ek.INVALID_REQUEST)
     assert error["data"] == {"reason": "the id is already in flight on this connection"}
     assert "already in flight" in error["message"]
     # rpc.cancel still reaches the first request, which is answered once, as cancelled
     conn.request("rpc.cancel", {"id": 7}, id="c")
     replies = {r["id"]: r for r in (conn.json(), conn.json())}
     assert result_of(replies["c"]) == {"cancelled": True}
-    assert error_of(replies[7], -32005)["data"] == {"id": 7}
+    assert error_of(replies[7], ek.CANCELLED)["data"] == {"id": 7}
     assert result_of(conn.call("echo", ["again"], id=7)) == "again"  # free again once answered
     s = stats(conn)
-    assert s["errors_by_code"] == {"-32600": 1, "-32005": 1}
+    assert s["errors_by_code"] == {str(ek.INVALID_REQUEST): 1, str(ek.CANCELLED): 1}
     assert s["requests_in_flight"] == 1  # the cancelled "slow" is not counted any more
 
 
@@ -864,7 +867,7 @@ def test_a_duplicate_id_in_a_batch_is_invalid(server, raw, release):
                 "jsonrpc": "2.0",
                 "id": "b",
                 "error": {
-                    "code": -32600,
+                    "code": ek.INVALID_REQUEST,
                     "message": "Invalid Request: a request with this id is already in flight "
                     "on this connection",
                     "data": {"reason": "the id is already in flight on this connection"},
@@ -917,7 +920,7 @@ def test_stop_answers_every_null_id_request_in_flight(make_server, raw, release)
     assert conn.buffer == b""
     for reply in replies:
         assert reply["id"] is None
-        assert error_of(reply, -32005)["data"] == {"reason": "shutdown"}
+        assert error_of(reply, ek.CANCELLED)["data"] == {"reason": "shutdown"}
 
 
 # -- callback delivery ----------------------------------------------------------------------
@@ -969,7 +972,7 @@ def test_replies_go_to_the_request_connection_once_the_callback_link_is_closed(
     # the reply to the request in flight, and every later one, come on the request connection
     assert conn.json() == {"jsonrpc": "2.0", "id": 2, "result": "slow done"}
     assert result_of(conn.call("echo", ["after"], id=3)) == "after"
-    assert conn.call("nope", id=4)["error"]["code"] == -32601
+    assert conn.call("nope", id=4)["error"]["code"] == ek.METHOD_NOT_FOUND
 
 
 def test_a_client_whose_callback_listener_closes_still_gets_its_replies(server, wait_until):
@@ -981,9 +984,10 @@ def test_a_client_whose_callback_listener_closes_still_gets_its_replies(server, 
             assert client.call("add", [40, 2], timeout=WAIT) == 42
             assert listener.received == 1  # delivered over the callback link
             (conn,) = server.connections
-            assert conn.callback is not None and conn.callback.usable
+            link = conn.session.callback
+            assert link is not None and link.usable
             listener.close()  # closes the link's socket too
-            wait_until(lambda: not conn.callback.usable, WAIT, "the server to give up the link")
+            wait_until(lambda: not link.usable, WAIT, "the server to give up the link")
             assert client.call("add", [1, 2], timeout=WAIT) == 3  # on the request connection
             assert listener.received == 1
     finally:

@@ -17,6 +17,8 @@ from reliability_helpers import (
     REPO,
 )
 
+from statemachines import errorkinds as ek
+
 SEED = int(os.environ.get("STATELINK_SOAK_SEED", "5000"))
 
 
@@ -42,7 +44,12 @@ def test_soak_small(soak):
     assert sum(outcomes.values()) == report["requests"]
     assert report["disconnects"] >= 5 and outcomes.get("lost", 0) >= 1
     assert outcomes.get("client_timeout", 0) >= 10
-    for code in ("-32002", "-32006", "-32601", "-32602"):
+    for code in (
+        str(ek.TIMEOUT),
+        str(ek.DEVICE_FAULT),
+        str(ek.METHOD_NOT_FOUND),
+        str(ek.INVALID_PARAMS),
+    ):
         assert outcomes.get(code, 0) >= 10, code
     assert report["duplicated_replies"] == 0
     stats, expected = report["server_stats"], report["expected"]

@@ -14,16 +14,16 @@ from concurrent.futures import Future
 from typing import Any
 
 import pytest
-from reliability_helpers import WAIT, serve, write_device
+from reliability_helpers import serve, write_device
+from support import WAIT, wait_until
 from support import RawConnection as Raw
-from support import wait_until
 
 from controller import Client
+from controller.devices import add_device
 from controller.errors import CancelledError
 from controller.workers import PoolClosed, PoolFull, WorkerPool
 from statemachines.device import load_device
-
-CANCELLED = -32005
+from statemachines.errorkinds import CANCELLED
 
 
 @pytest.fixture
@@ -156,7 +156,7 @@ def test_a_device_command_queued_for_a_worker_at_stop_is_cancelled_not_faulted(t
     """The device command never ran: its device goes back to where it was, not to fault."""
     spec = load_device(write_device(tmp_path))
     with serve(workers=1) as server:
-        device = server.add_device(spec)
+        device = add_device(server, spec)
         with Client(server.address, reconnect=False) as client:
             hung = client.send_command("hang", [30], timeout=WAIT)
             wait_until(lambda: server.pool.pending == 1, what="hang to be dispatched")

@@ -1,4 +1,4 @@
-"""Workflow config loading and validation (statemachines.workflow_spec)."""
+"""Workflow config loading and validation (statemachines.workflow: loader, check)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from typing import Any
 
 import pytest
 
+from statemachines.addresses import DEFAULT_PORT
+from statemachines.catalog import CommandInfo, catalog_from_discover
+from statemachines.params import parse_param_specs
 from statemachines.source import ConfigError, ConfigErrors
 from statemachines.workflow import (
     CompiledWorkflow,
@@ -556,11 +559,11 @@ def test_no_servers_and_bad_servers(tmp_path: Path) -> None:
     )
     errors = problems(
         tmp_path,
-        'servers: {a: "nohost", b: "h:99999"}\ndefault_server: c\ninitial: x\n'
+        'servers: {a: "no:host", b: "h:99999"}\ndefault_server: c\ninitial: x\n'
         "states:\n  x: {final: success}\n",
     )
     assert [e.line for e in errors] == [1, 1, 2]
-    assert "expected host:port" in errors[0].message
+    assert "expected HOST:PORT" in errors[0].message
     assert "default_server 'c' is not one of the servers (a, b)" in errors[2].message
 
 
@@ -617,8 +620,9 @@ def test_with_servers_and_addresses(tmp_path: Path) -> None:
     assert moved.servers == {"device": "10.0.0.2:9"} and spec.servers["device"].endswith("15769")
     with pytest.raises(ValueError, match="unknown server 'other'"):
         spec.with_servers({"other": "h:1"})
-    with pytest.raises(ValueError, match="host:port"):
-        spec.with_servers({"device": "h"})
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        spec.with_servers({"device": "h:port"})
+    assert spec.with_servers({"device": "h"}).servers == {"device": f"h:{DEFAULT_PORT}"}
     assert parse_address("[::1]:80") == ("::1", 80)
     assert parse_address("pi.local:15769") == ("pi.local", 15769)
 
@@ -630,42 +634,40 @@ def test_format_duration() -> None:
 
 # --- check against device descriptions ------------------------------------------------------
 
-DEMO: dict[str, dict[str, Any]] = {
-    "demo.led_on": {"device": "demo", "command": "led_on", "from": ["idle"], "params": {}},
-    "demo.led_off": {"device": "demo", "command": "led_off", "from": ["idle"], "params": {}},
-    "demo.blink": {
-        "device": "demo",
-        "command": "blink",
-        "from": ["idle"],
-        "params": {"times": {"type": "integer", "minimum": 1, "maximum": 20, "required": True}},
-    },
-    "demo.read_button": {"device": "demo", "command": "read_button", "from": ["idle"]},
-    "demo.read_sensor": {"device": "demo", "command": "read_sensor", "from": ["idle"]},
-    "demo.calibrate": {
-        "device": "demo",
-        "command": "calibrate",
-        "from": ["idle"],
-        "states": ["idle", "calibrating", "fault"],
-        "params": {
-            "steps": {"type": "integer", "minimum": 1, "maximum": 50, "default": 5},
-            "delay": {"type": "number", "minimum": 0, "maximum": 2, "default": 0.2},
-        },
-    },
-    "demo.selftest": {
-        "device": "demo",
-        "command": "selftest",
-        "from": ["idle"],
-        "params": {"fail": {"type": "boolean", "default": False}},
-    },
-    "demo.reset": {"device": "demo", "command": "reset", "from": ["fault"]},
-    "demo.state": {"device": "demo", "command": "state", "from": ["idle", "calibrating", "fault"]},
-    "demo.never": {"device": "demo", "command": "never", "from": []},
-    "demo.mode": {
-        "device": "demo",
-        "command": "mode",
-        "from": ["idle"],
-        "params": {"mode": {"type": "string", "enum": ["slow", "fast"]}},
-    },
+DEMO_STATES = ["idle", "calibrating", "fault"]
+
+
+def _demo(command: str, allowed: list[str], params: dict[str, Any] | None = None) -> CommandInfo:
+    entry = {"method": f"demo.{command}", "name": command, "from": allowed, "params": params}
+    return CommandInfo.from_json(entry, device="demo", states=DEMO_STATES)
+
+
+DEMO: dict[str, CommandInfo] = {
+    info.method: info
+    for info in (
+        _demo("led_on", ["idle"], {}),
+        _demo("led_off", ["idle"], {}),
+        _demo(
+            "blink",
+            ["idle"],
+            {"times": {"type": "integer", "minimum": 1, "maximum": 20, "required": True}},
+        ),
+        _demo("read_button", ["idle"]),
+        _demo("read_sensor", ["idle"]),
+        _demo(
+            "calibrate",
+            ["idle"],
+            {
+                "steps": {"type": "integer", "minimum": 1, "maximum": 50, "default": 5},
+                "delay": {"type": "number", "minimum": 0, "maximum": 2, "default": 0.2},
+            },
+        ),
+        _demo("selftest", ["idle"], {"fail": {"type": "boolean", "default": False}}),
+        _demo("reset", ["fault"]),
+        _demo("state", DEMO_STATES),
+        _demo("never", []),
+        _demo("mode", ["idle"], {"mode": {"type": "string", "enum": ["slow", "fast"]}}),
+    )
 }
 
 
@@ -677,7 +679,8 @@ def test_shipped_workflows_fit_the_demo_device(path: Path) -> None:
 
 def test_shipped_workflows_fit_the_shipped_demo_device() -> None:
     device = pytest.importorskip("statemachines.device")
-    catalog = device.load_device(CONFIG / "devices" / "demo.yaml").catalog()
+    described = device.load_device(CONFIG / "devices" / "demo.yaml").describe()
+    catalog = catalog_from_discover({"devices": [described]})  # as from a live server
     for path in sorted(WORKFLOWS.glob("*.yaml")):
         assert check_against(load_workflow(path), {"*": catalog}) == [], path.name
 
@@ -689,7 +692,8 @@ def test_check_against_reads_json_schema_params(tmp_path: Path) -> None:
         "required": ["times"],
         "additionalProperties": False,
     }
-    catalog = {"demo.blink": {"device": "demo", "from": ["idle"], "params": schema}}
+    entry = {"method": "demo.blink", "from": ["idle"], "params": schema}
+    catalog = {"demo.blink": CommandInfo.from_json(entry, device="demo")}
     spec = load(
         tmp_path,
         HEAD + "  a: {command: demo.blink, params: {times: 0}, next: b}\n"
@@ -748,12 +752,56 @@ def test_check_against_reports_commands_and_literal_params(tmp_path: Path) -> No
     assert "server 'device' has no command 'demo.calibrat'" in text_of[8]
     assert "did you mean 'demo.calibrate'" in text_of[8]
     assert "param 'steps': must be <= 50, got 100" in text_of[13]
-    assert "param 'delay': must be of type number" in text_of[14]
+    assert "param 'delay': must be a number, got a string" in text_of[14]
     assert "has no param 'speed'" in text_of[15]
     assert "demo.blink needs param 'times'" in text_of[17]
     assert "demo.never can never run" in text_of[21]
     assert "must be one of 'slow', 'fast'" in text_of[25]
     assert "takes at most 1 params, got 2" in text_of[36]
+
+
+def test_check_against_rejects_the_aliases_the_server_rejects(tmp_path: Path) -> None:
+    # One validator (statemachines.params): a rule the server could not have been configured
+    # with (type int, min instead of minimum) is reported, as the device config reports it.
+    spec = load(
+        tmp_path, HEAD + "  a: {command: demo.n, params: {n: 3}, next: b}\n  b: {final: success}\n"
+    )
+    for rule, fragment in (
+        (
+            {"type": "int"},
+            "param 'n': unknown type 'int' (types: number, integer, string, boolean)",
+        ),
+        ({"type": "integer", "min": 1}, "param 'n': unknown key 'min' in a JSON rule"),
+    ):
+        entry = {"method": "demo.n", "from": ["idle"], "params": {"n": rule}}
+        catalog = {"demo.n": CommandInfo.from_json(entry, device="demo")}
+        [error] = check_against(spec, {"device": catalog})
+        assert error.line == 7 and fragment in error.message, error.message
+    device_errors: list[ConfigError] = []
+    parse_param_specs({"n": {"type": "int"}}, "dev.yaml", errors=device_errors)
+    [device_error] = device_errors
+    assert "param 'n': unknown type 'int' (types: number, integer, string, boolean)" in str(
+        device_error
+    )
+
+
+def test_check_against_accepts_what_the_server_accepts(tmp_path: Path) -> None:
+    # an integer param takes 3.0 (JSON numbers), a plain method's typeless params take anything
+    spec = load(
+        tmp_path,
+        HEAD + "  a: {command: demo.blink, params: {times: 3.0}, next: b}\n"
+        "  b: {command: add, params: [1, [2]], next: c}\n  c: {final: success}\n",
+    )
+    described = {
+        "methods": [{"name": "add", "params": [{"name": "a", "required": True}, {"name": "b"}]}]
+    }
+    catalog = {**DEMO, **catalog_from_discover(described)}
+    assert check_against(spec, {"device": catalog}) == []
+
+
+def test_a_server_without_port_gets_the_default_port(tmp_path: Path) -> None:
+    text = HEAD.replace('"127.0.0.1:15769"', "pi") + "  a: {final: success}\n"
+    assert load(tmp_path, text).servers == {"device": f"pi:{DEFAULT_PORT}"}
 
 
 def test_check_against_skips_servers_without_a_catalog(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The workflow engine (statemachines.workflow_machine), driven by a recording Effects."""
+"""The workflow engine (statemachines.workflow: run, machine), driven by a recording Effects."""
 
 from __future__ import annotations
 
@@ -13,7 +13,13 @@ import pytest
 from transitions import Machine
 
 from statemachines.errorkinds import DEVICE_FAULT, NOT_ALLOWED, TIMEOUT
-from statemachines.workflow import NEW_STATE, CompiledWorkflow, WorkflowRun, load_workflow
+from statemachines.workflow import (
+    NEW_STATE,
+    CompiledWorkflow,
+    JournalEntry,
+    WorkflowRun,
+    load_workflow,
+)
 
 TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -41,7 +47,7 @@ class Recorder:
     def __init__(self) -> None:
         self.sent: list[Sent] = []
         self.timers: list[Timer] = []
-        self.entries: list[dict[str, Any]] = []
+        self.entries: list[JournalEntry] = []
         self.done: list[WorkflowRun] = []
         self.abandoned: list[int] = []
 
@@ -56,7 +62,7 @@ class Recorder:
     def abandon(self, run: WorkflowRun, token: int) -> None:
         self.abandoned.append(token)
 
-    def record(self, run: WorkflowRun, entry: dict[str, Any]) -> None:
+    def record(self, run: WorkflowRun, entry: JournalEntry) -> None:
         assert run not in self.done, "recorded after finished"
         self.entries.append(entry)
 
@@ -705,7 +711,7 @@ class Quiet:
     def abandon(self, run: WorkflowRun, token: int) -> None:
         pass
 
-    def record(self, run: WorkflowRun, entry: dict[str, Any]) -> None:
+    def record(self, run: WorkflowRun, entry: JournalEntry) -> None:
         pass
 
     def finished(self, run: WorkflowRun) -> None:

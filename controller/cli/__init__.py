@@ -1,0 +1,106 @@
+"""``statelink``: serve devices, call commands, run/check/draw workflows, run the demo.
+
+Exit codes: 0 success; 1 a command error, a failed workflow, or the server could not start;
+2 an invalid config or usage; 3 the server is unreachable; 130 interrupted (Ctrl-C; a workflow
+runs its on_abort state first, a call asks the server to cancel its command).
+
+One module per subcommand (``serve``, ``call``, ``check``, ``graph``, ``run`` with ``demo``),
+each adding its parser with ``register(subparsers)``; what they share is in
+:mod:`controller.cli.common`. This module only assembles the parser and dispatches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from statemachines.source import ConfigErrors
+
+from . import call, check, graph, run, serve
+from .common import (
+    EXIT_ABORTED,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    UsageError,
+    client_ssl,
+    load_devices,
+    read_secret,
+)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("statelink")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="statelink",
+        description="State-machine driven device controller: JSON-RPC device server and "
+        "workflow runner.",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log verbosity",
+    )
+    parser.add_argument("--version", action="version", version=f"statelink {_version()}")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    for register in (
+        serve.register,
+        call.register,
+        run.register,
+        check.register,
+        graph.register,
+        run.register_demo,
+    ):  # in the order of --help
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``statelink`` command: parse ``argv``, run the subcommand, return the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("transitions").setLevel(max(logging.WARNING, logging.root.level))
+    try:
+        code: int = args.handler(args)
+        return code
+    except ConfigErrors as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as exc:
+        print(f"statelink {args.cmd}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"statelink {args.cmd}: interrupted", file=sys.stderr)
+        return EXIT_ABORTED
+
+
+__all__ = [
+    "EXIT_ABORTED",
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_UNREACHABLE",
+    "EXIT_USAGE",
+    "UsageError",
+    "build_parser",
+    "client_ssl",
+    "load_devices",
+    "main",
+    "read_secret",
+]

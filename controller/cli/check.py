@@ -1,0 +1,104 @@
+"""``statelink check``: validate workflow and device configs, workflows also against device
+configs (``--device``) or live servers (``--server``, by ``rpc.discover``)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from statemachines.addresses import format_address
+from statemachines.source import ConfigError, ConfigErrors
+
+from .common import (
+    EXIT_OK,
+    UsageError,
+    add_client_tls_args,
+    add_secret_args,
+    client_ssl,
+    load_devices,
+    read_secret,
+    server_options,
+)
+
+if TYPE_CHECKING:
+    from statemachines.catalog import Catalog, CommandInfo
+
+    from .common import Subparsers
+
+
+def register(sub: Subparsers) -> None:
+    check = sub.add_parser("check", help="validate workflow and device configs")
+    check.set_defaults(handler=cmd_check)
+    check.add_argument("files", nargs="+", metavar="FILE")
+    check.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="check workflows against this device config",
+    )
+    check.add_argument(
+        "--server",
+        action="append",
+        default=[],
+        metavar="[NAME=]HOST:PORT",
+        help="check workflows against a live server (rpc.discover); without NAME= it stands "
+        "for every server of the workflow",
+    )
+    add_secret_args(check)
+    add_client_tls_args(check)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from statemachines import config_kind
+    from statemachines.device import load_device
+    from statemachines.workflow import check_against, load_workflow
+
+    catalogs = catalogs_of(args)
+    errors: list[ConfigError] = []
+    for file in args.files:
+        try:
+            if config_kind(file) == "device":
+                device = load_device(file)
+                print(f"{file}: ok (device {device.name}, {len(device.commands)} commands)")
+            else:
+                workflow = load_workflow(file)
+                found = check_against(workflow, catalogs) if catalogs else []
+                if found:
+                    raise ConfigErrors(found)
+                print(f"{file}: ok (workflow {workflow.name}, {len(workflow.states)} states)")
+        except ConfigErrors as exc:
+            errors.extend(exc.errors)
+    if errors:
+        raise ConfigErrors(errors)
+    return EXIT_OK
+
+
+def catalogs_of(args: argparse.Namespace) -> dict[str, Catalog]:
+    """Device catalogs to check workflows against, keyed by workflow server name ("*": every
+    server)."""
+    from statemachines.device import catalog_from_discover
+
+    from ..client import Client
+    from ..errors import RpcError
+
+    catalogs: dict[str, Catalog] = {}
+    if args.device:
+        merged: dict[str, CommandInfo] = {}
+        for spec in load_devices(args.device):
+            merged.update(spec.catalog())
+        catalogs["*"] = merged
+    for name, address in server_options(args.server):
+        try:
+            with Client(
+                address,
+                name="statelink-check",
+                reconnect=False,
+                secret=read_secret(args),
+                ssl=client_ssl(args),
+            ) as client:
+                described = client.call("rpc.discover", timeout=10.0)
+        except (OSError, ValueError, RpcError) as exc:
+            raise UsageError(f"cannot discover {format_address(address)}: {exc}")
+        catalogs[name or "*"] = catalog_from_discover(described)
+    return catalogs

@@ -1,0 +1,135 @@
+"""What every ``statelink`` subcommand shares: exit codes, :class:`UsageError`, argument
+types and groups, the secret and TLS options, ``--server`` values and device configs.
+
+Subcommand modules import from here; this module imports no subcommand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import math
+import ssl
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, TypeAlias
+
+from statemachines.addresses import Address, parse_address, split_named
+from statemachines.source import ConfigErrors
+
+from .. import auth
+
+if TYPE_CHECKING:
+    from statemachines.device import DeviceSpec
+
+    #: what ``add_subparsers()`` returns: each subcommand module adds its parser to it
+    Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_ABORTED = 0, 1, 2, 3, 130
+
+
+class UsageError(Exception):
+    """A problem with the command line or a config: exit 2 with this message."""
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive, finite number of seconds")
+    return value
+
+
+def add_secret_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--secret-file",
+        metavar="PATH",
+        help="file holding the shared secret (default: $STATELINK_SECRET)",
+    )
+
+
+def add_client_tls_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls", action="store_true", help="connect with TLS (system CAs)")
+    parser.add_argument(
+        "--tls-ca", metavar="FILE", help="CA bundle to verify the server (implies --tls)"
+    )
+
+
+def read_secret(args: argparse.Namespace) -> bytes | None:
+    """The shared secret of ``--secret-file`` or ``$STATELINK_SECRET`` (None: none given)."""
+    try:
+        return auth.load_secret(getattr(args, "secret_file", None))
+    except ValueError as exc:
+        raise UsageError(str(exc))
+
+
+def client_ssl(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The client TLS context of ``--tls`` / ``--tls-ca`` (None: plain TCP)."""
+    if not (getattr(args, "tls", False) or getattr(args, "tls_ca", None)):
+        return None
+    try:
+        return ssl.create_default_context(cafile=args.tls_ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot load the CA bundle {args.tls_ca}: {exc}")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def address_option(option: str, text: str) -> Address:
+    """``HOST:PORT`` of an option, or a UsageError saying what is wrong."""
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise UsageError(f"{option} {text!r}: {exc}")
+
+
+def server_options(items: Sequence[str]) -> list[tuple[str | None, Address]]:
+    """The ``--server [NAME=]HOST:PORT`` values of ``run`` and ``check``, in order (name None:
+    a bare address). UsageError for a malformed one."""
+    servers = []
+    for item in items:
+        try:
+            name, text = split_named(item)
+        except ValueError as exc:
+            raise UsageError(f"--server {item!r}: {exc}")
+        servers.append((name, address_option("--server", text)))
+    return servers
+
+
+def load_devices(paths: Sequence[str]) -> list[DeviceSpec]:
+    """Load and validate every device config; all problems at once as ConfigErrors."""
+    from statemachines.device import load_device
+    from statemachines.source import load_yaml
+
+    specs, errors = [], []
+    for path in paths:
+        try:
+            data = load_yaml(path)
+            if (
+                isinstance(data, dict)
+                and "device" not in data
+                and isinstance(data.get("states"), dict)
+            ):
+                raise UsageError(
+                    f"{path} is a workflow, not a device config: run it with "
+                    f"`statelink run {path}`, and serve a device with --device DEVICE.yaml"
+                )
+            specs.append(load_device(path))
+        except ConfigErrors as exc:
+            errors.extend(exc.errors)
+    if errors:
+        raise ConfigErrors(errors)
+    names = [spec.name for spec in specs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise UsageError(f"two device configs name the same device: {', '.join(duplicates)}")
+    return specs

@@ -1,0 +1,217 @@
+"""``statelink run`` and ``statelink demo``: one workflow run to its end, with live progress;
+the exit code says its outcome."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import signal
+import ssl as ssl_module
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from statemachines.addresses import Address
+
+from .common import (
+    EXIT_ABORTED,
+    EXIT_FAILED,
+    EXIT_OK,
+    UsageError,
+    add_client_tls_args,
+    add_secret_args,
+    client_ssl,
+    read_secret,
+    server_options,
+)
+from .progress import ProgressView
+
+if TYPE_CHECKING:
+    from statemachines.workflow import WorkflowSpec
+
+    from .common import Subparsers
+
+EXIT_BY_OUTCOME = {"success": EXIT_OK, "failure": EXIT_FAILED, "aborted": EXIT_ABORTED}
+
+
+def register(sub: Subparsers) -> None:
+    run = sub.add_parser("run", help="run a workflow with live progress")
+    run.set_defaults(handler=cmd_run)
+    run.add_argument("workflow", metavar="WORKFLOW.yaml")
+    run.add_argument(
+        "--server",
+        action="append",
+        default=[],
+        metavar="[NAME=]HOST:PORT",
+        help="override a server address of the workflow (repeatable); without NAME= it "
+        "stands for every server of the workflow",
+    )
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set one of the workflow's inputs (VALUE is read as YAML: 25, 0.5, fast, [1, 2])",
+    )
+    run.add_argument("--journal", metavar="FILE", help="write the run's journal (JSON lines)")
+    run.add_argument("--plain", action="store_true", help="plain log lines, no live display")
+    add_secret_args(run)
+    add_client_tls_args(run)
+
+
+def register_demo(sub: Subparsers) -> None:
+    demo = sub.add_parser("demo", help="run the demo workflow on a simulated device, in-process")
+    demo.set_defaults(handler=cmd_demo)
+    demo.add_argument("--journal", metavar="FILE", help="write the run's journal (JSON lines)")
+    demo.add_argument("--plain", action="store_true", help="plain log lines, no live display")
+
+
+def shipped_config_dir() -> Path:
+    """The ``config/`` folder that ships with statelink: the checkout's, else the installed copy."""
+    candidates = [Path(__file__).resolve().parents[2] / "config"]
+    spec = importlib.util.find_spec("statelink_config")
+    if spec is not None and spec.submodule_search_locations:
+        candidates += [Path(p) for p in spec.submodule_search_locations]
+    for candidate in candidates:
+        if (candidate / "workflows" / "demo.yaml").is_file():
+            return candidate
+    raise UsageError("cannot find the shipped config/ folder; reinstall statelink (pip install .)")
+
+
+def server_overrides(spec: WorkflowSpec, items: Sequence[str]) -> dict[str, Address]:
+    """``--server`` values: ``NAME=HOST:PORT`` for one server, a bare address for all."""
+    overrides: dict[str, Address] = {}
+    for name, address in server_options(items):
+        for server in [name] if name is not None else list(spec.servers):
+            overrides[server] = address
+    return overrides
+
+
+def input_values(items: Sequence[str]) -> dict[str, Any]:
+    """``--set NAME=VALUE`` values, each VALUE read as YAML."""
+    import yaml
+
+    values = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--set takes NAME=VALUE, got {item!r}")
+        try:
+            values[name] = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError as exc:
+            raise UsageError(f"--set {name}: {text!r} is not a value: {exc}")
+    return values
+
+
+def execute(
+    spec: WorkflowSpec,
+    servers: Mapping[str, str | Address],
+    *,
+    journal: str | None,
+    plain: bool,
+    secret: bytes | None = None,
+    ssl: ssl_module.SSLContext | None = None,
+    inputs: Mapping[str, Any] | None = None,
+) -> int:
+    """Run one workflow to its end with a progress view; the exit code of its outcome."""
+    from ..errors import RpcError
+    from ..runner import WorkflowRunner, resolve_servers
+
+    try:  # usage errors before the progress view starts
+        resolve_servers(spec, servers)
+        spec.run_context(inputs)
+    except ValueError as exc:
+        raise UsageError(str(exc))
+    with (
+        WorkflowRunner(secret=secret, ssl=ssl, client_name="statelink-run") as runner,
+        ProgressView(spec.name, plain) as view,
+    ):
+        try:
+            handle = runner.start(
+                spec, servers=servers, journal=journal, observer=view.on_entry, context=inputs
+            )
+        except ValueError as exc:
+            raise UsageError(str(exc))
+        for address in set(handle.servers.values()):
+            try:
+                runner.sender(address).subscribe("rpc.progress", view.on_progress)
+            except (OSError, RpcError):
+                pass  # the run itself meets the error (connection_lost, unauthorized) and routes it
+        aborts = 0
+
+        def on_sigint(_signum: int, _frame: FrameType | None) -> None:
+            nonlocal aborts
+            aborts += 1
+            if aborts == 1:
+                print(
+                    "\naborting: running the workflow's on_abort state "
+                    f"{spec.on_abort!r} (Ctrl-C again to stop at once)"
+                    if spec.on_abort
+                    else "\naborting (the workflow has no on_abort state)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            handle.abort()
+
+        previous = (
+            signal.signal(signal.SIGINT, on_sigint)
+            if threading.current_thread() is threading.main_thread()
+            else None
+        )
+        try:
+            while handle.wait(0.2) is None:
+                pass
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+    outcome = handle.outcome or "failure"
+    reason = handle.run.reason
+    print(
+        f"workflow {spec.name}: {outcome}"
+        + (f" ({reason})" if reason and reason != outcome else "")
+        + f" in {view.elapsed():.1f} s, final state {handle.state}",
+        flush=True,
+    )
+    return EXIT_BY_OUTCOME.get(outcome, EXIT_FAILED)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from statemachines.workflow import load_workflow
+
+    spec = load_workflow(args.workflow)
+    return execute(
+        spec,
+        server_overrides(spec, args.server),
+        journal=args.journal,
+        plain=args.plain,
+        secret=read_secret(args),
+        ssl=client_ssl(args),
+        inputs=input_values(args.set),
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Start the simulated demo device in-process on a free port and run the demo workflow."""
+    from statemachines.device import load_device
+    from statemachines.workflow import load_workflow
+
+    from ..devices import add_device
+    from ..server import CommandServer
+
+    config = shipped_config_dir()
+    device = load_device(config / "devices" / "demo.yaml")
+    spec = load_workflow(config / "workflows" / "demo.yaml")
+    logging.getLogger("statelink.server").setLevel(logging.WARNING)  # the view tells the story
+    server = CommandServer("127.0.0.1", 0, name="statelink-demo")
+    add_device(server, device, simulate=True)
+    with server:
+        host, port = server.address
+        print(
+            f"demo device '{device.name}' (simulated GPIO) listening on {host}:{port}", flush=True
+        )
+        servers = {name: (host, port) for name in spec.servers}
+        return execute(spec, servers, journal=args.journal, plain=args.plain)

@@ -1,0 +1,208 @@
+"""``statelink serve``: the command server in the foreground, serving device configs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import ssl
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from statemachines.addresses import DEFAULT_PORT
+from statemachines.source import ConfigError, ConfigErrors
+
+from ..protocol import DEFAULT_MAX_BATCH, DEFAULT_MAX_DEPTH, DEFAULT_MAX_FRAME
+from .common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    UsageError,
+    add_secret_args,
+    is_loopback,
+    load_devices,
+    read_secret,
+    seconds,
+)
+
+if TYPE_CHECKING:
+    from statemachines.device import DeviceSpec
+
+    from .common import Subparsers
+
+
+def register(sub: Subparsers) -> None:
+    serve = sub.add_parser("serve", help="run the command server in the foreground")
+    serve.set_defaults(handler=cmd_serve)
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; others need a secret)",
+    )
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
+    serve.add_argument("--workers", type=int, default=8, help="worker threads (default 8)")
+    serve.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="device config to serve (repeat for several devices)",
+    )
+    serve.add_argument(
+        "--simulate",
+        action="store_true",
+        help="drive GPIO through gpiozero's mock pins (no hardware needed)",
+    )
+    serve.add_argument(
+        "--timeout",
+        type=seconds,
+        default=30.0,
+        help="default command timeout in seconds (default 30)",
+    )
+    add_secret_args(serve)
+    serve.add_argument("--tls-cert", metavar="FILE", help="TLS certificate (PEM)")
+    serve.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM)")
+    serve.add_argument(
+        "--insecure", action="store_true", help="allow a non-loopback address without a secret"
+    )
+    serve.add_argument("--max-connections", type=int, default=1024)
+    serve.add_argument(
+        "--max-inflight", type=int, default=256, help="requests in flight per connection"
+    )
+    serve.add_argument("--max-queue", type=int, default=1024, help="jobs waiting for a worker")
+    serve.add_argument("--max-frame", type=int, default=DEFAULT_MAX_FRAME, help="bytes per line")
+    serve.add_argument("--idle-timeout", type=seconds, default=300.0)
+    serve.add_argument(
+        "--frame-timeout",
+        type=seconds,
+        default=30.0,
+        help="seconds to finish a line once it started (default 30)",
+    )
+    serve.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="calls per batch")
+    serve.add_argument(
+        "--max-depth", type=int, default=DEFAULT_MAX_DEPTH, help="JSON nesting levels per message"
+    )
+    serve.add_argument(
+        "--handshake-timeout",
+        type=seconds,
+        default=10.0,
+        help="seconds to finish TLS and authentication (default 10)",
+    )
+    serve.add_argument(
+        "--max-outgoing",
+        type=int,
+        default=4 << 20,
+        help="bytes queued to a client that does not read, then it is closed",
+    )
+
+
+def server_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The server TLS context of ``--tls-cert``/``--tls-key`` (None: plain TCP)."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    if not args.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot load the TLS certificate/key: {exc}")
+    return context
+
+
+def check_handlers(specs: Sequence[DeviceSpec]) -> None:
+    """Import every device's handlers now, before a port opens: all problems at once as
+    ConfigErrors (``file:line: message``), as for any other config error."""
+    from ..handlers import resolve_handlers
+
+    errors: list[ConfigError] = []
+    for spec in specs:
+        try:
+            resolve_handlers(spec)
+        except ConfigErrors as exc:
+            errors.extend(exc.errors)
+    if errors:
+        raise ConfigErrors(errors)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ..devices import add_device
+    from ..server import CommandServer, Limits
+
+    secret = read_secret(args)
+    if not is_loopback(args.host) and secret is None and not args.insecure:
+        raise UsageError(
+            f"refusing to listen on {args.host} without a secret: anyone on the network could "
+            "drive your devices. Set STATELINK_SECRET or --secret-file, or pass --insecure if "
+            "the network is trusted."
+        )
+    context = server_tls(args)
+    if args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    specs = load_devices(args.device)  # before binding: a bad config never opens a port
+    check_handlers(specs)
+    limits = Limits(
+        max_connections=args.max_connections,
+        max_inflight=args.max_inflight,
+        max_queue=args.max_queue,
+        max_frame=args.max_frame,
+        idle_timeout=args.idle_timeout,
+        frame_timeout=args.frame_timeout,
+        max_batch=args.max_batch,
+        max_depth=args.max_depth,
+        handshake_timeout=args.handshake_timeout,
+        max_outgoing=args.max_outgoing,
+    )
+    server = CommandServer(
+        args.host,
+        args.port,
+        workers=args.workers,
+        timeout=args.timeout,
+        limits=limits,
+        secret=secret,
+        ssl=context,
+    )
+    try:
+        for spec in specs:
+            add_device(server, spec, simulate=args.simulate)
+    except ConfigErrors:
+        raise  # a config problem (exit 2), not the machine's
+    except Exception as exc:  # e.g. GPIO unavailable on this machine
+        print(
+            f"statelink serve: cannot set up the devices: {exc}"
+            + ("" if args.simulate else " (use --simulate to run without hardware)"),
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    log = logging.getLogger("statelink")
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("%s received, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    # Installed before the port opens, so a signal at any time stops the server cleanly.
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        server.start()
+    except OSError as exc:
+        print(f"statelink serve: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILED
+    host, port = server.address
+    devices = ", ".join(f"{s.name} ({s.path})" for s in specs) or "none"
+    if not specs:
+        log.warning("no --device given: serving only the rpc.* methods")
+    log.info(
+        "serving on %s:%s; devices: %s%s",
+        host,
+        port,
+        devices,
+        " [simulated GPIO]" if args.simulate else "",
+    )
+    while not stop.wait(1.0):
+        pass
+    server.stop()
+    return EXIT_OK

@@ -1,0 +1,282 @@
+"""The session rules, sans-IO: one peer's decoded messages in, encoded replies out.
+
+A :class:`Session` owns what a peer has in flight and applies the rules every transport
+shares: the auth gate (only ``rpc.hello`` before login), one request per id in flight, the
+in-flight bound (busy beyond it), batches (one array reply once every item is answered), and
+exactly one reply per request. It never touches a socket: the transport hands it decoded
+events (:meth:`Session.feed`) and gives it ``send(bytes)`` for the replies and ``hangup(reason)``
+to close the peer. Loop thread only (the core's loop). tests/test_session.py drives it with
+no socket at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from statemachines import errorkinds as ek
+
+from ..errors import (
+    BusyError,
+    InternalError,
+    InvalidRequestError,
+    MethodNotFoundError,
+    RpcError,
+    UnauthorizedError,
+)
+from ..protocol import (
+    Batch,
+    ErrorResponse,
+    Event,
+    Invalid,
+    Message,
+    Notification,
+    Request,
+    encode,
+)
+from .calls import Call
+from .core import Core
+
+log = logging.getLogger("statelink.server")
+
+
+class ReplyLink(Protocol):
+    """Another way to the peer for replies (the TCP callback link: :mod:`.callback`)."""
+
+    host: str
+    port: int
+    usable: bool  #: False once it failed or was closed: replies go the session's way again
+
+    def write(self, data: bytes) -> None: ...
+
+    def close(self, abort: bool = False) -> None: ...
+
+
+class BatchReply:
+    """Collects the replies of one batch and sends them as one array when all are answered."""
+
+    __slots__ = ("remaining", "replies", "session")
+
+    def __init__(self, session: Session, size: int):
+        self.session = session
+        self.remaining = size
+        self.replies: list[Message] = []
+
+    def add(self, reply: Message | None) -> None:
+        if reply is not None:
+            self.replies.append(reply)
+        self.remaining -= 1
+        if self.remaining == 0 and self.replies:
+            encode_reply = self.session.encode_reply
+            parts = [encode_reply(reply)[:-1] for reply in self.replies]
+            self.session.send(b"[" + b",".join(parts) + b"]\n")
+
+
+class Session:
+    """One peer of a :class:`Core`: its calls in flight, subscriptions and login state.
+
+    ``send(data)`` queues encoded bytes (one reply, one batch array, or one notification, each
+    ``\\n`` terminated) to the peer; ``hangup(reason)`` asks the transport to close it (after
+    what is queued); ``connect_back(port)`` opens a :class:`ReplyLink` to the peer when the
+    transport can (``rpc.hello``'s ``callback_port``). The transport calls :meth:`close` once
+    the peer is gone.
+    """
+
+    def __init__(
+        self,
+        core: Core,
+        send: Callable[[bytes], None],
+        peer: str,
+        *,
+        hangup: Callable[[str], None] | None = None,
+        connect_back: Callable[[int], ReplyLink] | None = None,
+    ):
+        self.core = core
+        self.send = send
+        self.peer = peer
+        self.hangup = hangup or _no_hangup
+        self.connect_back = connect_back
+        # the core's, held here too: the per-request path reaches them in one hop
+        self.stats = core.stats
+        self.deadlines = core.deadlines
+        self.limits = core.limits
+        self.calls: dict[Any, Call] = {}
+        self.inflight = 0
+        self.subscriptions: set[str] = set()
+        self.authenticated = core.secret is None
+        self.auth_failures = 0
+        self.challenge: str | None = None
+        self.client_nonce = ""
+        self.client_name = ""
+        self.callback: ReplyLink | None = None
+        self.callback_port: int | None = None  #: asked for in rpc.hello; linked once logged in
+        self.closed = False  #: nothing more is sent: the transport closes, or the peer is gone
+        self.draining = False  #: the peer sends no more: hang up after the last reply
+        core.sessions.add(self)
+
+    # -- input --------------------------------------------------------------------------------
+    def feed(self, event: Event, batch: BatchReply | None = None) -> None:
+        """Handle one decoded event (a request, notification, batch, invalid message, or a
+        response, which a server does not take)."""
+        if isinstance(event, (Request, Notification)):
+            self.start_call(event, batch)
+        elif isinstance(event, Batch):
+            reply = BatchReply(self, len(event.items))
+            for item in event.items:
+                self.feed(item, reply)
+        elif isinstance(event, Invalid):
+            self.stats.count_error(event.code)
+            if batch is not None:
+                batch.add(event.response())
+            else:
+                self.send(self.encode_reply(event.response()))
+            if event.fatal:
+                self.hangup("frame_limit")
+        else:  # a response sent to the server: not a request
+            invalid = Invalid(
+                ek.INVALID_REQUEST,
+                "Invalid Request",
+                event.id,
+                data={"reason": "the server does not take responses"},
+            )
+            self.feed(invalid, batch)
+
+    def start_call(self, msg: Request | Notification, batch: BatchReply | None) -> None:
+        core = self.core
+        self.stats.requests_total += 1
+        call = Call(self, msg, batch)
+        self.inflight += 1
+        core.inflight += 1
+        if not call.is_notification and self.calls.setdefault(call.id, call) is not call:
+            # Another request with this id is in flight here (one dict lookup either way).
+            if call.id is not None:
+                call.reject(
+                    InvalidRequestError(
+                        "Invalid Request: a request with this id is already in flight on this "
+                        "connection",
+                        {"reason": "the id is already in flight on this connection"},
+                    )
+                )
+                return
+            # null ids may repeat (they cannot be told apart anyway): keyed by the call itself
+            self.calls[call] = call
+        method = msg.method
+        if not self.authenticated and method != "rpc.hello":
+            self.auth_failed(call, "authenticate with rpc.hello before calling other methods")
+            return
+        if core.stopping:
+            call.reject(BusyError("server is shutting down", {"retry": True}))
+            return
+        if self.inflight > self.limits.max_inflight:
+            call.reject(
+                BusyError(
+                    f"too many requests in flight on this connection (limit "
+                    f"{self.limits.max_inflight}); wait for replies",
+                    {"max_inflight": self.limits.max_inflight, "retry": True},
+                )
+            )
+            return
+        entry = core.methods.get(method)
+        if entry is None:
+            call.reject(MethodNotFoundError("Method not found"))
+            return
+        try:
+            entry.start(call)
+        except RpcError as exc:
+            call.reject(exc)
+        except Exception as exc:
+            log.exception("dispatch of %s failed", method)
+            call.reject(InternalError(f"Internal error: {type(exc).__name__}"))
+
+    def auth_failed(self, call: Call, message: str) -> None:
+        """Refuse ``call`` unauthorized; hang up after ``max_auth_failures``."""
+        self.auth_failures += 1
+        call.reject(UnauthorizedError(message, {"auth": "hmac-sha256"}))
+        if self.auth_failures >= self.limits.max_auth_failures:
+            self.hangup("auth_failures")
+
+    def forget(self, call: Call) -> None:
+        """Bookkeeping when a call is answered."""
+        self.inflight -= 1
+        core = self.core
+        core.inflight -= 1
+        if not call.is_notification:
+            calls = self.calls
+            if calls.get(call.id) is call:
+                del calls[call.id]
+            elif call.id is None:  # a null id that was in flight twice (see start_call)
+                calls.pop(call, None)
+        if core.inflight == 0 and core.drained is not None:
+            core.drained.set()
+        if self.draining and not self.calls:
+            # The peer half-closed and this was its last reply: hang up once it is written
+            # (scheduled, so the reply queued right after this is sent first).
+            core.loop.call_soon(self.hangup, "eof")
+
+    # -- output -------------------------------------------------------------------------------
+    def reply(self, call: Call, message: Message) -> None:
+        self.stats.replies_total += 0 if call.is_notification else 1
+        if call.batch is not None:
+            call.batch.add(None if call.is_notification else message)
+            return
+        if call.is_notification:
+            return
+        data = self.encode_reply(message)
+        # rpc.hello is answered on the request connection: the client reads that reply there
+        # (its handshake runs before any callback delivery can be relied on).
+        link = self.callback
+        if link is not None and link.usable and call.method != "rpc.hello":
+            link.write(data)
+        else:
+            self.send(data)
+
+    def encode_reply(self, message: Message) -> bytes:
+        """Encode one reply; a result that is not JSON becomes an internal error for its id."""
+        try:
+            return encode(message)
+        except (TypeError, ValueError) as exc:
+            self.stats.count_error(ek.INTERNAL_ERROR)
+            msg_id = getattr(message, "id", None)
+            if isinstance(msg_id, float) and not math.isfinite(msg_id):
+                msg_id = None  # e.g. "id": 1e400 decodes to inf, which has no JSON form
+            return encode(
+                ErrorResponse(
+                    msg_id,
+                    ek.INTERNAL_ERROR,
+                    "Internal error: the result is not JSON",
+                    {"reason": str(exc)},
+                )
+            )
+
+    def notify(self, method: str, params: Any) -> None:
+        """Send a server-to-client notification."""
+        if self.closed:
+            return
+        self.stats.notifications_total += 1
+        self.send(encode(Notification(method, params)))
+
+    def notify_soon(self, method: str, params: Any) -> None:
+        """:meth:`notify` from any thread (through the loop)."""
+        self.core.call_soon(self.notify, method, params)
+
+    # -- end ----------------------------------------------------------------------------------
+    def half_close(self) -> bool:
+        """The peer sends no more: hang up after the last reply. True if calls remain."""
+        self.draining = True
+        return bool(self.calls)
+
+    def close(self) -> None:
+        """The peer is gone: nobody can receive a reply. The calls in flight are told to stop
+        (their work may finish; its outcome is dropped). Idempotent."""
+        self.closed = True
+        self.core.sessions.discard(self)
+        for call in list(self.calls.values()):
+            call.mark_cancelled()
+        if self.callback is not None:
+            self.callback.close()
+
+
+def _no_hangup(reason: str) -> None:
+    pass

@@ -1,0 +1,241 @@
+"""The runner's :class:`~controller.senders.Sender` for one ``host:port``: a shared
+:class:`~controller.client.Client`, connected off the dispatcher, behind an in-flight gate.
+
+- **Connect**: the first command finds the client connected (the runner connects when a run
+  starts) or starts one short-lived thread that connects and posts the outcome back; commands
+  sent meanwhile wait for it. An unreachable server never stalls the dispatcher.
+- **Gate**: the server bounds requests in flight per connection (``max_inflight`` in
+  ``rpc.hello``); commands beyond it wait here, in order, and go out as replies come back. A
+  few slots stay free for the runner's own calls (``rpc.subscribe``, ``rpc.cancel``).
+- **Outcomes**: a reply, an error or a client-side timeout is posted to the dispatcher once;
+  after a client-side timeout (:class:`~controller.errors.ClientTimeoutError`) the command may
+  still run on the server, so it is cancelled there first.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import ssl as ssl_module
+import threading
+from collections import deque
+from collections.abc import Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from statemachines import errorkinds as ek
+from statemachines.addresses import Address, format_address
+from statemachines.workflow import WorkflowRun
+
+from .client import Client
+from .errors import ClientTimeoutError, ConnectionLostError, RpcError
+from .scheduler import Scheduler
+from .senders import Command, NotificationHandler, Post
+
+log = logging.getLogger("statelink.runner")
+
+DEFAULT_MAX_INFLIGHT = 256  #: the gate's bound when the server announces none
+
+
+@dataclass(slots=True, eq=False)
+class _Gate:
+    """Keeps one connection's requests under the server's per-connection bound. Each run has
+    at most one command in flight or waiting, so ``waiting`` is bounded by the runs."""
+
+    limit: int
+    inflight: int = 0
+    waiting: deque[Command] = field(default_factory=deque)
+
+    @classmethod
+    def for_server(cls, info: Mapping[str, Any]) -> _Gate:
+        bound = info.get("max_inflight")
+        bound = bound if isinstance(bound, int) else DEFAULT_MAX_INFLIGHT
+        # a few slots stay free for the runner's own calls (rpc.subscribe, rpc.cancel)
+        return cls(max(1, bound - max(1, min(8, bound // 4))))
+
+
+class TcpSender:
+    """One server address over a :class:`Client`. ``send``/``cancel`` on the dispatcher only."""
+
+    def __init__(
+        self,
+        address: Address,
+        post: Post,
+        *,
+        name: str,
+        secret: bytes | str | None,
+        ssl: ssl_module.SSLContext | None,
+        scheduler: Scheduler,
+    ) -> None:
+        self._address = address
+        self._post = post
+        self._name = name
+        self._secret = secret
+        self._ssl = ssl
+        self._scheduler = scheduler
+        self._client: Client | None = None
+        self._closed = False
+        self._state_lock = threading.Lock()  #: guards _client and _closed
+        self._connect_lock = threading.Lock()  #: one connect at a time (close() never waits)
+        # dispatcher thread only:
+        self._gate: _Gate | None = None
+        self._awaiting_connect: list[Command] | None = None
+        self._inflight: dict[tuple[WorkflowRun, int], Future[Any]] = {}
+
+    @property
+    def address(self) -> Address:
+        return self._address
+
+    # -- blocking side (any thread but the dispatcher) --------------------------------------
+    def client(self) -> Client:
+        """The connected client, connecting first if needed.
+
+        Raises ``OSError``/:class:`RpcError` when the server cannot be reached, and
+        :class:`ConnectionLostError` once the sender is closed.
+        """
+        client = self._client
+        if client is not None:
+            return client
+        with self._connect_lock:
+            with self._state_lock:
+                if self._client is not None:
+                    return self._client
+                if self._closed:
+                    raise ConnectionLostError("the workflow runner is closed")
+            client = Client(
+                self._address,
+                name=self._name,
+                secret=self._secret,
+                ssl=self._ssl,
+                scheduler=self._scheduler,
+            )
+            with self._state_lock:
+                closed = self._closed
+                if not closed:
+                    self._client = client
+            if closed:  # close() ran while connecting: nobody would close this one
+                client.close()
+                raise ConnectionLostError("the workflow runner is closed")
+            return client
+
+    def connect(self) -> None:
+        self.client()
+
+    def subscribe(self, method: str, handler: NotificationHandler) -> None:
+        self.client().subscribe(method, handler)
+
+    def close(self) -> None:
+        with self._state_lock:
+            self._closed = True
+            client = self._client
+        if client is not None:
+            client.close()
+
+    # -- dispatcher side --------------------------------------------------------------------
+    def send(self, command: Command) -> None:
+        client = self._client
+        if client is not None:
+            self._admit(client, command)
+            return
+        waiting = self._awaiting_connect
+        if waiting is not None:
+            waiting.append(command)
+            return
+        self._awaiting_connect = [command]
+        threading.Thread(
+            target=self._connect_for_dispatcher, name="statelink-runner-connect", daemon=True
+        ).start()
+
+    def cancel(self, run: WorkflowRun, token: int) -> None:
+        future = self._inflight.get((run, token))
+        client = self._client
+        if future is not None and client is not None and not future.done():
+            client.cancel(future)
+
+    def _connect_for_dispatcher(self) -> None:
+        try:
+            client = self.client()
+        except BaseException as exc:  # every waiting command gets an outcome
+            self._post(self._connected, None, exc)
+        else:
+            self._post(self._connected, client, None)
+
+    def _connected(self, client: Client | None, error: BaseException | None) -> None:
+        waiting, self._awaiting_connect = self._awaiting_connect or [], None
+        for command in waiting:
+            if client is not None:
+                self._admit(client, command)
+            else:
+                self._unreachable(command, error)
+
+    def _unreachable(self, command: Command, error: BaseException | None) -> None:
+        run, token = command.run, command.token
+        if isinstance(error, RpcError):  # e.g. unauthorized
+            run.on_error(token, error.kind, error.code, error.message, error.data)
+            return
+        run.on_error(
+            token,
+            ek.kind_of(ek.CONNECTION_LOST),
+            ek.CONNECTION_LOST,
+            f"cannot reach {command.server} at {format_address(self._address)}: {error}",
+            {"server": command.server},
+        )
+
+    def _admit(self, client: Client, command: Command) -> None:
+        if not command.run.expects(command.token):
+            return  # the run moved on (aborted, timed out) while connecting
+        gate = self._gate
+        if gate is None:
+            gate = self._gate = _Gate.for_server(client.server_info)
+        if gate.inflight >= gate.limit:
+            gate.waiting.append(command)  # at the server's bound: wait for a reply
+            return
+        self._send_now(client, gate, command)
+
+    def _send_now(self, client: Client, gate: _Gate, command: Command) -> None:
+        gate.inflight += 1
+        future = client.send_command(command.method, command.params, timeout=command.timeout)
+        self._inflight[command.run, command.token] = future
+        # runs on the reader (or timer) thread: only post
+        future.add_done_callback(functools.partial(self._post, self._settled, client, command))
+
+    def _settled(self, client: Client, command: Command, future: Future[Any]) -> None:
+        self._inflight.pop((command.run, command.token), None)
+        self._release(client)
+        run, token = command.run, command.token
+        error = future.exception()
+        if error is None:
+            run.on_reply(token, future.result())
+            return
+        if isinstance(error, ClientTimeoutError):
+            # Our timeout, not the server's: the command may still be running there. Cancel
+            # it first, so that a retry or the next state does not queue behind it.
+            try:
+                client.cancel(future)
+            except Exception:
+                log.exception("cancelling %s after its timeout failed", command.method)
+        if isinstance(error, RpcError):
+            run.on_error(token, error.kind, error.code, error.message, error.data)
+        else:
+            run.on_error(
+                token,
+                ek.kind_of(ek.INTERNAL_ERROR),
+                ek.INTERNAL_ERROR,
+                f"{type(error).__name__}: {error}",
+                None,
+            )
+
+    def _release(self, client: Client) -> None:
+        """A request was answered: send the commands waiting for its slot."""
+        gate = self._gate
+        assert gate is not None  # created by the send being answered
+        gate.inflight -= 1
+        waiting = gate.waiting
+        while waiting and gate.inflight < gate.limit:
+            command = waiting.popleft()
+            if command.run.expects(command.token):  # else the run moved on while waiting
+                self._send_now(client, gate, command)
+
+
+__all__ = ["TcpSender"]

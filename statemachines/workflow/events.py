@@ -1,0 +1,143 @@
+"""What flows between a run and its runner besides the :class:`~.run.Effects` calls: the events
+the runner reports (one dataclass each), the errors (:class:`ErrorInfo`), the journal lines
+(:class:`JournalEntry`) a run writes, and the action tokens. See "The workflow run contract"
+in ``docs/design.md``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Any, TypedDict
+
+__all__ = [
+    "ErrorInfo",
+    "ErrorJson",
+    "Failure",
+    "JournalEntry",
+    "Json",
+    "Notified",
+    "Reply",
+    "Tick",
+    "next_token",
+    "now",
+]
+
+#: A JSON value as it comes from or goes to a server (result, params, error data).
+Json = Any
+
+
+class ErrorJson(TypedDict):
+    """An error in a journal entry."""
+
+    kind: str
+    code: int | None
+    message: str
+    data: Json
+
+
+class _EntryHead(TypedDict):
+    time: str
+    state: str
+    event: str
+
+
+class JournalEntry(_EntryHead, total=False):
+    """One journal line of a run: ``time``, ``state`` and ``event`` always, the rest by event.
+
+    Events: ``start`` (workflow, run, inputs), ``reply`` (server, command, params, attempt,
+    result), ``error`` (server, command, params, attempt, error; ``retry_in`` when retried,
+    ``unhandled`` when nothing routes it), ``retry`` (attempt), ``waited``, ``await_timeout``
+    (server, method, error), ``notification`` (server, method, params), ``choice`` (choice),
+    ``abort``, ``workflow_timeout`` (timeout), ``expression_error`` (expression, message),
+    ``internal_error`` (message), ``finished`` (final, reason). ``next`` names the state the
+    event leads to, when it leads to one.
+    """
+
+    next: str
+    workflow: str
+    run: str
+    inputs: dict[str, Json]
+    server: str | None
+    command: str | None
+    method: str | None
+    params: Json
+    attempt: int
+    result: Json
+    error: ErrorJson
+    retry_in: float
+    unhandled: bool
+    choice: str
+    timeout: float | None
+    expression: str
+    message: str
+    final: str
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """One error outcome: ``kind`` (see ``errorkinds``), JSON-RPC ``code``, message, data."""
+
+    kind: str
+    code: int | None
+    message: str
+    data: Json = None
+
+    def as_dict(self) -> ErrorJson:
+        return {"kind": self.kind, "code": self.code, "message": self.message, "data": self.data}
+
+
+# --- events: what the runner reports back (one object per event) --------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The command ``token`` succeeded with ``result``."""
+
+    token: int
+    result: Json
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """The command ``token`` failed."""
+
+    token: int
+    error: ErrorInfo
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """The timer ``token`` expired (or a choice state decides, with its own token)."""
+
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Notified:
+    """A notification an await state (action ``token``) waits for arrived."""
+
+    token: int
+    server: str
+    method: str
+    params: Json
+
+
+#: Tokens are unique in the process, so a runner may key timers and calls by token alone.
+next_token = itertools.count(1).__next__
+
+_clock: tuple[int, str] = (-1, "")
+
+
+def now() -> str:
+    """ISO-8601 UTC with milliseconds, e.g. ``2025-01-31T12:00:00.123Z``."""
+    global _clock
+    t = time.time()
+    sec = int(t)
+    cached_sec, text = _clock
+    if cached_sec != sec:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        _clock = (sec, text)
+    return f"{text}.{int((t - sec) * 1000):03d}Z"

@@ -1,0 +1,562 @@
+"""One run of a workflow (:class:`WorkflowRun`, the ``transitions`` model), and the
+:class:`Effects` it asks for its I/O.
+
+Runners drive a run through its event methods (``start``, ``on_reply``, ``on_error``,
+``on_timer``, ``on_notification``, ``abort``) from one thread. The compiled machine
+(:mod:`.machine`) moves it through the engine methods below them (``prepare``,
+``record_pending``, ``enter``, ...); nothing outside the run writes its private fields.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..durations import format_duration
+from ..errorkinds import TIMEOUT, kind_of
+from ..expressions import ExpressionError
+from .events import (
+    ErrorInfo,
+    Failure,
+    JournalEntry,
+    Json,
+    Notified,
+    Reply,
+    Tick,
+    next_token,
+    now,
+)
+from .model import StateSpec, WorkflowSpec
+
+__all__ = [
+    "HISTORY_LIMIT",
+    "NEW_STATE",
+    "Effects",
+    "Ending",
+    "Preparer",
+    "RunHost",
+    "WorkflowRun",
+    "preparers_for",
+]
+
+_LOG = logging.getLogger("statemachines.workflow")
+
+#: The state of a run before :meth:`WorkflowRun.start` (never a valid workflow state name).
+NEW_STATE = "_new"
+#: :attr:`WorkflowRun.history` keeps the newest entries: at most twice this, trimmed to this.
+HISTORY_LIMIT = 1000
+
+T_BEGIN = "ev_begin"
+T_OK = "ev_ok"
+T_FAIL = "ev_fail"
+T_TIMER = "ev_timer"
+T_NOTIFIED = "ev_notified"
+T_DECIDE = "ev_decide"
+T_ABORT = "ev_abort"
+T_EXPIRE = "ev_expire"
+#: The triggers whose event carries an action token (and may be stale).
+TOKEN_TRIGGERS = (T_OK, T_FAIL, T_TIMER, T_NOTIFIED, T_DECIDE)
+
+
+class Effects(Protocol):
+    """The I/O a run asks for; implemented by the runner.
+
+    ``send_command`` and ``start_timer`` may call back into the run synchronously (the event
+    is queued behind the current one). If one of them raises, that run fails with an
+    ``internal_error`` journal entry. ``abandon(run, token)`` says that the run leaves its
+    current action ``token`` without waiting for it (an abort, the workflow timeout): a command
+    still in flight with that token is best cancelled, so that the device is free for the
+    ``on_abort`` path; it is called before that path sends anything. ``abandon``, ``record``
+    and ``finished`` must not raise: their exceptions propagate to the caller of the event
+    method. ``finished`` is called once, after the last ``record``.
+    """
+
+    def send_command(
+        self, run: WorkflowRun, token: int, server: str, method: str, params: Json, timeout: float
+    ) -> None: ...
+
+    def start_timer(self, run: WorkflowRun, token: int, delay: float) -> None: ...
+
+    def abandon(self, run: WorkflowRun, token: int) -> None: ...
+
+    def record(self, run: WorkflowRun, entry: JournalEntry) -> None: ...
+
+    def finished(self, run: WorkflowRun) -> None: ...
+
+
+class RunHost(Protocol):
+    """What a run needs of its compiled workflow (:class:`~.machine.CompiledWorkflow`)."""
+
+    @property
+    def spec(self) -> WorkflowSpec: ...
+
+    @property
+    def timeout_reason(self) -> str: ...
+
+    @property
+    def triggers(self) -> Mapping[str, Callable[..., object]]: ...
+
+    def release(self, run: WorkflowRun) -> None:
+        """The run finished: drop it from the shared machine."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ending:
+    """How a run that entered ``on_abort`` will end, whatever final state it reaches."""
+
+    outcome: str
+    reason: str
+
+
+#: Classifies one event for a run in one state (see :meth:`WorkflowRun.prepare`).
+Preparer = Callable[["WorkflowRun", Any], None]
+
+
+class WorkflowRun:
+    """One run of a workflow (the ``transitions`` model). Drive it from one thread only.
+
+    Public state: ``run_id``, ``state`` (current state name), ``context`` (``result``, the
+    inputs and the saved names), ``outcome`` (None until done, then "success", "failure" or
+    "aborted"), ``done``, ``reason`` (why it failed or was aborted), ``history`` (the newest
+    journal entries), ``ignored`` (how many stale events were dropped).
+    """
+
+    state: str
+
+    def __init__(
+        self,
+        compiled: RunHost,
+        effects: Effects,
+        run_id: str,
+        context: Mapping[str, Any] | None,
+    ) -> None:
+        self.compiled = compiled
+        self.spec = compiled.spec
+        self.effects = effects
+        self.run_id = run_id
+        self.context: dict[str, Any] = self.spec.run_context(context)  # ValueError: no input
+        self.outcome: str | None = None
+        self.done = False
+        self.reason: str | None = None
+        self.history: list[JournalEntry] = []
+        self.ignored = 0
+        self._trigger = compiled.triggers
+        self._started = False
+        self._token = 0
+        self._deadline = 0
+        self._attempt = 0
+        self._params: Json = None
+        self._error: ErrorInfo | None = None
+        self._entry: JournalEntry | None = None
+        self._fresh = False
+        self._ending: Ending | None = None
+        self._st: StateSpec | None = None
+        self._prep: Mapping[str, Preparer] = _NEW_PREPARERS
+
+    def __repr__(self) -> str:
+        return (
+            f"<WorkflowRun {self.run_id} {self.spec.name} state={self.state} "
+            f"outcome={self.outcome}>"
+        )
+
+    # --- events (from the dispatcher thread) ---------------------------------------------
+
+    def start(self) -> None:
+        """Enter the initial state (and start the workflow ``timeout``, if any)."""
+        if self._started or self.done:
+            return
+        self._started = True
+        self._trigger[T_BEGIN](self)
+
+    def on_reply(self, token: int, result: Json) -> None:
+        """The command with ``token`` succeeded."""
+        if not self.done:
+            self._trigger[T_OK](self, Reply(token, result))
+
+    def on_error(
+        self, token: int, kind: str | None, code: int | None, message: str, data: Json = None
+    ) -> None:
+        """The command with ``token`` failed; ``kind`` None is derived from ``code``."""
+        if not self.done:
+            if not kind:
+                kind = kind_of(code) if isinstance(code, int) else "server_error"
+            self._trigger[T_FAIL](self, Failure(token, ErrorInfo(kind, code, message, data)))
+
+    def on_timer(self, token: int) -> None:
+        """The timer with ``token`` expired."""
+        if self.done:
+            return
+        if token == self._deadline:
+            self._trigger[T_EXPIRE](self)
+        else:
+            self._trigger[T_TIMER](self, Tick(token))
+
+    def on_notification(self, server: str, method: str, params: Json) -> None:
+        """A notification arrived; it matters only to an await state waiting for it."""
+        st = self._st
+        if self.done or st is None or st.kind != "await":
+            return
+        if st.awaits == method and st.server == server:
+            self._trigger[T_NOTIFIED](self, Notified(self._token, server, method, params))
+
+    def abort(self) -> None:
+        """Go to ``on_abort`` (final outcome "aborted"); without it, or again, finish now."""
+        if not self.done:
+            self._trigger[T_ABORT](self)
+
+    def expects(self, token: int) -> bool:
+        """True while the event ``token`` (of a command sent or a timer started by this run)
+        is still the one the run waits for; False once it moved on (abort, timeout, finish)."""
+        return token == self._token
+
+    # --- engine: called by the compiled machine's callbacks ------------------------------
+
+    @property
+    def fresh(self) -> bool:
+        """False when the event being handled is stale (an old token, or after the end)."""
+        return self._fresh
+
+    @property
+    def error(self) -> ErrorInfo | None:
+        """The error of the event being handled (a failed command, an await timeout)."""
+        return self._error
+
+    @property
+    def attempt(self) -> int:
+        """The try number of the current command state (1 for the first try)."""
+        return self._attempt
+
+    @property
+    def ending(self) -> Ending | None:
+        """Set once the run entered ``on_abort``: how it will end."""
+        return self._ending
+
+    def prepare(self, trigger: str, event: object) -> None:
+        """Classify an event once, before any transition: stale or fresh, the context update,
+        the pending journal entry (recorded by :meth:`record_pending`)."""
+        self._entry = None
+        handler = self._prep.get(trigger)
+        if handler is None or self.done:
+            self._stale()
+        else:
+            handler(self, event)
+
+    def record_pending(
+        self,
+        next_state: str | None = None,
+        *,
+        choice: str | None = None,
+        retry_in: float | None = None,
+        unhandled: bool = False,
+    ) -> None:
+        """Complete the pending journal entry (if any) and record it."""
+        entry = self._entry
+        if entry is None:
+            return
+        self._entry = None
+        if next_state is not None:
+            entry["next"] = next_state
+        if choice is not None:
+            entry["choice"] = choice
+        if retry_in is not None:
+            entry["retry_in"] = retry_in
+        if unhandled:
+            entry["unhandled"] = True
+        self._record(entry)
+
+    def start_deadline(self) -> None:
+        """Start the workflow ``timeout`` (if any): from the start on."""
+        timeout = self.spec.timeout
+        if timeout is not None:
+            self._deadline = next_token()
+            self.effects.start_timer(self, self._deadline, timeout)
+
+    def enter(self, st: StateSpec, preparers: Mapping[str, Preparer]) -> None:
+        """The state's action (``on_enter``): send, start a timer, decide or finish."""
+        self._st = st
+        self._prep = preparers
+        kind = st.kind
+        if kind == "command":
+            self._attempt = 1
+            self._params = None if st.params is None else st.params.render(self.context)
+            self._send(st)
+        elif kind == "wait":
+            assert st.wait is not None
+            self._timer(st.wait)
+        elif kind == "await":
+            assert st.timeout is not None
+            self._timer(st.timeout)
+        elif kind == "choice":
+            self._token = token = next_token()
+            self._trigger[T_DECIDE](self, Tick(token))
+        elif self._ending is not None:
+            self._finish(self._ending.outcome, self._ending.reason)
+        elif st.final == "success":
+            self._finish("success", None)
+        else:
+            self._finish("failure", f"reached the failure state {st.name!r}")
+
+    def resend(self) -> None:
+        """Try the current command again (a retry's timer expired)."""
+        assert self._st is not None
+        self._attempt += 1
+        self._send(self._st)
+
+    def schedule_retry(self, delay: float) -> None:
+        """Start the timer after which the current command is tried again."""
+        self._timer(delay)
+
+    def save(self, name: str, value: Json) -> None:
+        """Store ``value`` under ``name`` in the context (``save:`` of an await state)."""
+        self.context[name] = value
+
+    def begin_ending(self, outcome: str, reason: str) -> None:
+        """The run moves into ``on_abort``: it ends with ``outcome`` whatever happens there."""
+        self._ending = Ending(outcome, reason)
+
+    def abort_now(self) -> None:
+        """Finish as aborted (no ``on_abort``, or aborted again inside it)."""
+        if self._ending is None:
+            self._finish("aborted", "aborted")
+        else:
+            ending = self._ending
+            self._finish(ending.outcome, f"{ending.reason}; aborted again in the on_abort path")
+
+    def expire_now(self) -> None:
+        """Finish because the workflow ``timeout`` expired."""
+        reason = self.compiled.timeout_reason
+        if self._ending is None:
+            self._finish("failure", reason)
+        else:
+            ending = self._ending
+            self._finish(ending.outcome, f"{ending.reason}; {reason} in the on_abort path")
+
+    def fail(self, reason: str) -> None:
+        """Finish as failed (or as the ``on_abort`` path decided, with ``reason`` added)."""
+        if self._ending is not None:
+            self._finish(self._ending.outcome, f"{self._ending.reason}; then {reason}")
+        else:
+            self._finish("failure", reason)
+
+    def crash(self, error: BaseException) -> None:
+        """Something raised inside the machine: fail this run only (never the others)."""
+        if self.done:
+            _LOG.error("workflow run %s: error after it finished", self.run_id, exc_info=error)
+            return
+        self.record_pending()
+        if isinstance(error, ExpressionError):
+            self._record(
+                {
+                    "time": now(),
+                    "state": self.state,
+                    "event": "expression_error",
+                    "expression": error.expression,
+                    "message": error.message,
+                }
+            )
+            self.fail(f"expression failed in state {self.state!r}: {error.message}")
+        else:
+            _LOG.error("workflow run %s: internal error", self.run_id, exc_info=error)
+            message = f"{type(error).__name__}: {error}"
+            self._record(
+                {"time": now(), "state": self.state, "event": "internal_error", "message": message}
+            )
+            self.fail(f"internal error in state {self.state!r}: {message}")
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _record(self, entry: JournalEntry) -> None:
+        history = self.history
+        history.append(entry)
+        if len(history) > 2 * HISTORY_LIMIT:
+            del history[:-HISTORY_LIMIT]
+        self.effects.record(self, entry)
+
+    def _send(self, st: StateSpec) -> None:
+        token = self._token = next_token()
+        assert st.server is not None and st.command is not None and st.timeout is not None
+        self.effects.send_command(self, token, st.server, st.command, self._params, st.timeout)
+
+    def _timer(self, delay: float) -> None:
+        token = self._token = next_token()
+        self.effects.start_timer(self, token, delay)
+
+    def _finish(self, outcome: str, reason: str | None) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.outcome = outcome
+        self.reason = reason
+        self._token = -1
+        self._record(
+            {
+                "time": now(),
+                "state": self.state,
+                "event": "finished",
+                "final": outcome,
+                "reason": reason,
+            }
+        )
+        self.compiled.release(self)
+        self.effects.finished(self)
+
+    # preparers: one per (state kind, trigger); see preparers_for
+
+    def _stale(self) -> None:
+        self._fresh = False
+        self.ignored += 1
+
+    def _prep_begin(self, event: None) -> None:
+        self._fresh = True
+        spec = self.spec
+        entry: JournalEntry = {
+            "time": now(),
+            "state": spec.initial,
+            "event": "start",
+            "workflow": spec.name,
+            "run": self.run_id,
+        }
+        if spec.inputs:
+            entry["inputs"] = {name: self.context[name] for name in spec.inputs}
+        self._entry = entry
+
+    def _prep_reply(self, event: Reply) -> None:
+        if event.token != self._token:
+            return self._stale()
+        st = self._st
+        assert st is not None
+        self._fresh = True
+        result = event.result
+        context = self.context
+        context["result"] = result
+        if st.save is not None:
+            context[st.save] = result
+        self._entry = {
+            "time": now(),
+            "state": st.name,
+            "event": "reply",
+            "server": st.server,
+            "command": st.command,
+            "params": self._params,
+            "attempt": self._attempt,
+            "result": result,
+        }
+
+    def _prep_error(self, event: Failure) -> None:
+        if event.token != self._token:
+            return self._stale()
+        st = self._st
+        assert st is not None
+        self._fresh = True
+        error = self._error = event.error
+        self._entry = {
+            "time": now(),
+            "state": st.name,
+            "event": "error",
+            "server": st.server,
+            "command": st.command,
+            "params": self._params,
+            "attempt": self._attempt,
+            "error": error.as_dict(),
+        }
+
+    def _prep_retry_timer(self, event: Tick) -> None:
+        if event.token != self._token:
+            return self._stale()
+        self._fresh = True
+        self._entry = {
+            "time": now(),
+            "state": self.state,
+            "event": "retry",
+            "attempt": self._attempt + 1,
+        }
+
+    def _prep_wait_timer(self, event: Tick) -> None:
+        if event.token != self._token:
+            return self._stale()
+        self._fresh = True
+        self._entry = {"time": now(), "state": self.state, "event": "waited"}
+
+    def _prep_await_timer(self, event: Tick) -> None:
+        if event.token != self._token:
+            return self._stale()
+        st = self._st
+        assert st is not None and st.timeout is not None
+        self._fresh = True
+        error = self._error = ErrorInfo(
+            "timeout",
+            TIMEOUT,
+            f"no {st.awaits} notification within {format_duration(st.timeout)}",
+        )
+        self._entry = {
+            "time": now(),
+            "state": st.name,
+            "event": "await_timeout",
+            "server": st.server,
+            "method": st.awaits,
+            "error": error.as_dict(),
+        }
+
+    def _prep_notification(self, event: Notified) -> None:
+        if event.token != self._token:
+            return self._stale()
+        self._fresh = True
+        self._entry = {
+            "time": now(),
+            "state": self.state,
+            "event": "notification",
+            "server": event.server,
+            "method": event.method,
+            "params": event.params,
+        }
+
+    def _prep_decide(self, event: Tick) -> None:
+        if event.token != self._token:
+            return self._stale()
+        self._fresh = True
+        self._entry = {"time": now(), "state": self.state, "event": "choice"}
+
+    def _prep_abort(self, event: None) -> None:
+        self._fresh = True
+        self.effects.abandon(self, self._token)
+        self._entry = {"time": now(), "state": self.state, "event": "abort"}
+
+    def _prep_expire(self, event: None) -> None:
+        self._fresh = True
+        self.effects.abandon(self, self._token)
+        self._entry = {
+            "time": now(),
+            "state": self.state,
+            "event": "workflow_timeout",
+            "timeout": self.spec.timeout,
+        }
+
+
+_NEW_PREPARERS: Mapping[str, Preparer] = {
+    T_BEGIN: WorkflowRun._prep_begin,
+    T_ABORT: WorkflowRun._prep_abort,
+    T_EXPIRE: WorkflowRun._prep_expire,
+}
+
+
+def preparers_for(st: StateSpec) -> dict[str, Preparer]:
+    """The events a run in state ``st`` reacts to, each with its preparer."""
+    prep: dict[str, Preparer] = {
+        T_ABORT: WorkflowRun._prep_abort,
+        T_EXPIRE: WorkflowRun._prep_expire,
+    }
+    if st.kind == "command":
+        prep.update({T_OK: WorkflowRun._prep_reply, T_FAIL: WorkflowRun._prep_error})
+        if st.retry is not None:
+            prep[T_TIMER] = WorkflowRun._prep_retry_timer
+    elif st.kind == "wait":
+        prep[T_TIMER] = WorkflowRun._prep_wait_timer
+    elif st.kind == "await":
+        prep.update(
+            {T_TIMER: WorkflowRun._prep_await_timer, T_NOTIFIED: WorkflowRun._prep_notification}
+        )
+    elif st.kind == "choice":
+        prep[T_DECIDE] = WorkflowRun._prep_decide
+    return prep
