@@ -295,7 +295,6 @@ def make_statelink_server(
     devices: list[str] | None = None,
 ) -> Any:
     from controller import CommandServer, Limits
-    from controller.devices import add_device
 
     limits = Limits()
     if max_inflight is not None:
@@ -320,6 +319,7 @@ def make_statelink_server(
         return {"ok": True, "n": n}
 
     if devices:
+        from controller.devices import add_device
         from statemachines.device import load_device
 
         for path in devices:  # simulated: gpiozero's mock pins
