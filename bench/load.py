@@ -2,9 +2,11 @@
 
 One load process drives ``conns`` connections from one epoll loop. Each connection keeps
 ``depth`` requests in flight (``depth=1``: one request in flight, a new one as soon as the reply
-arrives; ``depth=256``: pipelined). With ``callback=True`` (reference 1) the process also
-listens on a port, announces it with ``rpc.hello {"callback_port": P}`` and takes each reply
-from a new connection the server makes to that port.
+arrives; ``depth=256``: pipelined). With ``keyed=True`` every request carries a fresh
+idempotency key (top-level ``"key"``), as the workflow runner's commands do. With
+``callback=True`` (reference 1) the process also listens on a port, announces it with
+``rpc.hello {"callback_port": P}`` and takes each reply from a new connection the server makes
+to that port.
 
 Timeline after the parent says "go": ``warmup`` seconds unmeasured, ``duration`` seconds
 measured (replies completed in the window count; their latencies are recorded), then no new
@@ -49,6 +51,8 @@ class LoadSpec:
     cpu: int | None = None
     server_pid: int | None = None
     host: str = HOST
+    #: send a fresh idempotency key (top-level "key") with every request
+    keyed: bool = False
 
     def __post_init__(self) -> None:
         if self.host not in ("127.0.0.1", "localhost", "::1"):
@@ -110,8 +114,20 @@ class _Driver:
         params = json.dumps(list(spec.params) if isinstance(spec.params, tuple) else spec.params)
         self.prefix = b'{"jsonrpc":"2.0","id":'
         self.suffix = f',"method":{method},"params":{params}}}\n'.encode()
+        # keyed: "key" = a random tag of this process + the request id: fresh on every
+        # request, also across the load processes and rounds that share one server
+        self.key_head = b',"key":"' + os.urandom(6).hex().encode() + b"-" if spec.keyed else b""
         # pid-based id base: ids are unique across the load processes of one measurement
         self.next_id = (os.getpid() % 100000) * 10_000_000 + 1
+
+    def requests(self, ids: range) -> bytes:
+        """The request lines with these ids, one after the other."""
+        prefix, key_head, suffix = self.prefix, self.key_head, self.suffix
+        if key_head:
+            return b"".join(
+                [prefix + (r := b"%d" % rid) + key_head + r + b'"' + suffix for rid in ids]
+            )
+        return b"".join([prefix + b"%d" % rid + suffix for rid in ids])
 
     def open(self) -> dict[str, Any]:
         spec = self.spec
@@ -145,7 +161,6 @@ class _Driver:
         spec = self.spec
         perf = time.perf_counter
         perf_ns = time.perf_counter_ns
-        prefix, suffix = self.prefix, self.suffix
         ep = select.epoll()
         socks = self.socks
         by_fd: dict[int, int] = {}  # fd -> connection index (request connections)
@@ -172,6 +187,7 @@ class _Driver:
         completed = errors = sent = other = 0
         nid = self.next_id
         depth = spec.depth
+        encode = self.requests
         sending = True
         cpu0: float | None = None
         cpu1: float | None = None
@@ -188,7 +204,7 @@ class _Driver:
             for rid in ids:
                 sent_at[rid] = (now, i)
             sent += n
-            data = b"".join([prefix + str(rid).encode() + suffix for rid in ids])
+            data = encode(ids)
             sock = socks[i]
             try:
                 view = memoryview(data)

@@ -293,6 +293,7 @@ def make_statelink_server(
     max_inflight: int | None,
     max_connections: int | None,
     devices: list[str] | None = None,
+    state_dir: str | None = None,
 ) -> Any:
     from controller import CommandServer, Limits
 
@@ -301,7 +302,9 @@ def make_statelink_server(
         limits.max_inflight = max_inflight
     if max_connections is not None:
         limits.max_connections = max_connections
-    server = CommandServer(HOST, port, workers=workers, limits=limits, name="statelink-bench")
+    server = CommandServer(
+        HOST, port, workers=workers, limits=limits, name="statelink-bench", state_dir=state_dir
+    )
 
     @server.command("bench.echo")
     async def echo_async(value: Any = None) -> Any:
@@ -388,6 +391,11 @@ def main(argv: list[str] | None = None) -> int:
         help="statelink: also serve this device config, simulated",
     )
     parser.add_argument(
+        "--state-dir",
+        default=None,
+        help="statelink: keep the idempotency keys of device commands here (default: in memory)",
+    )
+    parser.add_argument(
         "--max-seconds", type=float, default=900.0, help="stop by itself after this many seconds"
     )
     args = parser.parse_args(argv)
@@ -407,7 +415,12 @@ def main(argv: list[str] | None = None) -> int:
         run_asyncio_server(args.port, args.workers, _announce)
     else:
         server = make_statelink_server(
-            args.port, args.workers, args.max_inflight, args.max_connections, args.device
+            args.port,
+            args.workers,
+            args.max_inflight,
+            args.max_connections,
+            args.device,
+            args.state_dir,
         )
         server.start()
         _announce(server.address[1])

@@ -13,7 +13,10 @@ Scenarios:
 * S2 one connection, 256 requests in flight (pipelined);
 * S3 64 connections calling a command that blocks 10 ms (statelink with 8 and 64 workers);
 * S4 the workflow engine (:mod:`bench.workflow_bench`): 1000 concurrent 10-step runs;
-* S5 footprint: idle RSS, RSS with 1000 idle connections, start to listening, client import.
+* S5 footprint: idle RSS, RSS with 1000 idle connections, start to listening, client import;
+* S6 idempotency keys: a trivial device command (``from: "*"``) at 64 connections, with a fresh
+  key on every request and without one, against the same server (its key store in a temporary
+  ``--state-dir``), in interleaved rounds.
 
 ``--quick`` runs everything at tiny sizes (a smoke run, not a measurement).
 """
@@ -259,6 +262,7 @@ class Options:
     s3_workers: list[int]
     s4_runs: int
     s5_conns: int
+    s6_conns: int
     repeat: int
     procs: int
     scenarios: set[str]
@@ -381,6 +385,109 @@ def add_ratios(rows: list[Row]) -> None:
     for row in rows:
         refs = by_scenario.get(row.scenario, {})
         row.ratios = {ref: row.result["throughput"] / tp for ref, tp in refs.items() if tp > 0}
+
+
+# --- S6: idempotency keys --------------------------------------------------------------------
+
+SL_UNKEYED, SL_KEYED = "statelink device cmd", "statelink device cmd + key"
+
+#: the S6 device: one trivial command allowed in every state (so commands never wait for a
+#: state), its handler a plain ``def`` run by the worker pool like any device handler
+KEYED_DEVICE = """\
+device: keyed
+description: the S6 device (bench/run.py)
+states: [idle]
+initial: idle
+commands:
+  echo:
+    from: "*"
+    handler: bench_device_hw:echo
+    params:
+      value: {type: string, default: ""}
+"""
+KEYED_DEVICE_HW = "def echo(ctx, value=''):\n    return value\n"
+
+
+def filesystem_of(path: Path) -> str:
+    """The filesystem type ``path`` is on (from /proc/mounts), e.g. ext4 or tmpfs."""
+    best, kind = "", "?"
+    try:
+        with open("/proc/mounts") as mounts:
+            for line in mounts:
+                parts = line.split()
+                if len(parts) > 2 and str(path).startswith(parts[1]) and len(parts[1]) > len(best):
+                    best, kind = parts[1], parts[2]
+    except OSError:
+        pass
+    return kind
+
+
+def run_s6(opts: Options, log: Any) -> list[Row]:
+    """The same device command with and without an idempotency key, one server, interleaved
+    rounds (best of ``repeat`` per variant); the server's key store in a temporary directory
+    (group commit, fsync on)."""
+    import tempfile
+
+    srv_cpu, load_cpu = cpus(opts)
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="statelink-bench-") as tmp:
+        folder = Path(tmp)
+        (folder / "bench_device_hw.py").write_text(KEYED_DEVICE_HW)
+        device = folder / "keyed.yaml"
+        device.write_text(KEYED_DEVICE)
+        state_dir = folder / "state"
+        note = f"keys in {filesystem_of(folder)} ({folder})"
+        samples: dict[str, list[dict[str, Any]]] = {SL_UNKEYED: [], SL_KEYED: []}
+        with ServerProcess(
+            "statelink",
+            cpu=srv_cpu,
+            extra=["--device", str(device), "--state-dir", str(state_dir)],
+        ) as server:
+            for round_no in range(opts.repeat):
+                if opts.repeat > 1:
+                    log(f" S6 round {round_no + 1} of {opts.repeat}")
+                for name in (SL_UNKEYED, SL_KEYED):
+                    spec = load.LoadSpec(
+                        port=server.port,
+                        conns=opts.s6_conns,
+                        method="keyed.echo",
+                        params={"value": "x"},
+                        warmup=opts.warmup,
+                        duration=opts.duration,
+                        cpu=load_cpu,
+                        server_pid=server.pid,
+                        keyed=name == SL_KEYED,
+                    )
+                    try:
+                        result = measure(spec, procs=min(opts.procs, opts.s6_conns))
+                    except (RuntimeError, OSError, EOFError) as exc:
+                        result = failed(f"{type(exc).__name__}: {exc}")
+                    log(
+                        f"  S6      {name:<26} {result['throughput']:>10,.0f} req/s  "
+                        f"p50 {result['p50_ms']:.3f} ms  p99 {result['p99_ms']:.3f} ms  errors "
+                        f"{result['errors']} lost {result['lost']}"
+                        + (f"  FAILED {result['failed']}" if "failed" in result else "")
+                    )
+                    samples[name].append(result)
+        best = {}
+        for name, runs in samples.items():
+            best[name] = dict(max(runs, key=lambda r: r["throughput"]))
+            best[name]["samples"] = [round(r["throughput"]) for r in runs]
+        unkeyed = best[SL_UNKEYED]["throughput"]
+        ratio = best[SL_KEYED]["throughput"] / unkeyed if unkeyed > 0 else 0.0
+        best[SL_KEYED]["vs_unkeyed"] = ratio
+        rows.append(Row("S6", SL_UNKEYED, opts.s6_conns, 1, best[SL_UNKEYED], "no key"))
+        rows.append(
+            Row(
+                "S6",
+                SL_KEYED,
+                opts.s6_conns,
+                1,
+                best[SL_KEYED],
+                f"a fresh key per request: {ratio:.2f}x of no key; {note}",
+            )
+        )
+    return rows
 
 
 # --- S4 and S5 ---------------------------------------------------------------------------------
@@ -631,6 +738,15 @@ def evaluate(
                 f"{res['engine_us']:.1f} us vs {res['bare_us']:.1f} us = "
                 f"{res['engine_vs_bare']:.2f}x",
             )
+    keyed, unkeyed = _find(rows, "S6", SL_KEYED), _find(rows, "S6", SL_UNKEYED)
+    if keyed and unkeyed:
+        ratio = keyed.result.get("vs_unkeyed", 0.0)
+        add(
+            "S6 keyed device command >= 0.5x unkeyed",
+            ratio >= 0.5,
+            f"{keyed.result['throughput']:,.0f} vs {unkeyed.result['throughput']:,.0f} req/s = "
+            f"{ratio:.2f}x; p99 {keyed.result['p99_ms']:.3f} vs {unkeyed.result['p99_ms']:.3f} ms",
+        )
     if s5 is not None:
         sl = s5["servers"].get(SL_ASYNC)
         if sl:
@@ -841,7 +957,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     p.add_argument("--duration", type=float, help="measured seconds per measurement (3)")
     p.add_argument("--warmup", type=float, help="unmeasured seconds before each (0.5)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    p.add_argument("--scenarios", default="S1,S2,S3,S4,S5", help="comma-separated subset")
+    p.add_argument("--scenarios", default="S1,S2,S3,S4,S5,S6", help="comma-separated subset")
     p.add_argument(
         "--no-pin", action="store_true", help="do not pin the server to CPU 0 and the load to CPU 1"
     )
@@ -851,6 +967,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     p.add_argument("--s3-workers", help="S3 statelink worker counts (8,64)")
     p.add_argument("--s4-runs", type=int, help="S4 concurrent workflow runs (1000)")
     p.add_argument("--s5-conns", type=int, help="S5 idle connections (1000)")
+    p.add_argument("--s6-conns", type=int, help="S6 connections (64)")
     p.add_argument(
         "--repeat",
         type=int,
@@ -869,6 +986,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
         s3_workers=_ints(a.s3_workers) if a.s3_workers else ([2] if q else [8, 64]),
         s4_runs=a.s4_runs or (20 if q else 1000),
         s5_conns=a.s5_conns or (20 if q else 1000),
+        s6_conns=a.s6_conns or (4 if q else 64),
         repeat=max(1, a.repeat or (1 if q else 2)),
         procs=max(1, a.procs),
         scenarios={s.strip().upper() for s in a.scenarios.split(",") if s.strip()},
@@ -901,6 +1019,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     log(f"statelink benchmark ({meta['pinning']})")
     rows = run_s1_s2_s3(opts, log) if opts.scenarios & {"S1", "S2", "S3"} else []
+    if "S6" in opts.scenarios:
+        rows += run_s6(opts, log)
     add_ratios(rows)
     s4 = run_s4(opts, log) if "S4" in opts.scenarios else None
     s5 = run_s5(opts, log) if "S5" in opts.scenarios else None

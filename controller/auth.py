@@ -21,6 +21,7 @@ from pathlib import Path
 
 SECRET_ENV = "STATELINK_SECRET"  # noqa: S105 - the name of the variable, not a secret
 MAX_NONCE = 128
+MIN_SECRET = 16  #: bytes; shorter secrets are refused by load_secret
 
 
 def new_nonce() -> str:
@@ -41,7 +42,8 @@ def verify(secret: bytes, role: str, challenge: str, nonce: str, candidate: obje
 def load_secret(secret_file: str | Path | None = None) -> bytes | None:
     """The secret from ``secret_file`` (stripped), else ``$STATELINK_SECRET``, else ``None``.
 
-    Raises ``ValueError`` with what to do when the file cannot be read or is empty.
+    Raises ``ValueError`` with what to do when the file cannot be read or is empty, or when the
+    secret is shorter than :data:`MIN_SECRET` bytes.
     """
     if secret_file is not None:
         try:
@@ -52,6 +54,16 @@ def load_secret(secret_file: str | Path | None = None) -> bytes | None:
             raise ValueError(
                 f"the secret file {secret_file} is empty; put a long random string in it"
             )
-        return value
+        return _long_enough(value, f"the secret in {secret_file}")
     env = os.environ.get(SECRET_ENV, "").strip()
-    return env.encode() if env else None
+    return _long_enough(env.encode(), f"${SECRET_ENV}") if env else None
+
+
+def _long_enough(secret: bytes, where: str) -> bytes:
+    if len(secret) < MIN_SECRET:
+        raise ValueError(
+            f"{where} is too short ({len(secret)} bytes): a shared secret needs at least "
+            f"{MIN_SECRET} bytes; make one with: python3 -c 'import secrets; "
+            "print(secrets.token_hex(32))'"
+        )
+    return secret

@@ -13,6 +13,15 @@ Contracts:
   :class:`~controller.errors.ClientTimeoutError` (a ``CommandTimeoutError``) after ``timeout``
   seconds, or
   :class:`~controller.errors.ConnectionLostError`. Nothing stays pending forever.
+- ``send_command(..., key=KEY)`` sends an idempotency key: a device command with the same key
+  runs at most once on its server (a retry joins the running execution or gets its stored
+  outcome, then ``future.replayed`` is True). ``rpc.*`` methods ignore keys.
+- A reply the client cannot decode (over the frame limit, nested too deep) is never dropped:
+  the request with its id fails at once with a :class:`~controller.errors.ParseError` saying
+  why. The limits are the server's (see :mod:`controller.client_reader`).
+- A reply that arrives after the client-side timeout is not lost either: the request's
+  ``on_late(LateOutcome)`` gets it (at most :data:`MAX_LATE` such requests are remembered per
+  client, the oldest given up first).
 - ``future.cancel()`` on a pending future means "I no longer care": the future is cancelled
   at once (its callback runs with the cancelled future) and the reply, when it comes, is
   dropped. It does not stop the command on the server; :meth:`Client.cancel` does that
@@ -38,22 +47,26 @@ import secrets
 import socket
 import ssl as ssl_module
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
 from typing import Any
 
 from statemachines.addresses import Address, parse_address
 
+from .callback_listener import ID_SEPARATOR, CallbackListener
 from .client_hello import hello
+from .client_reader import NO_ID, ReplyReader, Undecodable, limits_of, read_events
 from .errors import (
     ClientTimeoutError,
     ConnectionLostError,
+    ParseError,
     RpcError,
     error_for,
 )
 from .protocol import (
     Batch,
-    Decoder,
     ErrorResponse,
     Notification,
     Request,
@@ -67,31 +80,43 @@ log = logging.getLogger("statelink.client")
 Callback = Callable[["Future[Any]"], None]
 Handler = Callable[[Any], None]
 
-#: separates a client's random id prefix from its request number (callback delivery only)
-ID_SEPARATOR = "."
+#: requests per client whose late outcome (after the client-side timeout) is still awaited;
+#: beyond it the oldest is given up (its ``on_late`` gets ``lost=True``)
+MAX_LATE = 1024
 
 
-def read_events(
-    sock: socket.socket, closed: threading.Event, on_event: Callable[[Any], None]
-) -> None:
-    """Decode lines from ``sock`` into ``on_event`` until EOF, an error, or ``closed`` is set
-    (checked whenever the socket's timeout expires)."""
-    decoder = Decoder(max_frame=64 << 20)
-    while True:
-        try:
-            data = sock.recv(262144)
-        except TimeoutError:
-            if closed.is_set():
-                return
-            continue
-        except OSError:
-            return
-        if not data:
-            return
-        for event in decoder.feed(data):
-            on_event(event)
-        if decoder.closed:
-            return
+class CommandFuture(Future[Any]):
+    """The future of :meth:`Client.send_command`: ``request_id`` (for :meth:`Client.cancel`),
+    ``key`` (the idempotency key sent, or None) and ``replayed`` (set before the outcome:
+    True when the server answered with the stored outcome of an earlier execution of the
+    same key instead of running the command)."""
+
+    def __init__(self, request_id: Any, key: str | None) -> None:
+        super().__init__()
+        self.request_id = request_id
+        self.key = key
+        self.replayed = False
+
+
+@dataclass(frozen=True, slots=True)
+class LateOutcome:
+    """The outcome of a request that came after its client-side timeout (``on_late``).
+
+    ``result`` or ``error`` as for a future; ``lost`` True (and both None) when the client
+    gave up waiting for it: the connection was lost, or more than :data:`MAX_LATE` requests
+    timed out on this client (the oldest is given up).
+    """
+
+    request_id: Any
+    method: str
+    key: str | None
+    result: Any = None
+    error: RpcError | None = None
+    replayed: bool = False
+    lost: bool = False
+
+
+LateCallback = Callable[[LateOutcome], None]
 
 
 def _resolve(future: Future[Any], result: Any, error: BaseException | None) -> None:
@@ -108,19 +133,16 @@ def _resolve(future: Future[Any], result: Any, error: BaseException | None) -> N
             log.exception("outcome for a future that already has one")
 
 
-def _describe(event: Any) -> str:
-    if isinstance(event, (Response, ErrorResponse)):
-        return f"reply, id {event.id!r}"[:120]
-    return type(event).__name__.lower()
-
-
 class _Pending:
-    __slots__ = ("future", "method", "timer")
+    __slots__ = ("future", "method", "on_late", "timer")
 
-    def __init__(self, future: Future[Any], method: str, timer: Timer | None):
+    def __init__(
+        self, future: CommandFuture, method: str, timer: Timer | None, on_late: LateCallback | None
+    ):
         self.future = future
         self.method = method
         self.timer = timer
+        self.on_late = on_late
 
 
 class Client:
@@ -160,6 +182,9 @@ class Client:
         )
         self._ids = itertools.count(1)
         self._pending: dict[Any, _Pending] = {}
+        #: timed-out requests whose outcome may still come (oldest first; at most MAX_LATE)
+        self._late: OrderedDict[Any, _Pending] = OrderedDict()
+        self._reply_reader = ReplyReader()
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._sock: socket.socket | None = None
@@ -206,6 +231,7 @@ class Client:
         except BaseException:
             sock.close()
             raise
+        self._reply_reader = ReplyReader(*limits_of(self.server_info))
         sock.settimeout(self.write_timeout)  # bounds sendall; the reader treats it as idle
         self._sock = sock
         self._connected.set()
@@ -256,18 +282,22 @@ class Client:
             self._emit_connection(True)
 
     def _read(self, sock: socket.socket) -> None:
-        read_events(sock, self._closed, self.handle_event)
+        read_events(sock, self._closed, self.handle_event, self._reply_reader)
 
     def handle_event(self, event: Any) -> None:
         """Route one decoded message from the request connection (reader thread); the
         callback listener uses :meth:`deliver_reply`, which takes replies only."""
         if isinstance(event, Response):
-            self._settle(event.id, event.result, None)
+            self._settle(event.id, event.result, None, event.replayed)
         elif isinstance(event, ErrorResponse):
             if event.id is None and event.code not in (-32700, -32600):
                 log.warning("server error without id: %s %s", event.code, event.message)
                 return
-            self._settle(event.id, None, error_for(event.code, event.message, event.data))
+            self._settle(
+                event.id, None, error_for(event.code, event.message, event.data), event.replayed
+            )
+        elif isinstance(event, Undecodable):
+            self._undecodable(event)
         elif isinstance(event, Notification):
             for handler in self._subscribers.get(event.method, ()):
                 try:
@@ -278,24 +308,82 @@ class Client:
             for item in event.items:
                 self.handle_event(item)
 
-    def deliver_reply(self, event: Response | ErrorResponse) -> bool:
-        """Settle the pending request whose id is exactly ``event.id`` (for the callback
-        listener). False, and nothing done, when no request of this client has that id."""
+    def deliver_reply(self, event: Response | ErrorResponse | Undecodable) -> bool:
+        """Settle the request whose id is exactly ``event.id`` (for the callback listener).
+        False, and nothing done, when no request of this client has that id."""
         if isinstance(event, Response):
-            return self._settle(event.id, event.result, None)
-        return self._settle(event.id, None, error_for(event.code, event.message, event.data))
+            return self._settle(event.id, event.result, None, event.replayed)
+        if isinstance(event, Undecodable):
+            return self._undecodable(event)
+        return self._settle(
+            event.id, None, error_for(event.code, event.message, event.data), event.replayed
+        )
 
-    def _settle(self, request_id: Any, result: Any, error: RpcError | None) -> bool:
+    def _undecodable(self, event: Undecodable) -> bool:
+        """A reply that could not be decoded fails its request at once, saying why."""
+        if event.id is NO_ID:
+            log.warning(
+                "dropped a message from %s:%s that cannot be decoded and names no request: %s",
+                *self.address,
+                event.reason,
+            )
+            return False
+        with self._lock:
+            pending = self._pending.get(event.id) or self._late.get(event.id)
+        method = pending.method if pending is not None else "a request"
+        error = ParseError(
+            f"the reply to {method} (id {event.id!r}) cannot be decoded: {event.reason}",
+            {**event.data, "reason": event.reason, "source": "client"},
+        )
+        return self._settle(event.id, None, error)
+
+    def _settle(
+        self, request_id: Any, result: Any, error: RpcError | None, replayed: bool = False
+    ) -> bool:
         with self._lock:
             pending = self._pending.pop(request_id, None)
+            late = self._late.pop(request_id, None) if pending is None else None
         if pending is None:
-            # already timed out, lost or cancelled by the user: exactly one outcome
+            if late is not None:
+                self._call_late(late, request_id, result, error, replayed)
+                return True
+            # lost or cancelled by the user (or a late reply given up): exactly one outcome
             log.debug("dropped a reply to no pending request (id %r)", request_id)
             return False
         if pending.timer is not None:
             pending.timer.cancel()
+        pending.future.replayed = replayed
         _resolve(pending.future, result, error)
         return True
+
+    def _call_late(
+        self,
+        entry: _Pending,
+        request_id: Any,
+        result: Any,
+        error: RpcError | None,
+        replayed: bool = False,
+        lost: bool = False,
+    ) -> None:
+        """Hand a late outcome to the request's ``on_late`` (reader/timer thread), always
+        after the future's own outcome (the timeout) has been delivered to its callbacks."""
+        outcome = LateOutcome(
+            request_id, entry.method, entry.future.key, result, error, replayed, lost
+        )
+        on_late = entry.on_late
+        if on_late is None:
+            log.info("late outcome of %s (id %r) dropped", entry.method, request_id)
+            return
+
+        def deliver(_future: Future[Any]) -> None:
+            try:
+                on_late(outcome)
+            except Exception:
+                log.exception("late-outcome callback of %s failed", entry.method)
+
+        # _expire files the request as late before it resolves the future: a reply in
+        # between must not overtake the timeout (done-callbacks run in the order added)
+        entry.future.add_done_callback(deliver)
 
     def _lost(self) -> None:
         was_connected = self._connected.is_set()
@@ -308,6 +396,9 @@ class Client:
                 pass
         with self._lock:
             pending, self._pending = self._pending, {}
+            late, self._late = self._late, OrderedDict()
+        for request_id, entry in late.items():  # their replies can no longer come
+            self._call_late(entry, request_id, None, None, lost=True)
         for request_id, entry in pending.items():
             if entry.timer is not None:
                 entry.timer.cancel()
@@ -341,28 +432,35 @@ class Client:
         params: Any = None,
         callback: Callback | None = None,
         timeout: float = 5.0,
-    ) -> Future[Any]:
+        *,
+        key: str | None = None,
+        on_late: LateCallback | None = None,
+    ) -> CommandFuture:
         """Send a request; return at once. ``callback(future)`` runs once it is resolved.
+
+        ``key``: the idempotency key (1-128 printable characters; see docs/protocol.md).
+        ``on_late(LateOutcome)``: called (reader thread; do not block) with the outcome of
+        this request if it comes after the client-side timeout, or with ``lost=True`` when
+        it never will (see :class:`LateOutcome`).
 
         ``future.cancel()`` works while the reply is pending ("I no longer care": the reply is
         dropped when it comes); it does not stop the command on the server, for that call
         :meth:`cancel` (``rpc.cancel``) as well.
         """
-        future: Future[Any] = Future()
         request_id = self._new_id()
-        future.request_id = request_id  # type: ignore[attr-defined]  # for cancel() and progress
+        future = CommandFuture(request_id, key)
         future.add_done_callback(functools.partial(self._forget_if_cancelled, request_id))
         if callback is not None:
             future.add_done_callback(callback)
         try:
-            data = encode(Request(method, params, request_id))
+            data = encode(Request(method, params, request_id, key))
         except (TypeError, ValueError) as exc:
             future.set_exception(TypeError(f"params of {method} are not JSON: {exc}"))
             return future
         if self._closed.is_set():
             future.set_exception(ConnectionLostError("the client is closed", {"method": method}))
             return future
-        pending = _Pending(future, method, None)
+        pending = _Pending(future, method, None, on_late)
         with self._lock:  # pending first: a timer that fires at once must find it
             self._pending[request_id] = pending
         try:
@@ -406,8 +504,15 @@ class Client:
             pending.timer.cancel()
 
     def _expire(self, request_id: Any, timeout: float) -> None:
+        given_up: list[tuple[Any, _Pending]] = []
         with self._lock:
             pending = self._pending.pop(request_id, None)
+            if pending is not None:  # its outcome may still come: remember it, bounded
+                self._late[request_id] = pending
+                while len(self._late) > MAX_LATE:
+                    given_up.append(self._late.popitem(last=False))
+        for old_id, old in given_up:
+            self._call_late(old, old_id, None, None, lost=True)
         if pending is not None:
             _resolve(
                 pending.future,
@@ -433,7 +538,7 @@ class Client:
             return True  # the pending entry is resolved by _lost()
         return True
 
-    def cancel(self, future: Future[Any], timeout: float = 5.0) -> Future[Any]:
+    def cancel(self, future: Future[Any], timeout: float = 5.0) -> CommandFuture:
         """Ask the server to cancel the request behind ``future`` (``rpc.cancel``).
 
         The request itself is then answered with the cancelled error (or its result, if it
@@ -446,9 +551,14 @@ class Client:
             timeout=timeout,
         )
 
-    def call(self, method: str, params: Any = None, timeout: float = 5.0) -> Any:
-        """Send a request and wait for its result; raise its typed error."""
-        return self.send_command(method, params, timeout=timeout).result(timeout=timeout + 5.0)
+    def call(
+        self, method: str, params: Any = None, timeout: float = 5.0, *, key: str | None = None
+    ) -> Any:
+        """Send a request and wait for its result; raise its typed error. (Whether the reply
+        was replayed is on the future of :meth:`send_command`.)"""
+        return self.send_command(method, params, timeout=timeout, key=key).result(
+            timeout=timeout + 5.0
+        )
 
     def notify(self, method: str, params: Any = None) -> bool:
         """Send a notification (no reply, ever). Returns False when not connected."""
@@ -503,129 +613,6 @@ class Client:
             self.scheduler.close()
 
     def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-class CallbackListener:
-    """Receives replies that a server delivers by connecting back to this client.
-
-    >>> listener = CallbackListener()            # 127.0.0.1, a free port
-    >>> # client = Client(address, callback_listener=listener)
-    >>> listener.close()
-
-    The server connects to the requesting peer's own IP address only, so the listener must
-    listen on the address the client connects from (default loopback).
-
-    One listener may serve several clients. Each client numbers its requests
-    ``"<prefix>.<n>"`` with its own random prefix (:attr:`Client.id_prefix`), and a reply goes
-    to the client whose pending request has exactly that id. Anything else that arrives here
-    (a reply to no pending request: late, cancelled, or injected by whoever else connected to
-    the listener; a notification; a batch) is dropped and counted in :attr:`dropped`.
-    :attr:`received` counts every message read, :attr:`delivered` those given to a client.
-    """
-
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, max_connections: int = 16):
-        self._sock = socket.create_server((host, port))
-        self._sock.settimeout(0.2)
-        self.address: Address = self._sock.getsockname()[:2]
-        self.max_connections = max_connections
-        self._clients: dict[str, Client] = {}
-        self._lock = threading.Lock()
-        self._closed = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self.received = 0
-        self.delivered = 0
-        self.dropped = 0
-        self._accept = threading.Thread(
-            target=self._accept_forever, name="statelink-callback-listener", daemon=True
-        )
-        self._accept.start()
-
-    def attach(self, client: Client) -> None:
-        if client.id_prefix is None:
-            raise ValueError("a client needs an id_prefix to receive replies by callback")
-        with self._lock:
-            self._clients[client.id_prefix] = client
-
-    def detach(self, client: Client) -> None:
-        with self._lock:
-            if client.id_prefix is not None and self._clients.get(client.id_prefix) is client:
-                del self._clients[client.id_prefix]
-
-    def _accept_forever(self) -> None:
-        while not self._closed.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self._threads = [t for t in self._threads if t.is_alive()]
-            if len(self._threads) >= self.max_connections:
-                conn.close()
-                continue
-            thread = threading.Thread(
-                target=self._serve, args=(conn,), daemon=True, name="statelink-callback-conn"
-            )
-            self._threads.append(thread)
-            thread.start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        conn.settimeout(0.5)
-        try:
-            peer = conn.getpeername()[:2]
-        except OSError:
-            peer = ("?", 0)
-        warned = False
-
-        def route(event: Any) -> None:
-            nonlocal warned
-            if self._route(event):
-                return
-            # Late replies (after a client timeout or cancel) land here too: warn once per
-            # connection, not once per reply, so a flood cannot flood the log.
-            level = logging.DEBUG if warned else logging.WARNING
-            warned = True
-            log.log(
-                level,
-                "callback listener %s:%s dropped a message from %s:%s that matches no pending "
-                "request (%s)",
-                *self.address,
-                *peer,
-                _describe(event),
-            )
-
-        with conn:
-            read_events(conn, self._closed, route)
-
-    def _route(self, event: Any) -> bool:
-        """Deliver one reply to the client whose pending request has exactly its id."""
-        client = None
-        with self._lock:
-            self.received += 1
-            if isinstance(event, (Response, ErrorResponse)) and isinstance(event.id, str):
-                prefix, separator, _ = event.id.rpartition(ID_SEPARATOR)
-                if separator:
-                    client = self._clients.get(prefix)
-        delivered = client is not None and client.deliver_reply(event)
-        with self._lock:
-            if delivered:
-                self.delivered += 1
-            else:
-                self.dropped += 1
-        return delivered
-
-    def close(self) -> None:
-        self._closed.set()
-        self._sock.close()
-        self._accept.join(timeout=2)
-        for thread in self._threads:
-            thread.join(timeout=2)
-
-    def __enter__(self) -> CallbackListener:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -11,8 +11,16 @@ this module:
   the not-allowed error, state unchanged), moves the device to its ``running`` state, runs its
   handler or GPIO action, then moves to ``to`` (or back), or to ``fault`` if the handler raised
   or overran its timeout;
+- a command cancelled or timed out before its handler started (it waited for a worker) never
+  starts: the device goes back where it was; cancelled while its handler runs, it ends in its
+  ``cancelled:`` state, else ``fault`` (when declared: it acted halfway), else back;
+- a command with an idempotency key runs at most once per key (:mod:`.server.keys`): it
+  starts only once its key is durable, and every request with that key gets its outcome;
+- a device whose keyed command was running when the last server stopped starts in ``fault``
+  (reason ``"interrupted"``);
 - every state change is published as the ``device.state`` notification, before the reply of
-  the command that caused it.
+  the command that caused it (with a ``reason`` when it was not the command's plain outcome:
+  ``"timeout"``, ``"cancelled"``, ``"interrupted"``).
 
 All lane and machine work happens on the server's I/O thread; only handlers run on workers.
 The handler functions come from :func:`controller.handlers.resolve_handlers`, once, when the
@@ -40,7 +48,7 @@ from statemachines.params import ParamError, schema_to_json, validate_params
 from .errors import BusyError, CancelledError, InvalidParamsError, NotAllowedError, RpcError
 from .handlers import resolve_handlers
 from .server import Call, Core
-from .workers import PoolFull
+from .workers import NotStarted, PoolFull
 
 
 def add_device(server: Core, spec: DeviceSpec, *, simulate: bool = False) -> DeviceRuntime:
@@ -88,12 +96,13 @@ class DeviceContext:
 
 
 class _Job:
-    __slots__ = ("call", "command", "params", "settled")
+    __slots__ = ("call", "command", "params", "ready", "settled")
 
     def __init__(self, call: Call, command: CommandSpec, params: dict[str, Any]):
         self.call = call
         self.command = command
         self.params = params
+        self.ready = True  #: False while its key's begin is not durable (it must not start)
         self.settled = False
 
 
@@ -110,6 +119,8 @@ class DeviceRuntime:
         self.board: Any = None
         self._lane: deque[_Job] = deque()
         self._running: _Job | None = None
+        self.reason: str | None = None  #: why the device is in its state, when not a plain outcome
+        self._cause: str | None = None  #: the reason of the change being made
         self.start()
         for command in spec.commands.values():
             server.register(command.method, _DeviceCommand(self, command))
@@ -131,11 +142,17 @@ class DeviceRuntime:
 
     # -- lifetime (with the server's; the I/O thread is not running) -------------------------
     def start(self) -> None:
-        """The server starts: open the pins (once)."""
+        """The server starts: open the pins (once). A device whose keyed command was running
+        when the last server stopped starts in its fault state (reason "interrupted")."""
         if self.spec.gpio and self.board is None:
             from .gpio import GpioBoard
 
             self.board = GpioBoard(self.spec, simulate=self.simulate)
+        if self.spec.name in self.server.keys.interrupted_devices:
+            previous = self.machine.enter_fault()
+            if previous is not None:
+                self.reason = "interrupted"
+                self._publish(self.machine.state, previous, None)
 
     def stop(self) -> None:
         """The server stopped: release the pins, forget the lane. A command still running
@@ -145,16 +162,34 @@ class DeviceRuntime:
         job, self._running = self._running, None
         if job is not None and not job.settled:
             job.settled = True
-            self.machine.fail(job.command.name)
+            self._move("fail", job.command.name, "interrupted")
         if self.board is not None:
             self.board.close()
             self.board = None
 
     def _on_change(self, state: str, previous: str, command: str) -> None:
-        self.server.publish(
-            "device.state",
-            {"device": self.spec.name, "state": state, "previous": previous, "command": command},
-        )
+        self.reason = self._cause
+        self._publish(state, previous, command)
+
+    def _publish(self, state: str, previous: str, command: str | None) -> None:
+        params = {
+            "device": self.spec.name,
+            "state": state,
+            "previous": previous,
+            "command": command,
+        }
+        if self.reason is not None:
+            params["reason"] = self.reason
+        self.server.publish("device.state", params)
+
+    def _move(self, verb: str, command: str, reason: str | None = None) -> None:
+        """Settle ``command`` with the machine's ``verb`` (succeed, fail, cancel, interrupt);
+        ``reason`` is published with the change it makes, if any, and kept until the next."""
+        self._cause = reason
+        try:
+            getattr(self.machine, verb)(command)
+        finally:
+            self._cause = None
 
     # -- the lane ---------------------------------------------------------------------------
     def enqueue(self, job: _Job) -> None:
@@ -172,16 +207,43 @@ class DeviceRuntime:
         self._lane.append(job)
         self._pump()
 
+    def enqueue_keyed(self, call: Call, command: CommandSpec, params: dict[str, Any]) -> None:
+        """A command with an idempotency key: admitted by the server's key table (replayed,
+        joined, refused) or queued as a new execution that starts once its key is durable."""
+        job = _Job(call, command, params)
+        job.ready = False
+        execution = self.server.keys.admit(call, self.spec.name, lambda _error: self._ready(job))
+        if execution is not None:
+            job.call = execution
+            self.enqueue(job)
+
+    def _ready(self, job: _Job) -> None:
+        job.ready = True
+        self._pump()
+
     def _cancel(self, job: _Job) -> bool:
+        """``rpc.cancel`` (a hook of the call): True if the call will be answered later."""
         if job in self._lane:
             self._lane.remove(job)
+            job.call.withdraw()
             return False  # not started: answered at once
+        if job is self._running and not job.settled and job.call.withdraw():
+            # it waits for a worker, which will not start it now: the device never acted
+            job.settled = True
+            self._running = None
+            self._move("cancel", job.command.name, "cancelled")
+            self.server.loop.call_soon(self._pump)
+            return False
         return True  # running: answered when the handler returns
 
     def _pump(self) -> None:
-        while self._running is None and self._lane:
-            job = self._lane.popleft()
+        lane = self._lane
+        while self._running is None and lane:
+            job = lane[0]
             call = job.call
+            if not job.ready and not call.done:
+                return  # its key is not durable yet: the lane waits for it
+            lane.popleft()
             if call.done:
                 continue
             if call.disconnected:
@@ -215,6 +277,7 @@ class DeviceRuntime:
             ctx = DeviceContext(spec.name, command.name, call, self.gpio_objects)
             fn, args, kwargs = self.handlers[command.name], (ctx,), job.params
         if inspect.iscoroutinefunction(fn):
+            call.claim()  # it starts now, on the loop
             task = self.server.loop.create_task(fn(*args, **kwargs))
             task.add_done_callback(
                 lambda t: self._finish(
@@ -231,10 +294,13 @@ class DeviceRuntime:
             call.set_hooks(on_timeout=on_timeout)
         else:
             try:
-                self.server.pool.submit(fn, args, kwargs, lambda r, e: self._finish(job, r, e))
+                self.server.pool.submit(
+                    fn, args, kwargs, lambda r, e: self._finish(job, r, e), call.hold()
+                )
             except PoolFull as exc:
                 self._running = None
-                self.machine.cancel(command.name)
+                call.withdraw()
+                self._move("cancel", command.name)
                 call.reject(BusyError(f"server busy: {exc}", {"retry": True}))
                 return
             call.set_hooks(on_timeout=lambda: self._timed_out(job))
@@ -248,33 +314,47 @@ class DeviceRuntime:
     def _finish(self, job: _Job, result: Any, exc: BaseException | None) -> None:
         """Handler outcome (I/O thread): settle the machine, then answer."""
         if job.settled:
-            job.call.late()
+            if not isinstance(exc, NotStarted):  # (a withdrawn job that never ran: no outcome)
+                job.call.late()
             return
         job.settled = True
         self._running = None
         call, name = job.call, job.command.name
-        if call.cancelled:
-            self.machine.cancel(name)
+        if not call.started:  # it never ran (withdrawn, or taken off the pool at stop)
+            self._move("cancel", name, "cancelled")
+            if not call.done:
+                call.reject(
+                    exc
+                    if isinstance(exc, RpcError)
+                    else CancelledError(
+                        f"{job.command.method} was cancelled before it started; it never ran",
+                        {"id": call.id, "started": False},
+                    )
+                )
+        elif call.cancelled:
+            self._move("interrupt", name, "cancelled")
             call.reject(CancelledError(f"{job.command.method} was cancelled", {"id": call.id}))
         elif exc is None:
-            self.machine.succeed(name)
+            self._move("succeed", name)
             call.resolve(result)
         else:
-            self.machine.fail(name)
+            self._move("fail", name)
             call.settle(None, exc)
         self._pump()
 
     def _timed_out(self, job: _Job) -> None:
-        """The handler overran its timeout: the hardware state is unknown, so fault.
-
-        Also when the client had cancelled it: a handler that ignores the cancellation is as
-        unknown as one that hangs, and the next command must not run as if nothing happened.
-        """
+        """The timeout expired (the call withdrew first, so ``started`` is final). Before the
+        handler started: back where it was, the device never acted. After: the hardware state
+        is unknown, so fault, also when the client had cancelled it (a handler that ignores
+        the cancellation is as unknown as one that hangs)."""
         if job.settled:
             return
         job.settled = True
         self._running = None
-        self.machine.fail(job.command.name)
+        if job.call.started:
+            self._move("fail", job.command.name, "timeout")
+        else:
+            self._move("cancel", job.command.name, "timeout")
         self.server.loop.call_soon(self._pump)
 
 
@@ -290,7 +370,10 @@ class _DeviceCommand:
             raise InvalidParamsError(
                 f"Invalid params: {exc}", {"command": self.command.method, "reason": str(exc)}
             )
-        self.runtime.enqueue(_Job(call, self.command, params))
+        if call.key is None:
+            self.runtime.enqueue(_Job(call, self.command, params))
+        else:
+            self.runtime.enqueue_keyed(call, self.command, params)
 
     def describe(self) -> dict[str, Any]:
         runtime = self.runtime
@@ -302,7 +385,11 @@ class _DeviceState:
         self.runtime = runtime
 
     def start(self, call: Call) -> None:
-        call.resolve({"device": self.runtime.spec.name, "state": self.runtime.machine.state})
+        runtime = self.runtime
+        reply = {"device": runtime.spec.name, "state": runtime.machine.state}
+        if runtime.reason is not None:
+            reply["reason"] = runtime.reason
+        call.resolve(reply)
 
     def describe(self) -> dict[str, Any]:
         return method_description(self.runtime.spec, None, self.runtime.server.default_timeout)
@@ -337,5 +424,6 @@ def method_description(
         "x-allowed-states": spec.allowed_states(command.name),
         "x-running": command.running,
         "x-to": command.to,
+        "x-cancelled": command.cancelled,
         "timeout": command.timeout or spec.timeout or default_timeout,
     }

@@ -97,6 +97,19 @@ class DeviceFaultError(RpcError):
     default_message = "Device fault"
 
 
+class KeyConflictError(RpcError):
+    code = ek.KEY_CONFLICT
+    default_message = "Idempotency key already used with another method or other params"
+
+
+class CommandInterruptedError(RpcError):
+    """The keyed command was running when its server stopped or crashed: it may have acted
+    halfway (named so as not to shadow the builtin ``InterruptedError``)."""
+
+    code = ek.INTERRUPTED
+    default_message = "Command interrupted: its server stopped while it ran"
+
+
 class ConnectionLostError(RpcError, ConnectionError):
     code = ek.CONNECTION_LOST
     default_message = "Connection lost before the reply arrived"
@@ -116,6 +129,8 @@ _BY_CODE: dict[int, type[RpcError]] = {
         UnauthorizedError,
         CancelledError,
         DeviceFaultError,
+        KeyConflictError,
+        CommandInterruptedError,
         ConnectionLostError,
     )
 }

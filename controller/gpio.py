@@ -117,6 +117,23 @@ class _InputSimulation:
         self.drive(self.latched or pulsing)
 
 
+def _stop_sampling(device: Any) -> None:
+    """Stop and join a gpiozero device's background sampling thread (the ``fill`` thread of a
+    ``SmoothedInputDevice``, e.g. a DistanceSensor) before the device is closed.
+
+    gpiozero's ``DistanceSensor.close()`` releases the trigger pin *before* it stops that thread,
+    so a sample in progress fails on the released trigger (``'NoneType' object has no attribute
+    'pin'``) and the thread dies with a traceback. Stopped first, nothing can race the close.
+    """
+    queue = getattr(device, "_queue", None)
+    if queue is None:
+        return
+    try:
+        queue.stop()  # sets its stop event and joins (bounded by gpiozero: 10 s)
+    except Exception:  # noqa: S110 - never started, or already gone: nothing to stop
+        pass
+
+
 class GpioBoard:
     """The gpiozero objects of one device. simulate=True uses gpiozero's MockFactory (never
     the global default factory: pass pin_factory= to each object).
@@ -308,7 +325,7 @@ class GpioBoard:
     # -- closing --------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop the simulation and release every pin; idempotent."""
+        """Stop the simulation and the sampling threads, then release every pin; idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -321,6 +338,8 @@ class GpioBoard:
                 sim.drive(False)
             except Exception:  # noqa: S112 - closing is best effort
                 continue
+        for device in self._objects.values():
+            _stop_sampling(device)
         for device in reversed(list(self._objects.values())):
             try:
                 device.close()

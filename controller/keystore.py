@@ -6,6 +6,8 @@ the method, the device, a fingerprint of the params (:func:`fingerprint`), the s
 ``{code, message, data}``) and the created / finished times (``clock()``, wall-clock seconds).
 
 Lifetime: :meth:`KeyStore.open` / :meth:`KeyStore.close`, or ``with KeyStore(path) as store``.
+``KeyStore(None)`` keeps the keys in memory only (an in-memory SQLite database, no file, no
+lock): the same contract, but nothing survives :meth:`~KeyStore.close`.
 
 - ``open()`` creates the directory (0700) and the file (0600) when missing, takes an exclusive
   lock on ``<path>.lock`` (a second store on the same file, in this process or another, gets
@@ -75,12 +77,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple
 
+from .protocol import check_key as check_key  # re-exported: one key rule, the wire's
 from .statedir import ensure_private_dir
 
 log = logging.getLogger("statelink.keystore")
 
 KEYS_FILE = "keys.sqlite3"  #: the store's file name in the state directory
-MAX_KEY_LENGTH = 128
 SCHEMA_VERSION = 1
 
 RUNNING = "running"
@@ -131,20 +133,6 @@ class KeyStoreFull(KeyStoreError):
 
 class KeyStoreClosed(KeyStoreFull):
     """The store is closed (or not open yet); a :class:`KeyStoreFull`, so callers answer busy."""
-
-
-def check_key(value: object) -> str:
-    """``value`` if it is a valid idempotency key (1-128 printable characters), else ValueError."""
-    if not isinstance(value, str):
-        raise ValueError(f"key must be a string, not {type(value).__name__}")
-    if not 1 <= len(value) <= MAX_KEY_LENGTH:
-        raise ValueError(f"key must be 1-{MAX_KEY_LENGTH} characters long, not {len(value)}")
-    if not value.isprintable():
-        index = next(i for i, char in enumerate(value) if not char.isprintable())
-        raise ValueError(
-            f"key must be printable characters; character {index + 1} is {value[index]!r}"
-        )
-    return value
 
 
 def fingerprint(params: Any) -> str:
@@ -224,7 +212,7 @@ class KeyStore:
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | None,
         *,
         retention: float = 86400.0,
         max_keys: int = 100_000,
@@ -237,7 +225,8 @@ class KeyStore:
             raise ValueError("retention must be positive")
         if max_keys < 1 or max_queue < 1:
             raise ValueError("max_keys and max_queue must be at least 1")
-        self.path = Path(path)
+        self.memory = path is None  #: in memory only: nothing survives close()
+        self.path = Path(":memory:") if path is None else Path(path)
         self.retention = float(retention)
         self.max_keys = max_keys
         self.max_queue = max_queue
@@ -268,8 +257,9 @@ class KeyStore:
         if self._conn is not None:
             raise KeyStoreError(f"key store {self.path} is already open")
         try:
-            ensure_private_dir(self.path.parent)
-            self._lock_fd = _lock_file(self.path)
+            if not self.memory:
+                ensure_private_dir(self.path.parent)
+                self._lock_fd = _lock_file(self.path)
         except OSError as exc:
             raise KeyStoreError(f"cannot open key store {self.path}: {exc}") from exc
         try:
@@ -461,6 +451,8 @@ class KeyStore:
                 self._push(key, None, None)
 
     def _connect(self) -> sqlite3.Connection:
+        if self.memory:
+            return sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
         if not self.path.exists():
             os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
         try:
@@ -608,6 +600,11 @@ def _lock_file(path: Path) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
         os.close(fd)
-        raise KeyStoreLocked(f"key store {path} is in use by another store (or process)")
+        by = f"process {holder}" if holder.isdigit() else "another store (or process)"
+        raise KeyStoreLocked(f"key store {path} is in use by {by}")
+    # the holder's pid, for the message another process gets (the lock itself is the flock)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd

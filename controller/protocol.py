@@ -6,7 +6,7 @@ code lives here: :class:`Decoder` turns received bytes into message objects and 
 
 >>> d = Decoder()
 >>> d.feed(b'{"jsonrpc":"2.0","id":1,"method":"rpc.ping"}\\n')
-[Request(method='rpc.ping', params=None, id=1)]
+[Request(method='rpc.ping', params=None, id=1, key=None)]
 >>> encode(Response(id=1, result="pong"))
 b'{"jsonrpc":"2.0","id":1,"result":"pong"}\\n'
 """
@@ -24,6 +24,7 @@ DEFAULT_PORT = 15769
 DEFAULT_MAX_FRAME = 1 << 20  #: bytes in one line, newline excluded
 DEFAULT_MAX_DEPTH = 32  #: nesting of arrays/objects in one message
 DEFAULT_MAX_BATCH = 100  #: calls in one batch
+MAX_KEY_LENGTH = 128  #: characters in an idempotency key
 
 Id = str | int | float | None
 Params = list[Any] | dict[str, Any] | None
@@ -33,11 +34,16 @@ _MISSING: Any = object()
 
 @dataclass(slots=True)
 class Request:
-    """A call that expects exactly one reply carrying the same ``id``."""
+    """A call that expects exactly one reply carrying the same ``id``.
+
+    ``key`` is the optional idempotency key (top-level member ``"key"``, see :func:`check_key`):
+    device commands with the same key run at most once.
+    """
 
     method: str
     params: Params = None
     id: Id = None
+    key: str | None = None
 
 
 @dataclass(slots=True)
@@ -50,20 +56,24 @@ class Notification:
 
 @dataclass(slots=True)
 class Response:
-    """A successful reply."""
+    """A successful reply. ``replayed``: the stored outcome of an earlier execution with the
+    same key (on the wire: top-level ``"replayed": true``, omitted when false)."""
 
     id: Id
     result: Any = None
+    replayed: bool = False
 
 
 @dataclass(slots=True)
 class ErrorResponse:
-    """An error reply. ``data`` is omitted on the wire when it is ``None``."""
+    """An error reply. ``data`` is omitted on the wire when it is ``None``; ``replayed`` as
+    for :class:`Response`."""
 
     id: Id
     code: int
     message: str
     data: Any = None
+    replayed: bool = False
 
 
 @dataclass(slots=True)
@@ -151,6 +161,20 @@ def _invalid(reason: str, msg_id: Id = None) -> Invalid:
     return Invalid(INVALID_REQUEST, "Invalid Request", msg_id, data={"reason": reason})
 
 
+def check_key(value: object) -> str:
+    """``value`` if it is a valid idempotency key (1-128 printable characters), else ValueError."""
+    if not isinstance(value, str):
+        raise ValueError(f"key must be a string, not {type(value).__name__}")
+    if not 1 <= len(value) <= MAX_KEY_LENGTH:
+        raise ValueError(f"key must be 1-{MAX_KEY_LENGTH} characters long, not {len(value)}")
+    if not value.isprintable():
+        index = next(i for i, char in enumerate(value) if not char.isprintable())
+        raise ValueError(
+            f"key must be printable characters; character {index + 1} is {value[index]!r}"
+        )
+    return value
+
+
 def parse_message(obj: Any) -> Message | Invalid:
     """Classify one decoded JSON value as a JSON-RPC message, or say why it is not one."""
     if not isinstance(obj, dict):
@@ -170,18 +194,26 @@ def parse_message(obj: Any) -> Message | Invalid:
             params = None
         elif not isinstance(params, (list, dict)):
             return _invalid("params must be an array or an object", msg_id)
+        key = obj.get("key")
+        if key is not None or "key" in obj:
+            try:
+                check_key(key)
+            except ValueError as exc:
+                return _invalid(str(exc), msg_id)
         if raw_id is _MISSING:
             return Notification(method, params)
-        return Request(method, params, raw_id)
+        return Request(method, params, raw_id, key)
     if raw_id is _MISSING:
         return _invalid("neither a method nor an id")
     if "result" in obj and "error" not in obj:
-        return Response(raw_id, obj["result"])
+        return Response(raw_id, obj["result"], obj.get("replayed") is True)
     error = obj.get("error")
     if "result" not in obj and isinstance(error, dict):
         code, message = error.get("code"), error.get("message")
         if isinstance(code, int) and not isinstance(code, bool) and isinstance(message, str):
-            return ErrorResponse(raw_id, code, message, error.get("data"))
+            return ErrorResponse(
+                raw_id, code, message, error.get("data"), obj.get("replayed") is True
+            )
     return _invalid("not a request and not a response", msg_id)
 
 
@@ -321,15 +353,24 @@ def _line(obj: Any) -> bytes:
 
 def to_obj(message: Message) -> dict[str, Any]:
     """The JSON object of one message."""
+    obj: dict[str, Any]
     if isinstance(message, Response):
-        return {"jsonrpc": "2.0", "id": message.id, "result": message.result}
+        obj = {"jsonrpc": "2.0", "id": message.id, "result": message.result}
+        if message.replayed:
+            obj["replayed"] = True
+        return obj
     if isinstance(message, ErrorResponse):
         error: dict[str, Any] = {"code": message.code, "message": message.message}
         if message.data is not None:
             error["data"] = message.data
-        return {"jsonrpc": "2.0", "id": message.id, "error": error}
+        obj = {"jsonrpc": "2.0", "id": message.id, "error": error}
+        if message.replayed:
+            obj["replayed"] = True
+        return obj
     if isinstance(message, Request):
-        obj: dict[str, Any] = {"jsonrpc": "2.0", "id": message.id, "method": message.method}
+        obj = {"jsonrpc": "2.0", "id": message.id, "method": message.method}
+        if message.key is not None:
+            obj["key"] = message.key
     else:
         obj = {"jsonrpc": "2.0", "method": message.method}
     if message.params is not None:

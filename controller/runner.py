@@ -15,13 +15,14 @@ dispatches: connecting, the in-flight bound and cancelling are the sender's.
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import logging
 import os
 import queue
+import secrets
 import ssl as ssl_module
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,14 @@ log = logging.getLogger("statelink.runner")
 Observer = Callable[["RunHandle", JournalEntry], None]
 
 _COMPILED_CACHE = 64  #: compiled machines kept for reuse, per runner
+
+
+def new_run_id(name: str) -> str:
+    """``NAME-YYYYMMDDTHHMMSSZ-xxxxxxxx``: the workflow's name, the UTC start second and 8
+    random hex digits. Every command of a run carries a key made from its id, so ids must not
+    repeat, also between controllers sharing a device (32 random bits per second and workflow
+    name; the runner also never issues one twice in the same second)."""
+    return f"{name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(4)}"
 
 
 def resolve_servers(
@@ -152,7 +161,8 @@ class WorkflowRunner:
         self._events: queue.SimpleQueue[_Event | None] = queue.SimpleQueue()  # None: stop
         self._compiled: dict[int, CompiledWorkflow] = {}
         self._active: dict[str, RunHandle] = {}
-        self._ids = itertools.count(1)
+        self._issued: set[str] = set()  #: run ids issued in the current second
+        self._issued_second = ""
         self._closed = False
         self._dispatcher = threading.Thread(
             target=self._dispatch, name="statelink-dispatcher", daemon=True
@@ -173,7 +183,9 @@ class WorkflowRunner:
         """Start one run; returns at once (after connecting to servers not yet connected).
 
         ``servers`` overrides the workflow's addresses; ``context`` sets the values of the
-        workflow's ``inputs`` (ValueError for a name that is not one).
+        workflow's ``inputs`` (ValueError for a name that is not one). ``run_id`` defaults to
+        a new unique one (:func:`new_run_id`); one that is running already is a ValueError.
+        The run's commands carry the idempotency keys ``f"{run_id}:{visit}"``.
         """
         if self._closed:
             raise RuntimeError("the workflow runner is closed; start runs on a new one")
@@ -190,7 +202,9 @@ class WorkflowRunner:
                 sender.connect()
             except (OSError, RpcError) as exc:
                 log.warning("cannot connect to %s yet: %s", format_address(sender.address), exc)
-        run_id = run_id or f"{spec.name}-{next(self._ids)}"
+        run_id = run_id or self._new_run_id(spec.name)
+        if run_id in self._active:
+            raise ValueError(f"a run with the id {run_id!r} is running already")
         stream: IO[str] | None
         if journal is None or not isinstance(journal, (str, os.PathLike)):
             stream = journal
@@ -211,6 +225,18 @@ class WorkflowRunner:
         self._active[run_id] = handle
         self.post(handle.run.start)
         return handle
+
+    def _new_run_id(self, name: str) -> str:
+        with self._lock:
+            for _ in range(1000):
+                run_id = new_run_id(name)
+                second = run_id[len(name) + 1 : len(name) + 17]
+                if second != self._issued_second:
+                    self._issued_second, self._issued = second, set()
+                if run_id not in self._issued and run_id not in self._active:
+                    self._issued.add(run_id)
+                    return run_id
+        raise RuntimeError("cannot find a free run id: too many runs started in one second")
 
     def compile(self, workflow: WorkflowSpec | CompiledWorkflow) -> CompiledWorkflow:
         """The compiled machine of a spec, built once per spec object and reused."""
@@ -330,15 +356,17 @@ class _Effects:
     def send_command(
         self, run: WorkflowRun, token: int, server: str, method: str, params: Any, timeout: float
     ) -> None:
-        self.handle._senders[server].send(Command(run, token, server, method, params, timeout))
+        self.handle._senders[server].send(
+            Command(run, token, server, method, params, timeout, run.command_key)
+        )
 
     def start_timer(self, run: WorkflowRun, token: int, delay: float) -> None:
         self.runner.scheduler.call_later(delay, self.runner.post, run.on_timer, token)
 
     def abandon(self, run: WorkflowRun, token: int) -> None:
-        """The run leaves command ``token`` (abort, workflow timeout): its sender cancels it
-        (``rpc.cancel``), so the device is free for the on_abort path; a timer token is
-        nobody's."""
+        """The run leaves command ``token`` (abort, workflow timeout, an error route after a
+        client-side timeout): its sender cancels it (``rpc.cancel``) if it may still run, so
+        the device is free for what comes next; a timer token is nobody's."""
         for sender in set(self.handle._senders.values()):
             sender.cancel(run, token)
 
@@ -361,4 +389,4 @@ class _Effects:
         self.runner._finished(self.handle)
 
 
-__all__ = ["ConnectionLostError", "RunHandle", "WorkflowRunner", "resolve_servers"]
+__all__ = ["ConnectionLostError", "RunHandle", "WorkflowRunner", "new_run_id", "resolve_servers"]

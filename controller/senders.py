@@ -33,7 +33,9 @@ class Post(Protocol):
 @dataclass(slots=True, eq=False)
 class Command:
     """One command a run wants sent. Its outcome goes back to the run as
-    ``run.on_reply(token, result)`` or ``run.on_error(token, kind, code, message, data)``."""
+    ``run.on_reply(token, result, replayed)`` or ``run.on_error(token, kind, code, message,
+    data, replayed)``; an outcome that comes after a client-side timeout (which was the
+    outcome the run got) goes to ``run.on_late(token, result, error, replayed)``."""
 
     run: WorkflowRun
     token: int
@@ -41,6 +43,7 @@ class Command:
     method: str
     params: Any  #: JSON params, as the run rendered them
     timeout: float
+    key: str | None = None  #: the idempotency key (the run's ``command_key``): sent as is
 
 
 class Sender(Protocol):
@@ -64,8 +67,11 @@ class Sender(Protocol):
         command is dropped unsent)."""
 
     def cancel(self, run: WorkflowRun, token: int) -> None:
-        """Dispatcher thread: ``run`` left command ``token`` (abort, workflow timeout): ask
-        the server to stop it if it is in flight; a command not yet sent is dropped."""
+        """Dispatcher thread: ``run`` left command ``token`` (abort, workflow timeout, an
+        error route after a client-side timeout): ask the server to stop it if it may still
+        run there (in flight, or timed out on the client side and not answered since); a
+        command not yet sent is dropped. A client-side timeout alone cancels nothing: the
+        run's retry sends the same key, which joins the running execution."""
 
     def close(self) -> None:
         """Close the connection (any thread); commands in flight end with connection lost."""

@@ -7,9 +7,12 @@
 - **Gate**: the server bounds requests in flight per connection (``max_inflight`` in
   ``rpc.hello``); commands beyond it wait here, in order, and go out as replies come back. A
   few slots stay free for the runner's own calls (``rpc.subscribe``, ``rpc.cancel``).
-- **Outcomes**: a reply, an error or a client-side timeout is posted to the dispatcher once;
-  after a client-side timeout (:class:`~controller.errors.ClientTimeoutError`) the command may
-  still run on the server, so it is cancelled there first.
+- **Outcomes**: a reply, an error or a client-side timeout is posted to the dispatcher once.
+  After a client-side timeout (:class:`~controller.errors.ClientTimeoutError`) the command
+  may still run on the server: it is *not* cancelled (a retry of the run sends the same key
+  and joins it); it keeps its gate slot, its real outcome goes to ``run.on_late`` when it
+  comes, and it is cancelled only if the run abandons it (:meth:`TcpSender.cancel`: an error
+  route, an abort, the workflow timeout).
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ from typing import Any
 
 from statemachines import errorkinds as ek
 from statemachines.addresses import Address, format_address
-from statemachines.workflow import WorkflowRun
+from statemachines.workflow import ErrorInfo, WorkflowRun
 
-from .client import Client
+from .client import Client, CommandFuture, LateOutcome
 from .errors import ClientTimeoutError, ConnectionLostError, RpcError
 from .scheduler import Scheduler
 from .senders import Command, NotificationHandler, Post
@@ -81,7 +84,10 @@ class TcpSender:
         # dispatcher thread only:
         self._gate: _Gate | None = None
         self._awaiting_connect: list[Command] | None = None
-        self._inflight: dict[tuple[WorkflowRun, int], Future[Any]] = {}
+        self._inflight: dict[tuple[WorkflowRun, int], CommandFuture] = {}
+        #: timed out on the client side, real outcome not yet in (each holds its gate slot;
+        #: the client reports every one of them once: bounded by the client's MAX_LATE)
+        self._timed_out: dict[tuple[WorkflowRun, int], CommandFuture] = {}
 
     @property
     def address(self) -> Address:
@@ -149,8 +155,12 @@ class TcpSender:
 
     def cancel(self, run: WorkflowRun, token: int) -> None:
         future = self._inflight.get((run, token))
+        if future is not None and future.done():
+            future = None  # its outcome is on its way to the run
+        if future is None:
+            future = self._timed_out.get((run, token))
         client = self._client
-        if future is not None and client is not None and not future.done():
+        if future is not None and client is not None:
             client.cancel(future)
 
     def _connect_for_dispatcher(self) -> None:
@@ -195,28 +205,32 @@ class TcpSender:
 
     def _send_now(self, client: Client, gate: _Gate, command: Command) -> None:
         gate.inflight += 1
-        future = client.send_command(command.method, command.params, timeout=command.timeout)
+        # both callbacks run on the reader (or timer) thread: they only post
+        future = client.send_command(
+            command.method,
+            command.params,
+            timeout=command.timeout,
+            key=command.key,
+            on_late=functools.partial(self._post, self._late, client, command),
+        )
         self._inflight[command.run, command.token] = future
-        # runs on the reader (or timer) thread: only post
         future.add_done_callback(functools.partial(self._post, self._settled, client, command))
 
     def _settled(self, client: Client, command: Command, future: Future[Any]) -> None:
-        self._inflight.pop((command.run, command.token), None)
-        self._release(client)
+        assert isinstance(future, CommandFuture)
         run, token = command.run, command.token
+        self._inflight.pop((run, token), None)
         error = future.exception()
-        if error is None:
-            run.on_reply(token, future.result())
-            return
         if isinstance(error, ClientTimeoutError):
-            # Our timeout, not the server's: the command may still be running there. Cancel
-            # it first, so that a retry or the next state does not queue behind it.
-            try:
-                client.cancel(future)
-            except Exception:
-                log.exception("cancelling %s after its timeout failed", command.method)
+            # Our timeout, not the server's: the command may still run there, in its slot.
+            self._timed_out[run, token] = future
+        else:
+            self._release(client)
+        if error is None:
+            run.on_reply(token, future.result(), future.replayed)
+            return
         if isinstance(error, RpcError):
-            run.on_error(token, error.kind, error.code, error.message, error.data)
+            run.on_error(token, error.kind, error.code, error.message, error.data, future.replayed)
         else:
             run.on_error(
                 token,
@@ -225,6 +239,18 @@ class TcpSender:
                 f"{type(error).__name__}: {error}",
                 None,
             )
+
+    def _late(self, client: Client, command: Command, late: LateOutcome) -> None:
+        """The real outcome of a command after its client-side timeout (or ``lost``: it
+        will never come): its slot is free; the run journals it."""
+        if self._timed_out.pop((command.run, command.token), None) is None:
+            return
+        self._release(client)
+        if late.lost:
+            return
+        error = late.error
+        info = None if error is None else ErrorInfo.of(None, error.code, error.message, error.data)
+        command.run.on_late(command.token, late.result, info, late.replayed)
 
     def _release(self, client: Client) -> None:
         """A request was answered: send the commands waiting for its slot."""

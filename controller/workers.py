@@ -5,6 +5,10 @@ a fixed queue bound; :meth:`WorkerPool.submit` refuses work beyond it (the serve
 "busy" at once). Outcomes are handed back through one deque and a single loop wake-up per
 burst, which keeps the thread hand-off cheap under load.
 
+A job may carry a *gate*: the worker calls it just before the job and skips the job when it
+returns False (the job's call was answered or withdrawn meanwhile, see
+:meth:`controller.server.Call.hold`); ``done`` then gets :class:`NotStarted`.
+
 :meth:`WorkerPool.shutdown` takes the jobs that have not started off the queue (they never
 run) and gives each of them its one outcome, the ``error`` it is given; from then on
 :meth:`~WorkerPool.submit` refuses work with :class:`PoolClosed`.
@@ -30,6 +34,10 @@ _STOP = object()
 
 class PoolFull(Exception):
     """The pool's queue bound is reached; answer busy."""
+
+
+class NotStarted(Exception):
+    """The job's gate said it is no longer wanted: it never ran."""
 
 
 class PoolClosed(PoolFull):
@@ -61,15 +69,23 @@ class WorkerPool:
             thread.start()
 
     def submit(
-        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], done: Done
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        done: Done,
+        gate: Callable[[], bool] | None = None,
     ) -> None:
-        """Queue ``fn(*args, **kwargs)``; ``done`` runs on the loop. Loop thread only."""
+        """Queue ``fn(*args, **kwargs)``; ``done`` runs on the loop. Loop thread only.
+
+        ``gate()``, if given, runs on the worker just before ``fn``: False skips ``fn`` (``done``
+        gets :class:`NotStarted`)."""
         if self.pending >= self._limit:
             if self.closed:
                 raise PoolClosed("the worker pool is shut down")
             raise PoolFull(f"worker queue full ({self.size} workers, {self.max_queue} queued)")
         self.pending += 1
-        self._jobs.put((fn, args, kwargs, done))
+        self._jobs.put((fn, args, kwargs, done, gate))
 
     def _work(self) -> None:
         jobs, outcomes, loop = self._jobs, self._outcomes, self._loop
@@ -77,11 +93,14 @@ class WorkerPool:
             job = jobs.get()
             if job is _STOP:
                 return
-            fn, args, kwargs, done = job
-            try:
-                outcomes.append((done, fn(*args, **kwargs), None))
-            except BaseException as exc:
-                outcomes.append((done, None, exc))
+            fn, args, kwargs, done, gate = job
+            if gate is not None and not gate():
+                outcomes.append((done, None, NotStarted("the job was no longer wanted")))
+            else:
+                try:
+                    outcomes.append((done, fn(*args, **kwargs), None))
+                except BaseException as exc:
+                    outcomes.append((done, None, exc))
             if not self._wake_pending:
                 self._wake_pending = True
                 try:

@@ -19,6 +19,8 @@ BUSY = -32003  #: server at capacity (worker queue, in-flight limit, connection 
 UNAUTHORIZED = -32004  #: authentication required or failed
 CANCELLED = -32005  #: the client cancelled the command (rpc.cancel)
 DEVICE_FAULT = -32006  #: the handler raised; the device moved to its fault state
+KEY_CONFLICT = -32007  #: the idempotency key was used with another method or other params
+INTERRUPTED = -32008  #: the keyed command was running when its server stopped or crashed
 CONNECTION_LOST = -32010  #: client side only: the connection closed before the reply
 
 #: code -> kind name, as used in workflow ``on_error`` and ``retry.on``.
@@ -34,6 +36,8 @@ KIND_BY_CODE: dict[int, str] = {
     UNAUTHORIZED: "unauthorized",
     CANCELLED: "cancelled",
     DEVICE_FAULT: "device_fault",
+    KEY_CONFLICT: "key_conflict",
+    INTERRUPTED: "interrupted",
     CONNECTION_LOST: "connection_lost",
 }
 

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .device import DeviceSpec
 
 FORMATS = ("mermaid", "dot")
+ABORT_LABEL = "on abort (Ctrl-C, run timeout)"  #: the label of the edge into a workflow's on_abort
 
 _MERMAID_ID = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Words Mermaid's state diagram grammar treats specially; never used as bare ids.
@@ -32,30 +33,34 @@ def render_graph(
     edges: Iterable[tuple[str, str, str]],
     finals: Iterable[str] = (),
     fmt: str = "mermaid",
+    abort: str | None = None,
 ) -> str:
     """Render a state machine as text.
 
     ``edges`` are ``(source, dest, label)`` in drawing order (an empty label draws a bare
     arrow); states only named by edges are drawn too. ``initial`` gets an arrow from the start
-    dot, each of ``finals`` an arrow to the end dot (Mermaid) or a double circle (DOT). Names
-    that need it are quoted or aliased, so any string is a valid state name. ValueError for an
-    unknown ``fmt``.
+    dot, each of ``finals`` an arrow to the end dot (Mermaid) or a double circle (DOT). ``abort``
+    (a workflow's ``on_abort`` state, which any running state can enter) gets an edge labelled
+    :data:`ABORT_LABEL`: from the start dot in Mermaid (its state diagrams have no dashed
+    edges), a dashed one from its own point in DOT. Names that need it are quoted or aliased,
+    so any string is a valid state name. ValueError for an unknown ``fmt``.
     """
     edge_list = [(str(s), str(d), str(label or "")) for s, d, label in edges]
     ordered: list[str] = []
     for name in [*states, *(n for s, d, _ in edge_list for n in (s, d))]:
         if name not in ordered:
             ordered.append(name)
-    if initial is not None and initial not in ordered:
-        ordered.append(initial)
+    for marked in (initial, abort):
+        if marked is not None and marked not in ordered:
+            ordered.append(marked)
     final_list = [f for f in finals if f is not None]
     for name in final_list:
         if name not in ordered:
             ordered.append(name)
     if fmt == "mermaid":
-        return _mermaid(title, ordered, initial, edge_list, final_list)
+        return _mermaid(title, ordered, initial, edge_list, final_list, abort)
     if fmt == "dot":
-        return _dot(title, ordered, initial, edge_list, final_list)
+        return _dot(title, ordered, initial, edge_list, final_list, abort)
     raise ValueError(f"unknown graph format {fmt!r} (formats: {', '.join(FORMATS)})")
 
 
@@ -82,6 +87,7 @@ def _mermaid(
     initial: str | None,
     edges: list[tuple[str, str, str]],
     finals: list[str],
+    abort: str | None,
 ) -> str:
     ids: dict[str, str] = {}
     taken = {s for s in states if _MERMAID_ID.match(s) and s not in _MERMAID_RESERVED}
@@ -99,6 +105,8 @@ def _mermaid(
         lines.append(f'    state "{shown}" as {alias}')
     if initial is not None:
         lines.append(f"    [*] --> {ids[initial]}")
+    if abort is not None:
+        lines.append(f"    [*] --> {ids[abort]} : {_mermaid_label(ABORT_LABEL)}")
     for source, dest, label in edges:
         text = _mermaid_label(label)
         suffix = f" : {text}" if text else ""
@@ -119,10 +127,13 @@ def _dot(
     initial: str | None,
     edges: list[tuple[str, str, str]],
     finals: list[str],
+    abort: str | None,
 ) -> str:
-    start = "__start__"
+    start, abort_point = "__start__", "__abort__"
     while start in states:
         start += "_"
+    while abort_point in states:
+        abort_point += "_"
     lines = [
         f"digraph {_dot_quote(title)} {{",
         "    rankdir=LR;",
@@ -136,6 +147,10 @@ def _dot(
     if initial is not None:
         lines.append(f'    {_dot_quote(start)} [shape=point, label=""];')
         lines.append(f"    {_dot_quote(start)} -> {_dot_quote(initial)};")
+    if abort is not None:
+        point, label = _dot_quote(abort_point), _dot_quote(ABORT_LABEL)
+        lines.append(f'    {point} [shape=point, label=""];')
+        lines.append(f"    {point} -> {_dot_quote(abort)} [label={label}, style=dashed];")
     for source, dest, label in edges:
         attrs = f" [label={_dot_quote(label)}]" if label else ""
         lines.append(f"    {_dot_quote(source)} -> {_dot_quote(dest)}{attrs};")
@@ -197,4 +212,7 @@ def workflow_graph(workflow: Any, fmt: str = "mermaid") -> str:
         from .workflow import CompiledWorkflow
 
         workflow = CompiledWorkflow(workflow)
-    return render_graph(**workflow.graph_args(), fmt=fmt)
+    args = dict(workflow.graph_args())
+    if "abort" not in args:  # the on_abort state, entered from any running state
+        args["abort"] = getattr(getattr(workflow, "spec", None), "on_abort", None)
+    return render_graph(**args, fmt=fmt)

@@ -104,10 +104,20 @@ def parse_yaml(text: str, file: str = "<string>") -> Any:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 1
-        reason = exc.problem or exc.context or "invalid YAML"
+        reason = _alias_hint(exc) or exc.problem or exc.context or "invalid YAML"
         raise ConfigErrors([ConfigError(file, line, f"invalid YAML: {reason}")])
     except yaml.YAMLError as exc:
         raise ConfigErrors([ConfigError(file, 1, f"invalid YAML: {exc}")])
+
+
+def _alias_hint(exc: yaml.MarkedYAMLError) -> str:
+    """The reason to give for a ``*`` that YAML took for an alias (``from: *`` unquoted), or
+    ``""`` for any other error."""
+    if exc.context == "while scanning an alias":
+        return 'a bare * starts a YAML alias: quote it, as "*"'
+    if (exc.problem or "").startswith("found undefined alias"):
+        return f'{exc.problem} (a value starting with * is a YAML alias: quote it, as "*...")'
+    return ""
 
 
 def load_yaml(path: str | Path) -> Any:

@@ -17,6 +17,15 @@ from support import WAIT, RawConnection, wait_until
 from controller import CommandServer
 
 
+@pytest.fixture(autouse=True)
+def private_state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Every test's ``statelink`` processes keep their state (keys, run journals) in a temporary
+    directory of their own, never in the user's ``~/.local/state/statelink``."""
+    path = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv("STATE_DIRECTORY", str(path))
+    return path
+
+
 @pytest.fixture(name="wait_until")
 def wait_until_fixture() -> Callable[..., Any]:
     """:func:`wait_until` as a fixture (test modules do not import conftest)."""

@@ -22,12 +22,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
+import random
 import re
 import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -41,10 +44,8 @@ from support import WAIT, wait_until
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 HOST = "127.0.0.1"
-#: seconds any single wait may take before the test fails
 
 
-# -- waiting ---------------------------------------------------------------------------------
 # -- the test commands -----------------------------------------------------------------------
 def add_test_commands(server: Any, release: threading.Event | None = None) -> threading.Event:
     """Register the commands the reliability tests use; returns the ``release`` event that
@@ -106,7 +107,7 @@ def serve(**kwargs: Any) -> Iterator[Any]:
     kwargs.setdefault("grace", 0.5)
     server = CommandServer(**kwargs)
     release = add_test_commands(server)
-    server.test_release = release  # type: ignore[attr-defined]  # lets a test unblock ``hang``
+    server.test_release = release  # lets a test unblock ``hang``
     server.start()
     try:
         yield server
@@ -154,78 +155,218 @@ def accept_within(sock: socket.socket, timeout: float) -> socket.socket | None:
     return conn
 
 
-# -- a recording proxy -----------------------------------------------------------------------
-class Recorder:
-    """A loopback TCP proxy to ``target`` that keeps every byte in each direction.
+# -- a fault proxy ---------------------------------------------------------------------------
+class FaultProxy:
+    """A loopback TCP proxy to ``target`` that the test controls (the network between a
+    runner and a server). Each accepted connection gets its own upstream connection and two
+    pump threads; what they do with each chunk read is decided per chunk, from the settings
+    *now*:
 
-    ``up`` holds what clients sent, ``down`` what the server sent back.
+    - pass (the default): forwarded as is;
+    - ``delay``: each chunk waits that many seconds (a ``(low, high)`` pair: a seeded random
+      time in between) before it is forwarded, in order;
+    - ``drop_rate``: each chunk, with that probability (seeded ``random.Random(seed)``), is
+      discarded and its connection reset on both sides (random drops);
+    - :meth:`drop`: reset every open connection now (both sides see a reset);
+    - :meth:`blackhole`: a partition. Every open connection and every new one reads and
+      forwards nothing (a new one is accepted but never connected upstream);
+    - :meth:`heal`: new connections pass again; the black-holed ones are reset, since their
+      byte streams have a gap and cannot resume (what a peer sees when a partition outlasts
+      its connection);
+    - ``target`` may be changed at any time (a server restarted on another port); a connection
+      whose upstream cannot be reached is reset.
+
+    ``accepted`` counts the connections accepted, ``resets`` those the proxy reset.
+    With ``record=True`` it keeps every forwarded byte: ``up`` (client to server), ``down``.
     """
 
-    def __init__(self, target: tuple[str, int]):
+    def __init__(
+        self,
+        target: tuple[str, int],
+        *,
+        record: bool = False,
+        delay: float | tuple[float, float] = 0.0,
+        drop_rate: float = 0.0,
+        seed: int = 0,
+    ):
         self.target = target
+        self.record = record
+        self.delay = delay
+        self.drop_rate = drop_rate
         self.up = bytearray()
         self.down = bytearray()
+        self.accepted = 0
+        self.resets = 0
+        self._rng = random.Random(seed)
         self._lock = threading.Lock()
+        self._blackholed = False
+        self._links: list[_Link] = []
         self._listener = listener()
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
         self._closed = threading.Event()
-        self._socks: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
-        self._accept = threading.Thread(
-            target=self._accept_loop, daemon=True, name="recorder-accept"
-        )
+        self._accept = threading.Thread(target=self._accept_loop, daemon=True, name="proxy-accept")
         self._accept.start()
 
+    # -- control ---------------------------------------------------------------------------
+    def blackhole(self) -> None:
+        """Partition: nothing is forwarded any more, on open connections and new ones."""
+        with self._lock:
+            self._blackholed = True
+            for link in self._links:
+                link.blackholed = True
+
+    def heal(self) -> None:
+        """End the partition: reset the black-holed connections; new ones pass."""
+        with self._lock:
+            self._blackholed = False
+            dead = [link for link in self._links if link.blackholed]
+        for link in dead:
+            self._reset(link)
+
+    def drop(self) -> int:
+        """Reset every open connection on both sides; the number reset."""
+        with self._lock:
+            links = list(self._links)
+        return sum(self._reset(link) for link in links)
+
+    # -- the pumps -------------------------------------------------------------------------
     def _accept_loop(self) -> None:
         while not self._closed.is_set():
             conn = accept_within(self._listener, 0.1)
             if conn is None:
                 continue
-            upstream = socket.create_connection(self.target, timeout=WAIT)
-            self._socks += [conn, upstream]
-            for src, dst, buf in ((conn, upstream, self.up), (upstream, conn, self.down)):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            link = _Link(conn)
+            with self._lock:
+                self.accepted += 1
+                link.blackholed = self._blackholed
+            if not link.blackholed:
+                try:
+                    link.upstream = socket.create_connection(self.target, timeout=WAIT)
+                    link.upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:
+                    self._reset(link)
+                    continue
+            with self._lock:
+                self._links.append(link)
+            pairs = [(link.client, link.upstream, self.up)]
+            if link.upstream is not None:
+                pairs.append((link.upstream, link.client, self.down))
+            for src, dst, buf in pairs:
                 thread = threading.Thread(
-                    target=self._pump, args=(src, dst, buf), daemon=True, name="recorder-pump"
+                    target=self._pump, args=(link, src, dst, buf), daemon=True, name="proxy-pump"
                 )
                 self._threads.append(thread)
                 thread.start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, buf: bytearray) -> None:
-        while True:
-            ready, _, _ = select.select([src], [], [], 0.1)
-            if self._closed.is_set():
-                return
-            if not ready:
-                continue
-            try:
-                data = src.recv(65536)
-            except OSError:
-                data = b""
-            if not data:
-                with contextlib.suppress(OSError):
-                    dst.shutdown(socket.SHUT_WR)
-                return
+    def _chance(self) -> float:
+        with self._lock:
+            return self._rng.random()
+
+    def _pause(self) -> float:
+        delay = self.delay
+        if isinstance(delay, tuple):
             with self._lock:
-                buf += data
+                return self._rng.uniform(*delay)
+        return delay
+
+    def _pump(
+        self,
+        link: _Link,
+        src: socket.socket,
+        dst: socket.socket | None,
+        buf: bytearray,
+    ) -> None:
+        while not self._closed.is_set() and not link.dead:
+            try:
+                ready, _, _ = select.select([src], [], [], 0.1)
+                if not ready:
+                    continue
+                data = src.recv(65536)
+            except (OSError, ValueError):  # reset by the peer, or by another pump
+                self._reset(link)
+                return
+            if not data:
+                if dst is not None and not link.blackholed:
+                    with contextlib.suppress(OSError):
+                        dst.shutdown(socket.SHUT_WR)
+                return
+            if link.blackholed or dst is None:
+                continue  # read, forward nothing
+            if self.drop_rate and self._chance() < self.drop_rate:
+                self._reset(link)
+                return
+            pause = self._pause()
+            if pause > 0 and self._closed.wait(pause):
+                return
+            if link.blackholed or link.dead:
+                continue
+            if self.record:
+                with self._lock:
+                    buf += data
             try:
                 dst.sendall(data)
             except OSError:
+                self._reset(link)
                 return
+
+    def _reset(self, link: _Link) -> bool:
+        """Close both sides of ``link`` with a reset (SO_LINGER 0); False if already done."""
+        with self._lock:
+            if link.dead:
+                return False
+            link.dead = True
+            self.resets += 1
+            if link in self._links:
+                self._links.remove(link)
+        for sock in (link.client, link.upstream):
+            if sock is None:
+                continue
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            with contextlib.suppress(OSError):
+                sock.close()
+        return True
 
     def close(self) -> None:
         self._closed.set()
         self._accept.join(timeout=WAIT)
         for thread in self._threads:
             thread.join(timeout=WAIT)
-        for sock in [*self._socks, self._listener]:
-            with contextlib.suppress(OSError):
-                sock.close()
+        with self._lock:
+            links, self._links = self._links, []
+        for link in links:
+            for sock in (link.client, link.upstream):
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.close()
+        with contextlib.suppress(OSError):
+            self._listener.close()
 
-    def __enter__(self) -> Recorder:
+    def __enter__(self) -> FaultProxy:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class _Link:
+    """One proxied connection: the accepted socket and its upstream (None: black-holed)."""
+
+    def __init__(self, client: socket.socket):
+        self.client = client
+        self.upstream: socket.socket | None = None
+        self.blackholed = False
+        self.dead = False
+
+
+class Recorder(FaultProxy):
+    """A :class:`FaultProxy` that only passes and keeps every byte: ``up`` holds what clients
+    sent, ``down`` what the server sent back."""
+
+    def __init__(self, target: tuple[str, int]):
+        super().__init__(target, record=True)
 
 
 # -- TLS -------------------------------------------------------------------------------------
@@ -345,12 +486,118 @@ def reset(ctx):
 '''
 
 
-def write_device(directory: Path) -> Path:
-    """``testdev.yaml`` and its handler module ``testdev_hw.py`` in ``directory``."""
+def write_device(directory: Path, *, slow_cancelled: str | None = None) -> Path:
+    """``testdev.yaml`` and its handler module ``testdev_hw.py`` in ``directory``.
+
+    ``slow_cancelled``: the state ``slow`` ends in when cancelled while it runs (its
+    ``cancelled:`` key; without it the device faults, as for any command cancelled halfway).
+    """
     (directory / "testdev_hw.py").write_text(DEVICE_HW)
+    text = DEVICE_YAML
+    if slow_cancelled is not None:
+        text = text.replace(
+            "    handler: testdev_hw:slow\n",
+            f"    handler: testdev_hw:slow\n    cancelled: {slow_cancelled}\n",
+        )
     path = directory / "testdev.yaml"
-    path.write_text(DEVICE_YAML)
+    path.write_text(text)
     return path
+
+
+COUNTING_YAML = """\
+device: {name}
+description: a device whose handlers append every invocation to executions.jsonl
+states: [idle, busy, fault]
+initial: idle
+fault: fault
+timeout: 10s
+commands:
+  work:
+    from: [idle]
+    running: busy
+    to: idle
+    handler: counting_hw:work
+    params:
+      seconds: {{type: number, min: 0, max: 30, default: 0}}
+      size: {{type: integer, min: 0, max: 20000000, default: 0}}
+      depth: {{type: integer, min: 0, max: 100, default: 0}}
+      tag: {{type: string, default: ""}}
+  quick:
+    from: [idle]
+    running: busy
+    to: idle
+    timeout: 300ms
+    handler: counting_hw:work
+    params:
+      tag: {{type: string, default: ""}}
+  mark:
+    from: "*"
+    handler: counting_hw:work
+    params:
+      tag: {{type: string, default: ""}}
+  reset:
+    from: [fault]
+    to: idle
+    handler: counting_hw:work
+"""
+
+COUNTING_HW = '''\
+"""Handlers of the counting test device: every invocation appends a "start" line, and every
+return an "end" line, to executions.jsonl next to this file (one O_APPEND write each)."""
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+LOG = Path(__file__).with_name("executions.jsonl")
+
+
+def _append(record):
+    fd = os.open(LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, (json.dumps(record) + "\\n").encode())
+    finally:
+        os.close(fd)
+
+
+def work(ctx, seconds=0, size=0, depth=0, tag=""):
+    execution = uuid.uuid4().hex
+    head = {"device": ctx.device, "command": ctx.command, "tag": tag, "execution": execution}
+    _append({"event": "start", **head})
+    finished = ctx.sleep(seconds) if seconds else True
+    _append({"event": "end", "finished": finished, **head})
+    if size:
+        return "x" * size
+    if depth:
+        value = execution
+        for _ in range(depth):
+            value = [value]
+        return value
+    return {"execution": execution, "tag": tag, "finished": finished}
+'''
+
+
+def write_counting_device(directory: Path, name: str = "counter") -> Path:
+    """``NAME.yaml`` (commands ``work``, ``quick`` (300 ms timeout), ``mark`` (from "*"),
+    ``reset``) and the handler module ``counting_hw.py`` in ``directory``; every handler
+    invocation is logged (see :func:`executions`). Several devices may share a directory."""
+    (directory / "counting_hw.py").write_text(COUNTING_HW)
+    path = directory / f"{name}.yaml"
+    path.write_text(COUNTING_YAML.format(name=name))
+    return path
+
+
+def executions(directory: Path, event: str = "start", **match: Any) -> list[dict[str, Any]]:
+    """The logged invocations (``event`` "start") or returns ("end") of the counting devices
+    in ``directory``, in order, filtered by ``match`` (e.g. ``command="work"``)."""
+    path = directory / "executions.jsonl"
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [
+        r for r in records if r["event"] == event and all(r.get(k) == v for k, v in match.items())
+    ]
 
 
 # -- child processes -------------------------------------------------------------------------
@@ -367,6 +614,8 @@ class ChildServer:
 
     ``mode`` is ``"test-server"`` (a ``CommandServer`` with :func:`add_test_commands`) or
     ``"cli"`` (``statelink ARGS``). Its output goes to ``log`` (a file); ``wait_for`` reads it.
+    A ``serve`` without ``--state-dir`` gets ``LOG.state`` next to the log (never the user's
+    default state dir), so a child restarted with the same log finds its keys again.
     """
 
     READY = re.compile(r"(?:READY|serving on) (\d+\.\d+\.\d+\.\d+):(\d+)")
@@ -381,6 +630,12 @@ class ChildServer:
         env: dict[str, str] | None = None,
     ):
         self.mode = mode
+        if (
+            mode == "cli"
+            and args[:1] == ["serve"]
+            and not any(a == "--state-dir" or a.startswith("--state-dir=") for a in args)
+        ):
+            args = [*args, "--state-dir", str(log.with_suffix(".state"))]
         self.args = args
         self.log = log
         self.lifetime = lifetime

@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -24,9 +25,16 @@ WAIT = 20.0  #: seconds any single wait in a test may take
 
 
 class ServeProcess:
-    """``statelink serve --port PORT ...`` in the background (PORT 0: a free one)."""
+    """``statelink serve --port PORT ...`` in the background (PORT 0: a free one).
+
+    Without ``--state-dir`` in ``args`` the server gets a fresh temporary state dir (removed
+    when it stops), never the user's default one, which another server may hold."""
 
     def __init__(self, *args: str, port: int = 0):
+        self._state_dir: tempfile.TemporaryDirectory[str] | None = None
+        if not any(a == "--state-dir" or a.startswith("--state-dir=") for a in args):
+            self._state_dir = tempfile.TemporaryDirectory(prefix="statelink-state-")
+            args = (*args, "--state-dir", self._state_dir.name)
         self.args = args
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "controller", "serve", "--port", str(port), *args],
@@ -78,6 +86,8 @@ class ServeProcess:
         self._pump_thread.join(WAIT)  # EOF once the process is gone
         if self.proc.stderr is not None:
             self.proc.stderr.close()
+        if self._state_dir is not None:
+            self._state_dir.cleanup()
 
 
 def statelink(*args: str, timeout: float = 60, **kwargs: Any) -> subprocess.CompletedProcess[str]:

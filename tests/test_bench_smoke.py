@@ -95,6 +95,48 @@ def test_workflow_and_footprint_scenarios(tmp_path: Path) -> None:
     assert "S5 footprint" in stdout
 
 
+def test_keyed_device_command_scenario(tmp_path: Path) -> None:
+    """S6: the same device command with a fresh idempotency key per request and without one,
+    on one server with a state directory; both answered without an error."""
+    stdout, data = run_bench(
+        tmp_path, "--scenarios", "S6", "--s6-conns", "2", "--duration", "0.2", "--warmup", "0.05"
+    )
+    rows = {r["server"]: r for r in data["rows"] if r["scenario"] == "S6"}
+    assert set(rows) == {"statelink device cmd", "statelink device cmd + key"}, data["rows"]
+    for r in rows.values():
+        assert "failed" not in r, r
+        assert r["conns"] == 2 and r["throughput"] > 0 and r["completed"] > 0, r
+        assert r["errors"] == 0 and r["lost"] == 0, r  # keyed replies are results, not errors
+    keyed = rows["statelink device cmd + key"]
+    assert keyed["vs_unkeyed"] == pytest.approx(
+        keyed["throughput"] / rows["statelink device cmd"]["throughput"]
+    )
+    assert "statelink device cmd + key" in stdout
+
+
+def test_the_load_generator_sends_a_fresh_key_with_every_request() -> None:
+    import json
+
+    from bench.load import LoadSpec, _Driver
+
+    plain = _Driver(LoadSpec(port=1, method="keyed.echo", params={"value": "x"}))
+    keyed = _Driver(LoadSpec(port=1, method="keyed.echo", params={"value": "x"}, keyed=True))
+    assert plain.key_head == b""
+    lines = keyed.requests(range(7, 9)).splitlines()
+    assert json.loads(plain.requests(range(7, 8))) == {
+        "jsonrpc": "2.0",
+        "id": 7,
+        "method": "keyed.echo",
+        "params": {"value": "x"},
+    }
+    requests = [json.loads(line) for line in lines]
+    assert [r["id"] for r in requests] == [7, 8]
+    assert requests[0]["method"] == "keyed.echo" and requests[0]["params"] == {"value": "x"}
+    assert requests[0]["key"] != requests[1]["key"] and requests[0]["key"].endswith("-7")
+    other = _Driver(LoadSpec(port=1, keyed=True))  # another load process: another key tag
+    assert other.key_head != keyed.key_head
+
+
 def test_the_load_generator_refuses_other_hosts() -> None:
     from bench.load import LoadSpec
 

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import re
 import socket
+import time
 from concurrent.futures import Future
 
 import pytest
@@ -108,8 +109,15 @@ def test_device_lane_is_bounded_by_max_queue(tmp_path):
 
     from statemachines.device import load_device
 
+    config = write_device(tmp_path)
+    # cancelled halfway (by the disconnect below), `slow` ends in idle, not in its default fault
+    text = config.read_text()
+    if "cancelled: idle" not in text:
+        text = text.replace("    timeout: 30s\n", "    timeout: 30s\n    cancelled: idle\n")
+        config.write_text(text)
+    assert "cancelled: idle" in text
     with serve(limits=Limits(max_queue=2)) as server:
-        add_device(server, load_device(write_device(tmp_path)))
+        add_device(server, load_device(config))
         with Raw(server.address) as raw:
             raw.request("testdev.slow", {"seconds": 20}, id="running")
             wait_until(lambda: stats(server.address)["requests_in_flight"] == 2)
@@ -401,3 +409,74 @@ def test_every_bound_is_a_serve_option():
     for name in LIMIT_OPTIONS:
         assert name in dests, f"statelink serve has no --{name.replace('_', '-')}"
         assert dests[name] == getattr(defaults, name), name
+
+
+# -- one reply too large, one reply large, a listener that only listens (issue 11) -------------
+def test_a_result_too_large_for_a_frame_is_an_error_and_the_connection_carries_on():
+    limit = 64 * 1024
+    with serve(limits=Limits(max_frame=limit)) as server, Raw(server.address) as raw:
+        raw.request("big", [3 * limit], id="big")
+        raw.request("echo", ["after"], id="after")
+        replies = {reply["id"]: reply for reply in (raw.json(), raw.json())}
+        error = replies["big"]["error"]
+        assert ek.kind_of(error["code"]) == "internal_error"
+        size = 3 * limit + len('{"jsonrpc":"2.0","id":"big","result":""}')
+        assert error["data"] == {"size": size, "limit": limit}
+        assert str(size) in error["message"] and str(limit) in error["message"]
+        assert replies["after"]["result"] == "after"
+        assert raw.call("echo", ["still open"])["result"] == "still open"
+        assert "outgoing_buffer" not in stats(server.address)["closed_by_reason"]
+
+
+def test_a_batch_whose_replies_together_exceed_a_frame_keeps_what_fits():
+    limit = 64 * 1024
+    with serve(limits=Limits(max_frame=limit)) as server, Raw(server.address) as raw:
+        batch = [
+            {"jsonrpc": "2.0", "id": 1, "method": "big", "params": [40 * 1024]},
+            {"jsonrpc": "2.0", "id": 2, "method": "big", "params": [30 * 1024]},
+            {"jsonrpc": "2.0", "id": 3, "method": "echo", "params": ["small"]},
+        ]
+        raw.send_json(batch)
+        line = raw.line()
+        assert len(line) <= limit
+        replies = {reply["id"]: reply for reply in json.loads(line)}
+        assert replies[1]["error"]["data"]["limit"] == limit  # the largest gave way
+        assert replies[2]["result"] == "x" * 30 * 1024
+        assert replies[3]["result"] == "small"
+        assert raw.call("rpc.ping")["result"] == "pong"
+
+
+def test_one_reply_up_to_a_frame_never_trips_max_outgoing():
+    """max_outgoing bounds a backlog: one reply larger than it (but within a frame) is
+    written, however slowly the client reads."""
+    limits = Limits(max_outgoing=16 * 1024, max_frame=512 * 1024)
+    with serve(limits=limits) as server, Raw(server.address, rcvbuf=4096) as raw:
+        reply = raw.call("big", [400 * 1024], id="big")
+        assert reply["result"] == "x" * 400 * 1024
+        assert raw.call("rpc.ping")["result"] == "pong"
+        assert "outgoing_buffer" not in stats(server.address)["closed_by_reason"]
+
+
+def test_a_subscriber_that_only_listens_is_not_idle_while_notifications_flow(tmp_path):
+    from reliability_helpers import write_device
+
+    from statemachines.device import load_device
+
+    idle = 0.4
+    traffic = 5 * idle
+    with serve(limits=Limits(idle_timeout=idle)) as server:
+        add_device(server, load_device(write_device(tmp_path)))
+        with Raw(server.address) as listener, Client(server.address, reconnect=False) as driver:
+            assert listener.call("rpc.subscribe", {"method": "device.state"})["result"]
+            sent = 0
+            deadline = time.monotonic() + traffic
+            while time.monotonic() < deadline:  # busy for several idle timeouts
+                driver.call("testdev.slow", {"seconds": 0}, timeout=WAIT)  # idle-busy-idle
+                sent += 1
+            received = 0
+            while received < 2 * sent:
+                line = listener.try_line(timeout=WAIT)
+                assert line is not None, f"closed after {received} of {2 * sent} notifications"
+                received += 1
+            assert listener.closed(WAIT), "idle (and closed) once the notifications stop"
+        assert stats(server.address)["closed_by_reason"]["idle_timeout"] >= 1

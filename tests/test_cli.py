@@ -81,7 +81,13 @@ def test_python_m_controller_matches_console_script() -> None:
     assert result.returncode == 0 and "serve" in result.stdout and "demo" in result.stdout
 
 
-def test_ctrl_c_on_call_cancels_the_command_and_exits_130(served: ServeProcess) -> None:
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)]
+)
+def test_ctrl_c_on_call_cancels_the_command_and_exits_130(
+    served: ServeProcess, signum: signal.Signals, code: int
+) -> None:
+    """Ctrl-C, SIGTERM and SIGHUP alike: the command is cancelled on the server."""
     from controller import Client
 
     with Client(served.address) as probe:
@@ -100,13 +106,13 @@ def test_ctrl_c_on_call_cancels_the_command_and_exits_130(served: ServeProcess) 
         )  # fmt: skip
         try:
             assert calibrating.wait(WAIT), "the call never started the command"
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signum)
             _, err = proc.communicate(timeout=WAIT)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
-        assert proc.returncode == 130, err
+        assert proc.returncode == code, err
         assert "interrupted" in err and "Traceback" not in err
         # the server was asked to cancel: the device is free again
         wait_until(lambda: probe.call("demo.state")["state"] == "idle", what="demo to be idle")

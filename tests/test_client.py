@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import select
 import signal
 import socket
@@ -27,11 +28,15 @@ from controller import (
     InvalidParamsError,
     Limits,
     MethodNotFoundError,
+    ParseError,
     RpcError,
     UnauthorizedError,
     auth,
 )
+from controller.client import LateOutcome
+from controller.client_reader import NO_ID, find_id
 from controller.errors import ClientTimeoutError
+from controller.protocol import DEFAULT_MAX_FRAME
 from statemachines import errorkinds as ek
 
 
@@ -644,3 +649,189 @@ def test_a_client_that_fails_to_connect_leaves_its_callback_listener() -> None:
         assert listener._clients == {}
     finally:
         listener.close()
+
+
+# -- keys, replayed, late outcomes, replies it cannot decode ---------------------------------
+
+
+def _hello_then(script):
+    """A fake server script: answer ``rpc.hello``, then run ``script(conn, lines, send)``."""
+
+    def run(conn, lines):
+        def send(obj_or_bytes) -> None:
+            if isinstance(obj_or_bytes, bytes):
+                conn.sendall(obj_or_bytes)
+            else:
+                conn.sendall(json.dumps(obj_or_bytes).encode() + b"\n")
+
+        hello = json.loads(lines.readline())
+        send({"jsonrpc": "2.0", "id": hello["id"], "result": {"server": "fake", "auth": None}})
+        script(conn, lines, send)
+
+    return run
+
+
+def test_key_is_sent_and_replayed_is_on_the_future(clients):
+    requests: list[dict] = []
+
+    def script(conn, lines, send):
+        for replayed in (False, True, False):
+            request = json.loads(lines.readline())
+            requests.append(request)
+            reply = {"jsonrpc": "2.0", "id": request["id"], "result": "done"}
+            if replayed:
+                reply["replayed"] = True
+            send(reply)
+        lines.readline()  # until the client closes
+
+    address, thread = fake_server(_hello_then(script))
+    client = clients(address, reconnect=False)
+    first = client.send_command("dev.work", {"n": 1}, timeout=WAIT, key="run-1:1")
+    assert first.result(WAIT) == "done" and first.replayed is False and first.key == "run-1:1"
+    second = client.send_command("dev.work", {"n": 1}, timeout=WAIT, key="run-1:1")
+    assert second.result(WAIT) == "done" and second.replayed is True
+    assert client.call("dev.other", timeout=WAIT) == "done"
+    assert [r.get("key", "no key") for r in requests] == ["run-1:1", "run-1:1", "no key"]
+    client.close()
+    thread.join(WAIT)
+
+
+def test_a_request_without_key_has_no_key(busy_server, clients):
+    client = clients(busy_server.address)
+    future = client.send_command("add", [1, 2])
+    assert future.result(WAIT) == 3 and future.key is None and future.replayed is False
+
+
+def test_a_too_deep_reply_fails_its_request_at_once_and_the_connection_goes_on(clients):
+    depth = 40  # deeper than the protocol's DEFAULT_MAX_DEPTH (32)
+
+    def script(conn, lines, send):
+        deep = json.loads(lines.readline())
+        send(b'{"jsonrpc":"2.0","id":%s,"result":%s%s}\n' % (
+            json.dumps(deep["id"]).encode(), b"[" * depth, b"]" * depth))  # fmt: skip
+        ping = json.loads(lines.readline())
+        send({"jsonrpc": "2.0", "id": ping["id"], "result": "pong"})
+        lines.readline()
+
+    address, thread = fake_server(_hello_then(script))
+    client = clients(address, reconnect=False)
+    t0 = time.monotonic()
+    future = client.send_command("dev.deep", timeout=120)  # far longer than any wait here
+    error = future.exception(WAIT)
+    assert isinstance(error, ParseError) and error.kind == "parse_error", error
+    assert time.monotonic() - t0 < WAIT  # at once, not after its 120 s timeout
+    assert "dev.deep" in error.message and "nesting deeper than 32" in error.message
+    assert error.data["max_depth"] == 32 and error.data["source"] == "client"
+    assert client.call("rpc.ping", timeout=WAIT) == "pong"  # same connection, still fine
+    client.close()
+    thread.join(WAIT)
+
+
+def test_an_over_long_reply_fails_its_request_at_once_and_the_connection_goes_on(clients):
+    size = DEFAULT_MAX_FRAME + 1000
+
+    def script(conn, lines, send):
+        big = json.loads(lines.readline())
+        head = b'{"jsonrpc":"2.0","id":%s,"result":"' % json.dumps(big["id"]).encode()
+        send(head + b"x" * (size - len(head) - 2) + b'"}\n')
+        ping = json.loads(lines.readline())
+        send({"jsonrpc": "2.0", "id": ping["id"], "result": "pong"})
+        lines.readline()
+
+    address, thread = fake_server(_hello_then(script))
+    client = clients(address, reconnect=False)
+    t0 = time.monotonic()
+    future = client.send_command("dev.big", timeout=120)
+    error = future.exception(WAIT)
+    assert isinstance(error, ParseError), error
+    assert time.monotonic() - t0 < WAIT
+    assert f"{size} bytes, over the frame limit of {DEFAULT_MAX_FRAME} bytes" in error.message
+    assert error.data["size"] == size and error.data["max_frame"] == DEFAULT_MAX_FRAME
+    assert client.call("rpc.ping", timeout=WAIT) == "pong"
+    client.close()
+    thread.join(WAIT)
+
+
+def test_the_limits_announced_by_rpc_hello_are_used(clients):
+    def script(conn, lines):
+        def send(obj) -> None:
+            conn.sendall(json.dumps(obj).encode() + b"\n")
+
+        hello = json.loads(lines.readline())
+        info = {"server": "fake", "auth": None, "max_frame": 100, "max_depth": 3}
+        send({"jsonrpc": "2.0", "id": hello["id"], "result": info})
+        request = json.loads(lines.readline())
+        send({"jsonrpc": "2.0", "id": request["id"], "result": [[[["four"]]]]})
+        lines.readline()
+
+    address, thread = fake_server(script)
+    client = clients(address, reconnect=False)
+    error = client.send_command("dev.deep", timeout=120).exception(WAIT)
+    assert isinstance(error, ParseError) and error.data["max_depth"] == 3
+    client.close()
+    thread.join(WAIT)
+
+
+def test_find_id_reads_the_id_of_lines_it_cannot_decode() -> None:
+    assert find_id('{"jsonrpc":"2.0","id":7,"result":' + "[" * 5000) == 7
+    assert find_id('{"result": {"a": [1, "}"]}, "id": "x.1"}') == "x.1"
+    assert find_id('{"jsonrpc":"2.0","id":"cut sh') is NO_ID
+    assert find_id("[1, 2]") is NO_ID and find_id('{"id": true}') is NO_ID
+    assert find_id('{"jsonrpc": "2.0", "id": null, "error": {}}') is None
+
+
+def test_a_reply_after_the_client_timeout_goes_to_on_late(clients):
+    answer, answer_again = threading.Event(), threading.Event()
+
+    def script(conn, lines, send):
+        request = json.loads(lines.readline())
+        answer.wait(WAIT)
+        send({"jsonrpc": "2.0", "id": request["id"], "result": "finally", "replayed": True})
+        failing = json.loads(lines.readline())
+        answer_again.wait(WAIT)
+        send({"jsonrpc": "2.0", "id": failing["id"], "error": {"code": ek.CANCELLED,
+              "message": "cancelled"}})  # fmt: skip
+        lines.readline()
+
+    address, thread = fake_server(_hello_then(script))
+    client = clients(address, reconnect=False)
+    late: queue.Queue[LateOutcome] = queue.Queue()
+    future = client.send_command("dev.slow", timeout=0.2, key="k:1", on_late=late.put)
+    assert isinstance(future.exception(WAIT), ClientTimeoutError)
+    answer.set()
+    outcome = late.get(timeout=WAIT)
+    assert (outcome.method, outcome.key, outcome.result, outcome.error) == (
+        "dev.slow", "k:1", "finally", None)  # fmt: skip
+    assert outcome.replayed and not outcome.lost and outcome.request_id == future.request_id
+    second = client.send_command("dev.fails", timeout=0.2, on_late=late.put)
+    assert isinstance(second.exception(WAIT), ClientTimeoutError)
+    answer_again.set()
+    failed = late.get(timeout=WAIT)
+    assert isinstance(failed.error, CancelledError) and failed.result is None
+    client.close()
+    thread.join(WAIT)
+    assert late.empty()  # each late outcome once
+
+
+def test_timed_out_requests_are_remembered_up_to_a_bound(clients, monkeypatch):
+    import controller.client as client_module
+
+    monkeypatch.setattr(client_module, "MAX_LATE", 2)
+
+    def script(conn, lines, send):
+        for _ in range(3):
+            lines.readline()  # never answered
+        lines.readline()
+
+    address, thread = fake_server(_hello_then(script))
+    client = clients(address, reconnect=False)
+    late: queue.Queue[LateOutcome] = queue.Queue()
+    futures = [client.send_command("dev.hang", timeout=0.1, on_late=late.put) for _ in range(3)]
+    for future in futures:
+        assert isinstance(future.exception(WAIT), ClientTimeoutError)
+    given_up = late.get(timeout=WAIT)  # the oldest, once the third timed out
+    assert given_up.lost and given_up.request_id == futures[0].request_id
+    client.close()  # the connection goes: the other two will never be answered either
+    rest = {late.get(timeout=WAIT).request_id for _ in range(2)}
+    assert rest == {futures[1].request_id, futures[2].request_id}
+    thread.join(WAIT)

@@ -162,8 +162,11 @@ def test_demo_config_loads_with_the_agreed_commands() -> None:
 
 def test_door_config_loads() -> None:
     spec = load_device(CONFIG / "door.yaml")
-    assert spec.states == ("closed", "opening", "open", "closing", "fault")
+    assert spec.states == ("closed", "opening", "open", "ajar", "closing", "fault")
     assert spec.commands["open"].running == "opening" and spec.commands["open"].to == "open"
+    # Ctrl-C during open leaves it ajar, from where close brings it down (issue 11)
+    assert spec.commands["open"].cancelled == "ajar"
+    assert "ajar" in spec.allowed_states("close")
     assert spec.commands["reset"].allowed_from == ("fault",)
     assert spec.gpio["limit_open"].options["bounce_time"] == pytest.approx(0.02)
     assert spec.gpio["limit_open"].simulate == {
@@ -194,6 +197,12 @@ def test_base_config(tmp_path: Path) -> None:
     assert opening.handler_ref is not None and opening.gpio is None
     assert str(opening.handler_ref) == "hw:open" and opening.handler_ref.line == 12
     assert spec.commands["reset"].timeout is None
+
+
+def test_cancelled_names_the_state_a_command_cancelled_halfway_ends_in(tmp_path: Path) -> None:
+    spec = load(tmp_path, edit(BASE, "    to: open\n", "    to: open\n    cancelled: closed\n"))
+    assert spec.commands["open"].cancelled == "closed"
+    assert spec.commands["reset"].cancelled is None  # default: fault (when declared)
 
 
 def test_from_absent_means_every_state_but_fault(tmp_path: Path) -> None:
@@ -402,6 +411,18 @@ CASES = [
         "    too: open",
         8,
         "command 'open': unknown key 'too' (allowed: from, running, to,",
+    ),
+    (
+        "    to: open\n",
+        "    to: open\n    cancelled: ajar\n",
+        9,
+        "command 'open': 'cancelled' names unknown state 'ajar' (states: closed,",
+    ),
+    (
+        "    to: open\n",
+        "    to: open\n    cancelled: [closed]\n",
+        9,
+        "command 'open': 'cancelled' must be a state name, got a list",
     ),
     (
         "min: 0, max: 1",

@@ -165,6 +165,33 @@ def test_cancel_returns_to_the_origin_not_fault(lab: DeviceMachine, changes: Rec
     assert changes.changes == [("busy", "idle", "work"), ("idle", "busy", "work")]
 
 
+def test_interrupted_halfway_goes_to_cancelled_else_fault(tmp_path: Path) -> None:
+    text = MACHINE.replace(
+        "work: {from: [idle], running: busy, to: open, handler: hw:ok}",
+        "work: {from: [idle], running: busy, to: open, cancelled: idle, handler: hw:ok}",
+    )
+    lab = DeviceMachine(spec_of(tmp_path, text))
+    lab.begin("work")
+    lab.interrupt("work")  # cancelled while its handler ran
+    assert lab.state == "idle"
+    lab.begin("probe")
+    lab.interrupt("probe")  # no `cancelled:`: it acted halfway, so fault
+    assert lab.state == "fault"
+    lab.begin("reset")
+    lab.cancel("reset")  # cancelled before it started: where it was
+    assert lab.state == "fault"
+
+
+def test_enter_fault_outside_any_command(lab: DeviceMachine, changes: Recorder) -> None:
+    assert lab.enter_fault() == "idle"
+    assert lab.state == "fault"
+    assert lab.enter_fault() is None  # already there
+    assert changes.changes == []  # the caller publishes it, with its reason
+    lab.begin("reset")
+    lab.succeed("reset")
+    assert lab.state == "idle"
+
+
 def test_without_a_fault_state_fail_returns_to_the_origin(
     tmp_path: Path, changes: Recorder
 ) -> None:
@@ -258,6 +285,7 @@ def test_the_machine_runs_the_specs_transition_list(tmp_path: Path) -> None:
         ("succeed", "busy", "open", None),
         ("cancel", "busy", "idle", "idle"),
         ("fail", "busy", "fault", None),
+        ("interrupt", "busy", "fault", None),  # cancelled halfway: no `cancelled:`, so fault
     ]
     poke = {(t.event, t.source, t.dest) for t in spec.transitions if t.command == "poke"}
     assert ("succeed", "open", "open") in poke and ("fail", "idle", "fault") in poke

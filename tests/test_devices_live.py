@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import WAIT, statelink
+from support import WAIT, statelink, wait_until
 
 from controller import (
     CancelledError,
     Client,
     CommandServer,
+    CommandTimeoutError,
     DeviceFaultError,
     InvalidParamsError,
     NotAllowedError,
@@ -319,7 +320,7 @@ def test_a_restarted_server_reopens_gpio_and_faults_a_command_left_running(
 
 def test_stop_lets_a_cancelled_handler_settle_its_device(tmp_path: Path) -> None:
     """A handler that stops when cancelled, but needs a moment to do it safely, leaves its
-    device back where the command started, not faulted."""
+    device where its `cancelled:` state says (here back where it started), not faulted."""
     spec = _device(
         tmp_path,
         "careful",
@@ -338,8 +339,8 @@ def test_stop_lets_a_cancelled_handler_settle_its_device(tmp_path: Path) -> None
         device: careful
         states: [idle, working, fault]
         commands:
-          work: {from: [idle], running: working, to: idle, handler: careful_hw:work,
-                 timeout: 30s}
+          work: {from: [idle], running: working, to: idle, cancelled: idle,
+                 handler: careful_hw:work, timeout: 30s}
     """,
     )
     server = CommandServer(port=0, workers=2, grace=0.1)
@@ -351,3 +352,140 @@ def test_stop_lets_a_cancelled_handler_settle_its_device(tmp_path: Path) -> None
         with pytest.raises(CancelledError):
             future.result(WAIT)
     assert server.devices["careful"].state == "idle"
+
+
+# -- before and after the handler starts (issue 11) --------------------------------------------
+WAITER_HW = """
+import threading
+hold = threading.Event()
+held = threading.Event()
+ran = []
+
+def block(ctx):
+    held.set()
+    hold.wait(10)
+    return "blocked"
+
+def move(ctx):
+    ran.append("move")
+    return "moved"
+
+def travel(ctx):
+    ran.append("travel")
+    held.set()
+    while ctx.sleep(0.01):  # False once cancelled
+        pass
+    return "stopped"
+"""
+
+WAITER_CONFIG = """
+device: {name}
+states: [idle, moving, between, fault]
+commands:
+  block: {{from: "*", handler: {name}_hw:block, timeout: 30s}}
+  move: {{from: [idle], running: moving, to: idle, handler: {name}_hw:move, timeout: 300ms}}
+  travel: {{from: [idle], running: moving, to: idle, handler: {name}_hw:travel,
+           timeout: 30s {cancelled}}}
+"""
+
+
+def _waiters(tmp_path: Path, cancelled: str = "") -> tuple[CommandServer, Any, Any]:
+    """One worker: ``blocker.block`` holds it, so ``mover``'s commands wait for it."""
+    server = CommandServer(port=0, workers=1)
+    blocker = add_device(
+        server,
+        _device(
+            tmp_path,
+            "blocker",
+            hw=WAITER_HW,
+            config=WAITER_CONFIG.format(name="blocker", cancelled=""),
+        ),
+    )
+    mover = add_device(
+        server,
+        _device(
+            tmp_path,
+            "mover",
+            hw=WAITER_HW,
+            config=WAITER_CONFIG.format(name="mover", cancelled=cancelled),
+        ),
+    )
+    return server, blocker.handlers["block"].__globals__, mover
+
+
+def test_a_command_that_times_out_waiting_for_a_worker_never_runs(tmp_path: Path) -> None:
+    server, blocker, mover = _waiters(tmp_path)
+    hw = mover.handlers["move"].__globals__
+    changes: queue.Queue[dict[str, Any]] = queue.Queue()
+    try:
+        with server, Client(server.address, reconnect=False) as client:
+            client.subscribe("device.state", changes.put)
+            blocked = client.send_command("blocker.block", timeout=WAIT)
+            assert blocker["held"].wait(WAIT)
+            with pytest.raises(CommandTimeoutError) as info:
+                client.call("mover.move", timeout=WAIT)
+            assert info.value.data["started"] is False
+            assert "never ran" in info.value.message
+            assert client.call("mover.state") == {
+                "device": "mover",
+                "state": "idle",  # back where it was: it never acted
+                "reason": "timeout",
+            }
+            blocker["hold"].set()
+            assert blocked.result(WAIT) == "blocked"
+            assert client.call("mover.move") == "moved"  # the next one runs
+            assert client.call("rpc.stats")["late_outcomes"] == 0
+    finally:
+        blocker["hold"].set()
+    assert hw["ran"] == ["move"]  # once: the timed-out one never ran, not even later
+    seen = [changes.get(timeout=WAIT) for _ in range(4)]
+    assert [(c["previous"], c["state"], c.get("reason")) for c in seen] == [
+        ("idle", "moving", None),
+        ("moving", "idle", "timeout"),
+        ("idle", "moving", None),
+        ("moving", "idle", None),
+    ]
+
+
+def test_a_command_cancelled_waiting_for_a_worker_never_runs(tmp_path: Path) -> None:
+    server, blocker, mover = _waiters(tmp_path)
+    hw = mover.handlers["move"].__globals__
+    try:
+        with server, Client(server.address, reconnect=False) as client:
+            blocked = client.send_command("blocker.block", timeout=WAIT)
+            assert blocker["held"].wait(WAIT)
+            waiting = client.send_command("mover.travel", timeout=WAIT)
+            wait_until(lambda: mover.state == "moving", what="mover to wait for the worker")
+            assert client.cancel(waiting).result(WAIT) == {"cancelled": True}
+            with pytest.raises(CancelledError) as info:
+                waiting.result(WAIT)
+            assert info.value.data["started"] is False
+            assert client.call("mover.state")["state"] == "idle"  # it never acted
+            blocker["hold"].set()
+            assert blocked.result(WAIT) == "blocked"
+            assert client.call("mover.move") == "moved"
+    finally:
+        blocker["hold"].set()
+    assert hw["ran"] == ["move"]
+
+
+@pytest.mark.parametrize(
+    ("cancelled", "ends_in"),
+    [(", cancelled: between", "between"), ("", "fault")],
+)
+def test_a_command_cancelled_while_it_runs_ends_where_the_config_says(
+    tmp_path: Path, cancelled: str, ends_in: str
+) -> None:
+    """Cancelled halfway: its `cancelled:` state, else fault (it acted, and stopped midway)."""
+    server, _, mover = _waiters(tmp_path, cancelled)
+    hw = mover.handlers["travel"].__globals__
+    with server, Client(server.address, reconnect=False) as client:
+        travelling = client.send_command("mover.travel", timeout=WAIT)
+        assert hw["held"].wait(WAIT)
+        assert client.cancel(travelling).result(WAIT) == {"cancelled": True}
+        with pytest.raises(CancelledError) as info:
+            travelling.result(WAIT)
+        assert "started" not in (info.value.data or {})
+        state = client.call("mover.state")
+        assert state == {"device": "mover", "state": ends_in, "reason": "cancelled"}
+    assert hw["ran"] == ["travel"]

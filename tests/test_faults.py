@@ -84,7 +84,8 @@ def test_system_exit_and_keyboard_interrupt_in_a_handler(method, exception):
 # -- devices ---------------------------------------------------------------------------------
 @pytest.fixture
 def device_server(tmp_path):
-    spec = load_device(write_device(tmp_path))
+    # `slow` returns at once when cancelled (ctx.sleep), so a cancel leaves nothing half done
+    spec = load_device(write_device(tmp_path, slow_cancelled="idle"))
     with serve(workers=2) as server:
         add_device(server, spec)
         yield server
@@ -211,6 +212,10 @@ states:
     command: testdev.state
     timeout: 5s
     retry: {{attempts: 400, interval: 50ms, backoff: 1, on: [connection_lost]}}
+    next: reset
+  reset:
+    command: testdev.reset
+    timeout: 5s
     next: again
   again:
     command: testdev.slow
@@ -228,7 +233,8 @@ def test_a_workflow_follows_its_error_route_when_the_server_is_killed_and_restar
 
     device = write_device(tmp_path)
     log = tmp_path / "server.log"
-    child = ChildServer("cli", ["serve", "--port", "0", "--device", str(device)], log).start()
+    serve_args = ["--device", str(device), "--state-dir", str(tmp_path / "state")]
+    child = ChildServer("cli", ["serve", "--port", "0", *serve_args], log).start()
     host, port = child.address
     journal = tmp_path / "run.jsonl"
     try:
@@ -240,9 +246,7 @@ def test_a_workflow_follows_its_error_route_when_the_server_is_killed_and_restar
                 what="the run's command to be running on the device",
             )
             child.kill()
-            child = ChildServer(
-                "cli", ["serve", "--port", str(port), "--device", str(device)], log
-            ).start()
+            child = ChildServer("cli", ["serve", "--port", str(port), *serve_args], log).start()
             assert handle.wait(30) == "success", handle.history[-3:]
         entries = [json.loads(line) for line in journal.read_text().splitlines()]
         errors = [e for e in entries if e["event"] == "error"]
@@ -250,6 +254,11 @@ def test_a_workflow_follows_its_error_route_when_the_server_is_killed_and_restar
         assert all(e["error"]["kind"] == "connection_lost" for e in errors)
         visited = [e["state"] for e in entries]
         assert visited.index("work") < visited.index("recover") < visited.index("again")
+        # the restarted server put the device in fault (its command was interrupted), which
+        # only the reset leaves
+        (state,) = [e for e in entries if e["event"] == "reply" and e["state"] == "recover"]
+        assert state["result"]["state"] == "fault", state
+        assert [e["event"] for e in entries if e["state"] == "reset"] == ["reply"]
         assert entries[-1]["event"] == "finished" and entries[-1]["final"] == "success"
         assert entries[-1]["state"] == "done"
         assert re.search(r"serving on", child.output())

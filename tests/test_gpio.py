@@ -224,6 +224,47 @@ def test_distance_read_without_echo_times_out(tmp_path: Path, factory: MockFacto
         board.run(GpioActionSpec("range", "read"), {"timeout": 0.2})
 
 
+def _capture_thread_exceptions(monkeypatch: pytest.MonkeyPatch) -> list[BaseException]:
+    caught: list[BaseException] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: caught.append(args.exc_value))
+    return caught
+
+
+def test_close_stops_sampling_before_releasing_the_trigger(
+    tmp_path: Path, factory: MockFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # gpiozero's DistanceSensor.close() releases the trigger before stopping its sampling
+    # ("fill") thread: a sample in progress then fails on the missing trigger. Hold one sample
+    # inside the trigger pulse until the sampling is told to stop, then close.
+    caught = _capture_thread_exceptions(monkeypatch)
+    spec = spec_of(tmp_path, RANGE.replace("SIM", "simulate: {distance: 0.42}"))
+    board = GpioBoard(spec, simulate=True, pin_factory=factory)
+    sensor = board.objects["range"]
+    stopping = sensor._queue.stopping
+    sampling = threading.Event()
+
+    def held_distance() -> float:
+        sampling.set()
+        stopping.wait(WAIT)
+        return 0.42
+
+    sensor.trigger.distance = held_distance
+    assert sampling.wait(WAIT)
+    board.close()
+    assert caught == []
+
+
+def test_distance_board_starts_and_stops_cleanly(
+    tmp_path: Path, factory: MockFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caught = _capture_thread_exceptions(monkeypatch)
+    spec = spec_of(tmp_path, RANGE.replace("SIM", "simulate: {range: [0.3, 0.6], period: 1s}"))
+    for _ in range(10):
+        with GpioBoard(spec, simulate=True, pin_factory=factory) as board:
+            assert 0.2 <= board.run(GpioActionSpec("range", "read"), {})["distance"] <= 0.7
+    assert caught == []
+
+
 # --- simulation ----------------------------------------------------------------------------
 
 SIMULATED = """\

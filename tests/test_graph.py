@@ -8,9 +8,17 @@ from pathlib import Path
 import pytest
 
 from statemachines.device import load_device
-from statemachines.graph import device_edges, device_graph, render_graph, workflow_graph
+from statemachines.graph import (
+    ABORT_LABEL,
+    device_edges,
+    device_graph,
+    render_graph,
+    workflow_graph,
+)
+from statemachines.workflow import load_workflow
 
 CONFIG = Path(__file__).resolve().parent.parent / "config" / "devices"
+WORKFLOWS = CONFIG.parent / "workflows"
 
 MERMAID_LINE = re.compile(
     r"^    (?:"
@@ -21,7 +29,8 @@ MERMAID_LINE = re.compile(
 DOT_ID = r'"(?:[^"\\]|\\.)*"'
 DOT_LINE = re.compile(
     rf"^    (?:(?P<node>{DOT_ID})(?: \[[^\]]*\])?"
-    rf"|(?P<src>{DOT_ID}) -> (?P<dst>{DOT_ID})(?: \[label=(?P<label>{DOT_ID})\])?"
+    rf"|(?P<src>{DOT_ID}) -> (?P<dst>{DOT_ID})"
+    rf"(?: \[label=(?P<label>{DOT_ID})(?P<dashed>, style=dashed)?\])?"
     r"|rankdir=LR|label=.*|labelloc=t|node \[.*\]);$"
 )
 
@@ -204,3 +213,43 @@ def test_device_edges_draw_the_specs_transition_list(name: str) -> None:
     spec = load_device(CONFIG / f"{name}.yaml")
     moves = {(t.source, t.dest) for t in spec.transitions}
     assert {(s, d) for s, d, _ in device_edges(spec)} <= moves
+
+
+def test_the_on_abort_state_gets_an_edge_in_mermaid() -> None:
+    """A workflow's on_abort state is entered from any running state: it must not look
+    unreachable (issue 14, first hour 9)."""
+    spec = load_workflow(WORKFLOWS / "demo.yaml")
+    assert spec.on_abort == "abort_led_off"
+    _, edges = parse_mermaid(workflow_graph(spec))
+    assert ("[*]", "abort_led_off", ABORT_LABEL) in edges
+    assert ("[*]", spec.initial, "") in edges
+    assert [d for s, d, _ in edges if s == "[*]"] == [spec.initial, "abort_led_off"]
+
+
+def test_the_on_abort_state_gets_a_dashed_edge_in_dot() -> None:
+    spec = load_workflow(WORKFLOWS / "abort.yaml")
+    text = workflow_graph(spec, "dot")
+    nodes, edges = parse_dot(text)
+    assert ("__abort__", "led_off_on_abort", ABORT_LABEL) in edges
+    assert '"__abort__" -> "led_off_on_abort" [label="on abort' in text
+    assert text.count("style=dashed") == 1
+    assert "__abort__" in nodes and "__start__" in nodes
+
+
+def test_every_state_of_a_workflow_with_on_abort_has_an_edge_in() -> None:
+    for path in sorted(WORKFLOWS.glob("*.yaml")):
+        spec = load_workflow(path)
+        _, edges = parse_mermaid(workflow_graph(spec))
+        reached = {d for _, d, _ in edges}
+        assert set(spec.states) <= reached, (path.name, set(spec.states) - reached)
+
+
+def test_abort_marker_names_do_not_collide() -> None:
+    text = render_graph(
+        "t", ["__abort__", "a"], "a", [("a", "__abort__", "")], abort="a", fmt="dot"
+    )
+    nodes, edges = parse_dot(text)
+    assert ("__abort___", "a", ABORT_LABEL) in edges and "__abort__" in nodes
+    no_abort = render_graph("t", ["a"], "a", [], fmt="dot")
+    assert "__abort__" not in no_abort and "dashed" not in no_abort
+    assert "[*] --> a :" not in render_graph("t", ["a"], "a", [])

@@ -6,6 +6,7 @@ SIGKILL. Waits are on events (bounded by WAIT), never sleeps.
 
 from __future__ import annotations
 
+import os
 import signal
 import sqlite3
 import stat
@@ -521,3 +522,19 @@ def test_default_state_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     assert default_state_dir({}) == tmp_path / ".local" / "state" / "statelink"
     monkeypatch.setenv("STATE_DIRECTORY", "/srv/state")
     assert default_state_dir() == Path("/srv/state")
+
+
+def test_a_store_without_a_path_lives_in_memory(tmp_path: Path) -> None:
+    with KeyStore(None) as store:
+        assert store.memory
+        begin(store, "k1")
+        finish(store, "k1", Outcome.success(1))
+        assert get(store, "k1").outcome == Outcome.success(1)
+        assert KeyStore(None).open().lookup("k1") is None  # each its own; nothing on disk
+    with KeyStore(None) as store:
+        assert store.lookup("k1") is None  # nothing survives close
+
+
+def test_a_locked_store_names_the_process_that_holds_it(path: Path) -> None:
+    with KeyStore(path), pytest.raises(KeyStoreLocked, match=f"in use by process {os.getpid()}"):
+        KeyStore(path).open()

@@ -458,3 +458,55 @@ def test_non_json_result_raises(result):
 def test_non_json_nested_result_raises():
     with pytest.raises((TypeError, ValueError)):
         encode(Response(1, {"ok": [1, {"bad": object()}]}))
+
+
+# -- idempotency keys and replayed replies (issue 11) ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        Request("door.open", {"speed": 2}, 7, key="run-1:3"),
+        Response(7, {"ok": True}, replayed=True),
+        ErrorResponse(7, ek.INTERRUPTED, "interrupted", None, replayed=True),
+        ErrorResponse(7, ek.KEY_CONFLICT, "conflict", {"key": "k"}),
+    ],
+)
+def test_key_and_replayed_round_trip(message):
+    assert Decoder().feed(encode(message)) == [message]
+
+
+def test_key_and_replayed_are_top_level_members_only_when_set():
+    assert json.loads(encode(Request("m", None, 1, key="k")))["key"] == "k"
+    assert "key" not in json.loads(encode(Request("m", None, 1)))
+    assert json.loads(encode(Response(1, None, replayed=True)))["replayed"] is True
+    assert "replayed" not in json.loads(encode(Response(1, None)))
+    assert "replayed" not in json.loads(encode(ErrorResponse(1, -1, "x")))
+
+
+def test_replayed_other_than_true_reads_as_false():
+    event = only(Decoder().feed(line({"jsonrpc": "2.0", "id": 1, "result": 1, "replayed": 1})))
+    assert event == Response(1, 1, replayed=False)
+
+
+@pytest.mark.parametrize("key", ["a", "x" * 128, "run-20250101T000000Z-ab12:7", "é ü"])
+def test_valid_keys_are_kept(key):
+    assert parse_message({**req(), "key": key}) == Request("m", None, 1, key)
+
+
+@pytest.mark.parametrize(
+    ("key", "reason"),
+    [
+        (None, "string"),
+        (5, "string"),
+        (["k"], "string"),
+        ("", "1-128"),
+        ("x" * 129, "1-128"),
+        ("a\nb", "printable"),
+        ("a\x00", "printable"),
+    ],
+)
+def test_invalid_keys_are_invalid_requests_with_a_reason(key, reason):
+    event = only(Decoder().feed(line({**req(id=9), "key": key})))
+    assert isinstance(event, Invalid) and event.code == ek.INVALID_REQUEST and event.id == 9
+    assert reason in event.data["reason"]

@@ -353,7 +353,14 @@ def test_run_exit_codes_success_failure_invalid(tmp_path: Path) -> None:
     assert bad.returncode == 2 and f"{invalid}:" in bad.stderr
 
 
-def test_run_ctrl_c_runs_on_abort_and_exits_130(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)]
+)
+def test_run_ctrl_c_runs_on_abort_and_exits_130(
+    tmp_path: Path, signum: signal.Signals, code: int
+) -> None:
+    """Ctrl-C, and SIGTERM (systemd, `timeout`) and SIGHUP (a closed terminal) alike: the
+    command in flight is cancelled, on_abort runs, the journal ends with finished."""
     served = ServeProcess("--device", str(DEMO_DEVICE), "--simulate")
     try:
         proc = subprocess.Popen(
@@ -378,14 +385,48 @@ def test_run_ctrl_c_runs_on_abort_and_exits_130(tmp_path: Path) -> None:
         for line in proc.stdout:  # wait until calibration reports progress
             if "progress" in line:
                 break
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         rest = proc.communicate(timeout=WAIT)[0]
-        assert proc.returncode == 130, rest
+        assert proc.returncode == code, rest
+        assert f"aborting ({signum.name})" in rest and "Traceback" not in rest
     finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
         served.kill()
     entries = journal(tmp_path / "abort.jsonl")
-    assert entries[-1]["final"] == "aborted"
+    assert entries[-1]["event"] == "finished" and entries[-1]["final"] == "aborted"
     assert any(e.get("command") == "demo.led_off" for e in entries)
+    # the calibration was cancelled on the server: its outcome is on record as a late entry
+    late = [e for e in entries if e["event"] == "late"]
+    assert [e["command"] for e in late] == ["demo.calibrate"], entries
+    assert late[0]["error"]["kind"] == "cancelled"
+
+
+def test_demo_stops_on_sigterm_like_ctrl_c(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "controller", "demo", "--plain",
+         "--journal", str(tmp_path / "demo.jsonl")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the run has started
+            if " start " in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=WAIT)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143, rest
+    entries = journal(tmp_path / "demo.jsonl")
+    assert entries[-1]["event"] == "finished" and entries[-1]["final"] == "aborted"
+    assert any(e["state"] == "abort_led_off" for e in entries)
 
 
 BROKEN = {
@@ -441,7 +482,8 @@ def test_check_rejects_broken_workflows(tmp_path: Path, name: str) -> None:
 
 def test_check_accepts_every_shipped_config() -> None:
     files = sorted(str(p) for p in (ROOT / "config").rglob("*.yaml"))
-    result = statelink("check", *files, "--device", str(DEMO_DEVICE))
+    devices = sorted((ROOT / "config" / "devices").glob("*.yaml"))
+    result = statelink("check", *files, *(f"--device={d}" for d in devices))
     assert result.returncode == 0, result.stderr
     assert result.stdout.count(": ok") == len(files)
 
@@ -679,7 +721,7 @@ def test_the_workflow_timeout_cancels_the_command_in_flight(
 
 def test_run_with_the_wrong_secret_fails_cleanly_with_a_complete_journal(tmp_path: Path) -> None:
     (tmp_path / "server.secret").write_text("the right secret\n")
-    (tmp_path / "client.secret").write_text("a wrong secret\n")
+    (tmp_path / "client.secret").write_text("a wrong secret, long enough\n")
     served = ServeProcess(
         "--device", str(DEMO_DEVICE), "--simulate", "--secret-file", str(tmp_path / "server.secret")
     )

@@ -208,13 +208,28 @@ def test_the_secret_comes_from_a_file_or_the_environment(tmp_path, monkeypatch):
     monkeypatch.delenv(auth.SECRET_ENV, raising=False)
     assert auth.load_secret(path) == SECRET.encode()
     assert auth.load_secret() is None
-    monkeypatch.setenv(auth.SECRET_ENV, "from-env")
-    assert auth.load_secret() == b"from-env"
+    monkeypatch.setenv(auth.SECRET_ENV, "from-the-environment")
+    assert auth.load_secret() == b"from-the-environment"
     assert auth.load_secret(path) == SECRET.encode()  # the file wins
     empty = tmp_path / "empty"
     empty.write_text("\n")
     with pytest.raises(ValueError, match="empty"):
         auth.load_secret(empty)
+
+
+def test_a_secret_shorter_than_16_bytes_is_refused(tmp_path, monkeypatch, capsys):
+    short = tmp_path / "short"
+    short.write_text("s3cret\n")
+    with pytest.raises(ValueError, match=r"too short \(6 bytes\).*at least 16 bytes"):
+        auth.load_secret(short)
+    monkeypatch.setenv(auth.SECRET_ENV, "fifteen-bytes!!")
+    with pytest.raises(ValueError, match=r"\$STATELINK_SECRET is too short \(15 bytes\)"):
+        auth.load_secret()
+    monkeypatch.setenv(auth.SECRET_ENV, "sixteen-bytes!!!")
+    assert auth.load_secret() == b"sixteen-bytes!!!"
+    assert cli.main(["call", "--secret-file", str(short), "rpc.ping"]) == 2
+    err = capsys.readouterr().err
+    assert "too short" in err and "secrets.token_hex" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("command", ["serve", "call", "run", "check"])

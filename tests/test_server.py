@@ -400,6 +400,8 @@ def test_ping_and_hello(raw):
         "protocol": "1.0",
         "auth": None,
         "max_inflight": 256,
+        "max_frame": 1 << 20,
+        "max_depth": 32,
         "authenticated": True,
     }
 
@@ -1020,3 +1022,38 @@ def test_replies_waiting_for_the_link_are_not_lost_when_rpc_hello_moves_it(serve
         with link:
             link.settimeout(WAIT)
             assert _read_line(link) == {"jsonrpc": "2.0", "id": "e", "result": "new link"}
+
+
+def test_a_command_that_times_out_waiting_for_a_worker_never_runs(make_server, raw, release):
+    """One worker, held by a slow command: a command queued behind it past its own timeout is
+    answered with the timeout error, saying it never started, and never runs later."""
+    server = make_server(workers=1)
+    started = threading.Event()
+    ran: list[str] = []
+
+    @server.command("slow", timeout=60)
+    def slow():
+        started.set()
+        release.wait(WAIT)
+
+    @server.command("quick", timeout=0.2)
+    def quick():
+        ran.append("quick")
+        return "quick"
+
+    conn = raw(server.address)
+    conn.request("slow", id="slow")
+    assert started.wait(WAIT)
+    conn.request("quick", id="late")
+    error = error_of(conn.json(), ek.TIMEOUT)
+    assert error["data"]["started"] is False and "never ran" in error["message"]
+    conn.request("quick", id="cancelled")
+    conn.request("rpc.cancel", {"id": "cancelled"}, id="c")
+    cancelled = error_of(conn.json(), ek.CANCELLED)
+    assert cancelled["data"] == {"id": "cancelled"}
+    assert result_of(conn.json()) == {"cancelled": True}
+    release.set()
+    assert conn.json()["id"] == "slow"
+    assert result_of(conn.call("quick", id="now")) == "quick"
+    assert ran == ["quick"]  # only the last one: the others never ran, not even later
+    assert stats(conn)["late_outcomes"] == 0

@@ -21,7 +21,7 @@ from support import RawConnection as Raw
 from controller import Client
 from controller.devices import add_device
 from controller.errors import CancelledError
-from controller.workers import PoolClosed, PoolFull, WorkerPool
+from controller.workers import NotStarted, PoolClosed, PoolFull, WorkerPool
 from statemachines.device import load_device
 from statemachines.errorkinds import CANCELLED
 
@@ -170,3 +170,28 @@ def test_a_device_command_queued_for_a_worker_at_stop_is_cancelled_not_faulted(t
                 assert info.value.code == CANCELLED
                 assert info.value.data == {"reason": "shutdown"}
         assert device.state == "idle"
+
+
+def test_a_gate_that_says_no_skips_the_job_with_not_started(loop):
+    pool = on_loop(loop, lambda: WorkerPool(loop, size=1, max_queue=10))
+    outcomes: Future[tuple[Any, BaseException | None]] = Future()
+    passed: Future[tuple[Any, BaseException | None]] = Future()
+    ran: list[str] = []
+    on_loop(
+        loop,
+        lambda: pool.submit(
+            ran.append, ("no",), {}, lambda r, e: outcomes.set_result((r, e)), lambda: False
+        ),
+    )
+    on_loop(
+        loop,
+        lambda: pool.submit(
+            ran.append, ("yes",), {}, lambda r, e: passed.set_result((r, e)), lambda: True
+        ),
+    )
+    result, exc = outcomes.result(WAIT)
+    assert result is None and isinstance(exc, NotStarted)
+    assert passed.result(WAIT) == (None, None)
+    assert ran == ["yes"]
+    assert on_loop(loop, lambda: pool.pending) == 0  # a skipped job is delivered like any
+    pool.shutdown(wait=WAIT)

@@ -170,6 +170,7 @@ def test_journal_entries(tmp_path: Path) -> None:
         "server": "device",
         "command": "demo.calibrate",
         "params": {"steps": 3},
+        "key": "r1:2",  # the run's second state visit
         "attempt": 1,
         "result": {"steps": 3},
         "next": "c",
@@ -519,15 +520,28 @@ def test_abort_goes_through_on_abort_then_ends_aborted(tmp_path: Path) -> None:
     run.abort()
     assert run.state == "led_off" and fx.methods() == ["demo.calibrate", "demo.led_off"]
     assert fx.abandoned == [in_flight]  # the calibration, not the on_abort command
-    run.on_reply(in_flight, "calibrated too late")
+    run.on_reply(in_flight, "calibrated too late")  # the state was left: a late entry
     assert run.state == "led_off" and run.ignored == 1
+    late = fx.entries[-1]
+    assert {k: v for k, v in late.items() if k != "time"} == {
+        "state": "work",
+        "event": "late",
+        "server": "device",
+        "command": "demo.calibrate",
+        "key": "r1:1",
+        "attempt": 1,
+        "result": "calibrated too late",
+    }
+    run.on_reply(in_flight, "twice")  # at most one late entry per command
+    assert run.ignored == 2
     fx.reply(None)
     assert (run.state, run.outcome, run.reason) == ("stopped", "aborted", "aborted")
-    assert fx.events() == ["start", "abort", "reply", "finished"]
+    assert fx.events() == ["start", "abort", "late", "reply", "finished"]
     assert fx.entries[1]["next"] == "led_off" and fx.entries[1]["state"] == "work"
+    assert fx.entries[-2]["key"] == "r1:2"  # on_abort's state is the run's second visit
     assert fx.entries[-1]["final"] == "aborted"
     run.on_timer(deadline.token)  # the deadline fires after the end: ignored
-    assert len(fx.entries) == 4
+    assert len(fx.entries) == 5
 
 
 def test_a_second_abort_in_the_on_abort_path_finishes_at_once(tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
 """``statelink``: serve devices, call commands, run/check/draw workflows, run the demo.
 
 Exit codes: 0 success; 1 a command error, a failed workflow, or the server could not start;
-2 an invalid config or usage; 3 the server is unreachable; 130 interrupted (Ctrl-C; a workflow
-runs its on_abort state first, a call asks the server to cancel its command).
+2 an invalid config or usage; 3 the server is unreachable; 130 interrupted by Ctrl-C
+(SIGINT), 143 by SIGTERM, 129 by SIGHUP (``run``, ``demo`` and ``call``: a workflow runs its
+on_abort state first, a call asks the server to cancel its command).
 
 One module per subcommand (``serve``, ``call``, ``check``, ``graph``, ``run`` with ``demo``),
 each adding its parser with ``register(subparsers)``; what they share is in
@@ -29,6 +30,7 @@ from .common import (
     client_ssl,
     load_devices,
     read_secret,
+    signal_exit_code,
 )
 
 
@@ -86,9 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"statelink {args.cmd}: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or common.Interrupted (SIGTERM, SIGHUP)
         print(f"statelink {args.cmd}: interrupted", file=sys.stderr)
-        return EXIT_ABORTED
+        signum = getattr(exc, "signum", None)
+        return EXIT_ABORTED if signum is None else signal_exit_code(signum)
 
 
 __all__ = [

@@ -1,9 +1,13 @@
-"""``statelink call``: call one method and print its result as JSON."""
+"""``statelink call``: call one method and print its result as JSON.
+
+SIGINT (Ctrl-C), SIGTERM and SIGHUP ask the server to cancel the command (``rpc.cancel``)
+and exit 130, 143 or 129."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from typing import TYPE_CHECKING
 
@@ -11,17 +15,18 @@ from statemachines import errorkinds as ek
 from statemachines.addresses import DEFAULT_PORT, format_address
 
 from .common import (
-    EXIT_ABORTED,
     EXIT_FAILED,
     EXIT_OK,
     EXIT_UNREACHABLE,
     UsageError,
+    abort_signals,
     add_client_tls_args,
     add_secret_args,
     address_option,
     client_ssl,
     read_secret,
     seconds,
+    signal_exit_code,
 )
 
 if TYPE_CHECKING:
@@ -63,6 +68,11 @@ def json_params(text: str | None) -> list[object] | dict[str, object] | None:
 
 
 def cmd_call(args: argparse.Namespace) -> int:
+    with abort_signals():  # SIGTERM and SIGHUP raise as Ctrl-C does
+        return _call(args)
+
+
+def _call(args: argparse.Namespace) -> int:
     from ..client import Client
     from ..errors import ConnectionLostError, RpcError, UnauthorizedError
 
@@ -92,7 +102,7 @@ def cmd_call(args: argparse.Namespace) -> int:
         future = client.send_command(args.method, params, timeout=args.timeout)
         try:
             result = future.result(timeout=args.timeout + 5.0)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:  # Ctrl-C, SIGTERM or SIGHUP (Interrupted)
             try:  # best effort: leave the device free rather than running for nobody
                 answer = client.cancel(future).result(timeout=2.0)
                 outcome = (
@@ -102,8 +112,11 @@ def cmd_call(args: argparse.Namespace) -> int:
                 )
             except Exception as exc:
                 outcome = f"could not cancel {args.method} on the server: {exc}"
-            print(f"interrupted: {outcome}", file=sys.stderr)
-            return EXIT_ABORTED
+            try:
+                print(f"interrupted: {outcome}", file=sys.stderr)
+            except OSError:  # the terminal is gone (SIGHUP)
+                pass
+            return signal_exit_code(getattr(interrupt, "signum", signal.SIGINT))
         except ConnectionLostError as exc:
             print(f"cannot reach {where}: {exc.message}", file=sys.stderr)
             return EXIT_UNREACHABLE

@@ -21,7 +21,10 @@ from .common import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from statemachines.catalog import Catalog, CommandInfo
+    from statemachines.workflow import WorkflowSpec
 
     from .common import Subparsers
 
@@ -66,12 +69,38 @@ def cmd_check(args: argparse.Namespace) -> int:
                 found = check_against(workflow, catalogs) if catalogs else []
                 if found:
                     raise ConfigErrors(found)
-                print(f"{file}: ok (workflow {workflow.name}, {len(workflow.states)} states)")
+                ok = f"{file}: ok (workflow {workflow.name}, {len(workflow.states)} states)"
+                print(ok + skipped_note(workflow, catalogs))
         except ConfigErrors as exc:
             errors.extend(exc.errors)
     if errors:
         raise ConfigErrors(errors)
     return EXIT_OK
+
+
+def skipped_note(workflow: WorkflowSpec, catalogs: Mapping[str, Catalog]) -> str:
+    """``""``, or what was not checked because no device config or server describes it, and how
+    to check it: an ``ok`` must not read as "the commands and params are right"."""
+    if "*" in catalogs:
+        return ""
+    unchecked = sorted(
+        {
+            state.server
+            for state in workflow.states.values()
+            if state.kind == "command"
+            and state.server is not None
+            and state.command is not None
+            and not state.command.startswith("rpc.")
+            and state.server not in catalogs
+        }
+    )
+    if not unchecked:
+        return ""
+    names = ", ".join(repr(name) for name in unchecked)
+    return (
+        f"; device checks skipped (commands and params of server {names} not checked): "
+        "add --device DEVICE.yaml or --server [NAME=]HOST:PORT to run them"
+    )
 
 
 def catalogs_of(args: argparse.Namespace) -> dict[str, Catalog]:

@@ -7,10 +7,14 @@ Subcommand modules import from here; this module imports no subcommand.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import math
+import signal
 import ssl
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from types import FrameType
 from typing import TYPE_CHECKING, TypeAlias
 
 from statemachines.addresses import Address, parse_address, split_named
@@ -25,6 +29,51 @@ if TYPE_CHECKING:
     Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_ABORTED = 0, 1, 2, 3, 130
+
+#: the signals that abort a run or a call exactly as Ctrl-C does (systemd and `timeout` send
+#: SIGTERM, a closed terminal SIGHUP); the exit code is 128 + the signal's number
+ABORT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def signal_exit_code(signum: int) -> int:
+    """The exit code after an abort by ``signum``: 130 (SIGINT), 143 (SIGTERM), 129 (SIGHUP)."""
+    return 128 + signum
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP, raised where Ctrl-C's KeyboardInterrupt would be."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal_name(signum))
+        self.signum = signum
+
+
+def _interrupt(signum: int) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def abort_signals(handler: Callable[[int], None] = _interrupt) -> Iterator[None]:
+    """Inside: each of :data:`ABORT_SIGNALS` calls ``handler(signum)`` (default: raise
+    :class:`Interrupted`); the previous handlers are back afterwards. A no-op off the main
+    thread (Python delivers signals to the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        handler(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in ABORT_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 class UsageError(Exception):

@@ -36,6 +36,7 @@ class ProgressView:
         self.plain = plain or not sys.stdout.isatty()
         self.started = time.monotonic()
         self.state = "-"
+        self.run_id = "-"
         self.step = 0
         self.last = ""
         self.progress: tuple[float, str] | None = None
@@ -68,6 +69,8 @@ class ProgressView:
     def on_entry(self, handle: RunHandle, entry: JournalEntry) -> None:
         with self._lock:
             event = entry.get("event", "")
+            if event == "start":
+                self.run_id = entry.get("run", self.run_id)
             if "result" in entry:
                 self.last = f"{entry.get('command', event)} -> {short(entry['result'])}"
             elif "error" in entry:
@@ -107,6 +110,8 @@ class ProgressView:
             f"{entry.get('state', '-')}:",
             entry.get("event", ""),
         ]
+        if entry.get("run"):
+            parts.append(f"run {entry['run']}")
         if entry.get("command"):
             parts.append(entry["command"])
         if entry.get("attempt", 1) and entry.get("attempt", 1) > 1:
@@ -130,6 +135,7 @@ class ProgressView:
         table.add_column(style="bold cyan", justify="right")
         table.add_column()
         table.add_row("workflow", self.title)
+        table.add_row("run", self.run_id)
         table.add_row("state", self.state)
         table.add_row("step", str(self.step))
         table.add_row("elapsed", f"{self.elapsed():.1f} s")

@@ -6,13 +6,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
-import signal
 import ssl as ssl_module
 import sys
-import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from statemachines.addresses import Address
@@ -21,18 +18,23 @@ from .common import (
     EXIT_ABORTED,
     EXIT_FAILED,
     EXIT_OK,
+    Interrupted,
     UsageError,
+    abort_signals,
     add_client_tls_args,
     add_secret_args,
     client_ssl,
     read_secret,
     server_options,
+    signal_exit_code,
+    signal_name,
 )
 from .progress import ProgressView
 
 if TYPE_CHECKING:
     from statemachines.workflow import WorkflowSpec
 
+    from ..runner import RunHandle
     from .common import Subparsers
 
 EXIT_BY_OUTCOME = {"success": EXIT_OK, "failure": EXIT_FAILED, "aborted": EXIT_ABORTED}
@@ -117,7 +119,11 @@ def execute(
     ssl: ssl_module.SSLContext | None = None,
     inputs: Mapping[str, Any] | None = None,
 ) -> int:
-    """Run one workflow to its end with a progress view; the exit code of its outcome."""
+    """Run one workflow to its end with a progress view; the exit code of its outcome.
+
+    SIGINT (Ctrl-C), SIGTERM and SIGHUP abort the run alike: the command in flight is
+    cancelled, the workflow's ``on_abort`` state runs, the journal ends with ``finished``;
+    the exit code is then 130, 143 or 129. The same signal again stops at once."""
     from ..errors import RpcError
     from ..runner import WorkflowRunner, resolve_servers
 
@@ -126,7 +132,24 @@ def execute(
         spec.run_context(inputs)
     except ValueError as exc:
         raise UsageError(str(exc))
+    handle: RunHandle | None = None
+    signals: list[int] = []  #: the abort signals received, in order
+
+    def on_signal(signum: int) -> None:
+        if handle is None:  # nothing started yet: stop here
+            raise Interrupted(signum)
+        signals.append(signum)
+        if len(signals) == 1:
+            _say(
+                f"\naborting ({signal_name(signum)}): running the workflow's on_abort state "
+                f"{spec.on_abort!r} (signal again to stop at once)"
+                if spec.on_abort
+                else f"\naborting ({signal_name(signum)}; the workflow has no on_abort state)"
+            )
+        handle.abort()
+
     with (
+        abort_signals(on_signal),
         WorkflowRunner(secret=secret, ssl=ssl, client_name="statelink-run") as runner,
         ProgressView(spec.name, plain) as view,
     ):
@@ -141,42 +164,27 @@ def execute(
                 runner.sender(address).subscribe("rpc.progress", view.on_progress)
             except (OSError, RpcError):
                 pass  # the run itself meets the error (connection_lost, unauthorized) and routes it
-        aborts = 0
-
-        def on_sigint(_signum: int, _frame: FrameType | None) -> None:
-            nonlocal aborts
-            aborts += 1
-            if aborts == 1:
-                print(
-                    "\naborting: running the workflow's on_abort state "
-                    f"{spec.on_abort!r} (Ctrl-C again to stop at once)"
-                    if spec.on_abort
-                    else "\naborting (the workflow has no on_abort state)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            handle.abort()
-
-        previous = (
-            signal.signal(signal.SIGINT, on_sigint)
-            if threading.current_thread() is threading.main_thread()
-            else None
-        )
-        try:
-            while handle.wait(0.2) is None:
-                pass
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+        while handle.wait(0.2) is None:
+            pass
     outcome = handle.outcome or "failure"
     reason = handle.run.reason
-    print(
-        f"workflow {spec.name}: {outcome}"
+    _say(
+        f"workflow {spec.name} (run {handle.run_id}): {outcome}"
         + (f" ({reason})" if reason and reason != outcome else "")
         + f" in {view.elapsed():.1f} s, final state {handle.state}",
-        flush=True,
+        sys.stdout,
     )
+    if outcome == "aborted" and signals:
+        return signal_exit_code(signals[0])
     return EXIT_BY_OUTCOME.get(outcome, EXIT_FAILED)
+
+
+def _say(text: str, stream: Any = None) -> None:
+    """Print a line; a terminal that is gone (SIGHUP) must not stop the abort."""
+    try:
+        print(text, file=stream or sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def cmd_run(args: argparse.Namespace) -> int:

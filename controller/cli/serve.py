@@ -9,6 +9,7 @@ import ssl
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -91,11 +92,38 @@ def register(sub: Subparsers) -> None:
         help="seconds to finish TLS and authentication (default 10)",
     )
     serve.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        default=None,
+        help="where idempotency keys are kept across restarts (default: $STATE_DIRECTORY, "
+        "else ~/.local/state/statelink)",
+    )
+    serve.add_argument(
+        "--key-retention",
+        type=_duration,
+        default=86400.0,
+        metavar="DURATION",
+        help="how long a finished command's key and outcome are kept (default 24h)",
+    )
+    serve.add_argument(
         "--max-outgoing",
         type=int,
         default=4 << 20,
         help="bytes queued to a client that does not read, then it is closed",
     )
+
+
+def _duration(text: str) -> float:
+    """A positive duration (``90s``, ``30m``, ``24h``) for argparse."""
+    from statemachines.durations import parse_duration
+
+    try:
+        value = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
 
 
 def server_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
@@ -129,7 +157,9 @@ def check_handlers(specs: Sequence[DeviceSpec]) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from ..devices import add_device
+    from ..keystore import KeyStoreError, KeyStoreLocked
     from ..server import CommandServer, Limits
+    from ..statedir import default_state_dir
 
     secret = read_secret(args)
     if not is_loopback(args.host) and secret is None and not args.insecure:
@@ -143,6 +173,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError("--workers must be at least 1")
     specs = load_devices(args.device)  # before binding: a bad config never opens a port
     check_handlers(specs)
+    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
     limits = Limits(
         max_connections=args.max_connections,
         max_inflight=args.max_inflight,
@@ -163,6 +194,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         limits=limits,
         secret=secret,
         ssl=context,
+        state_dir=state_dir,
+        key_retention=args.key_retention,
     )
     try:
         for spec in specs:
@@ -188,6 +221,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         server.start()
+    except KeyStoreLocked as exc:
+        print(
+            f"statelink serve: state directory {state_dir} is in use by another statelink "
+            f"server ({exc}); give each server its own --state-dir",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    except KeyStoreError as exc:
+        print(f"statelink serve: cannot use state directory {state_dir}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except OSError as exc:
         print(f"statelink serve: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -196,11 +239,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not specs:
         log.warning("no --device given: serving only the rpc.* methods")
     log.info(
-        "serving on %s:%s; devices: %s%s",
+        "serving on %s:%s; devices: %s%s; keys in %s",
         host,
         port,
         devices,
         " [simulated GPIO]" if args.simulate else "",
+        state_dir,
     )
     while not stop.wait(1.0):
         pass

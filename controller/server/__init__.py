@@ -21,7 +21,8 @@ Contracts:
 
 Modules, one job each: :mod:`.calls` (a call's one outcome, deadlines), :mod:`.core` (what
 every session shares; plugins), :mod:`.session` (the session rules, sans-IO), :mod:`.commands`
-(function commands, param binding), :mod:`.builtins` (``rpc.*``), :mod:`.stats`
+(function commands, param binding), :mod:`.keys` (idempotency keys: the key table and the
+one execution per key), :mod:`.builtins` (``rpc.*``), :mod:`.stats`
 (``rpc.stats``, :class:`Limits`), :mod:`.connection` (the TCP transport), :mod:`.callback`
 (the callback link), :mod:`.lifecycle` (:class:`CommandServer`: start, stop, threads).
 """
@@ -33,6 +34,7 @@ from .calls import Call, CallSite, Deadlines, Dispatch, handler_fault
 from .commands import Binder, FunctionCommand, bind_params
 from .connection import Connection, Connections
 from .core import PROTOCOL_VERSION, Core, Plugin
+from .keys import Execution, Keys
 from .lifecycle import SETTLE_AT_STOP, CommandServer
 from .session import BatchReply, ReplyLink, Session
 from .stats import Limits, Stats
@@ -51,7 +53,9 @@ __all__ = [
     "Core",
     "Deadlines",
     "Dispatch",
+    "Execution",
     "FunctionCommand",
+    "Keys",
     "Limits",
     "Plugin",
     "ReplyLink",

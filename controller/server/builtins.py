@@ -68,6 +68,8 @@ def _hello(core: Core, call: Call) -> dict[str, Any]:
         "protocol": PROTOCOL_VERSION,
         "auth": "hmac-sha256" if core.secret else None,
         "max_inflight": core.limits.max_inflight,
+        "max_frame": core.limits.max_frame,  # the client decodes replies by the same rules
+        "max_depth": core.limits.max_depth,
     }
     port = params.get("callback_port")
     if port is not None:

@@ -5,10 +5,21 @@ A :class:`Call` is answered exactly once: the first of :meth:`Call.resolve` /
 and counted in ``rpc.stats`` as ``late_outcomes``. Everything here runs on the loop thread,
 except :meth:`Call.progress`, which is thread-safe.
 
-What a command implementation may use of a call: ``method``, ``params``, ``id``, ``done``,
-``cancelled``, ``disconnected``, :meth:`~Call.resolve` / :meth:`~Call.reject` /
-:meth:`~Call.settle`, :meth:`~Call.arm_timeout`, :meth:`~Call.progress`, and the hooks
-:meth:`~Call.cancel_signal`, :meth:`~Call.set_hooks` and :meth:`~Call.late`.
+What a command implementation may use of a call: ``method``, ``params``, ``id``, ``key``,
+``done``, ``cancelled``, ``disconnected``, :meth:`~Call.resolve` / :meth:`~Call.reject` /
+:meth:`~Call.settle`, :meth:`~Call.arm_timeout`, :meth:`~Call.progress`, the hooks
+:meth:`~Call.cancel_signal`, :meth:`~Call.set_hooks` and :meth:`~Call.late`, and the start
+gate :meth:`~Call.hold` / :meth:`~Call.claim` / :meth:`~Call.withdraw` / :attr:`~Call.started`.
+
+The start gate: work that waits (for a worker thread) before its handler runs starts only if
+its call is still wanted. The implementation calls :meth:`~Call.hold` when it queues the work
+and hands the claim it returns to the worker pool (``gate=``), which calls it just before the
+handler; the timeout and :meth:`~Call.cancel` withdraw the call (:meth:`~Call.withdraw`). One
+lock orders the two, so exactly one wins: either the handler started (the device acted, or may
+have), or it never starts (the device never acted, and the reply says so: ``data.started`` is
+false). An implementation that starts its handler itself (an ``async def`` on the loop) calls
+:meth:`~Call.claim` when it does. A call never held is never withdrawn (its handler is taken
+to have started: nothing is known to the contrary).
 """
 
 from __future__ import annotations
@@ -21,9 +32,13 @@ from typing import Any, Protocol
 
 from ..errors import CancelledError, CommandTimeoutError, DeviceFaultError, RpcError
 from ..protocol import ErrorResponse, Message, Notification, Request, Response
+from ..workers import NotStarted
 from .stats import Stats
 
 log = logging.getLogger("statelink.server")
+
+_IDLE, _HELD, _STARTED, _WITHDRAWN = 0, 1, 2, 3  #: the start gate of a call
+_START_LOCK = threading.Lock()  #: orders claim (worker) and withdraw (loop); held for a moment
 
 
 class Dispatch(Protocol):
@@ -45,11 +60,15 @@ class CallSite(Protocol):
 
     stats: Stats
     deadlines: Deadlines
-    closed: bool
+
+    @property
+    def closed(self) -> bool: ...
 
     def forget(self, call: Call) -> None: ...
 
     def reply(self, call: Call, message: Message) -> None: ...
+
+    def notify(self, method: str, params: Any) -> None: ...
 
     def notify_soon(self, method: str, params: Any) -> None: ...
 
@@ -63,12 +82,14 @@ class Call:
         "_cancel_event",
         "_on_cancel",
         "_on_timeout",
+        "_start",
         "_timer",
         "batch",
         "cancelled",
         "done",
         "id",
         "is_notification",
+        "key",
         "method",
         "params",
         "session",
@@ -81,8 +102,13 @@ class Call:
         self.method = msg.method
         self.params = msg.params
         self.is_notification = isinstance(msg, Notification)
-        self.id = None if self.is_notification else msg.id  # type: ignore[union-attr]
+        if self.is_notification:
+            self.id = self.key = None
+        else:
+            self.id = msg.id  # type: ignore[union-attr]
+            self.key = msg.key  # type: ignore[union-attr]  #: idempotency key (or None)
         self.batch = batch
+        self._start = _IDLE
         self.done = False
         self.cancelled = False
         self._timer: dict[Call, float] | None = None  #: its group in the session's deadlines
@@ -100,10 +126,23 @@ class Call:
             self.session.stats.count_error(error.code)
             self.session.reply(self, ErrorResponse(self.id, error.code, error.message, error.data))
 
+    def replay(self, result: Any, error: RpcError | None = None) -> None:
+        """Answer with a stored outcome of an earlier execution (``"replayed": true``)."""
+        if self._finish():
+            if error is None:
+                self.session.reply(self, Response(self.id, result, True))
+            else:
+                self.session.stats.count_error(error.code)
+                self.session.reply(
+                    self, ErrorResponse(self.id, error.code, error.message, error.data, True)
+                )
+
     def settle(self, result: Any, exc: BaseException | None) -> None:
         """Answer from a handler outcome: a result, an :class:`RpcError`, or any exception."""
         if exc is None:
             self.resolve(result)
+        elif isinstance(exc, NotStarted):
+            return  # the gate kept a withdrawn call's handler from starting; it was answered
         elif isinstance(exc, RpcError):
             self.reject(exc)
         else:
@@ -123,6 +162,35 @@ class Call:
             self._timer.pop(self, None)
         self.session.forget(self)
         return True
+
+    # -- the start gate -----------------------------------------------------------------------
+    def hold(self) -> Callable[[], bool]:
+        """The handler waits to start (loop thread): returns :meth:`claim`, for the worker."""
+        self._start = _HELD
+        return self.claim
+
+    def claim(self) -> bool:
+        """The handler is about to start (any thread): True if the call is still wanted (not
+        answered, not withdrawn); it has then started. False: it must never start."""
+        with _START_LOCK:
+            if self._start <= _HELD and not self.done:
+                self._start = _STARTED
+                return True
+            self._start = _WITHDRAWN
+            return False
+
+    def withdraw(self) -> bool:
+        """Make sure the handler never starts, if it has not yet (loop thread): True if it
+        never started (now or earlier), False if it has."""
+        with _START_LOCK:
+            if self._start <= _HELD:
+                self._start = _WITHDRAWN
+            return self._start == _WITHDRAWN
+
+    @property
+    def started(self) -> bool:
+        """True once :meth:`claim` let the handler start."""
+        return self._start == _STARTED
 
     # -- hooks for the implementation ---------------------------------------------------------
     @property
@@ -167,13 +235,24 @@ class Call:
     def _expire(self, seconds: float) -> None:
         if self.done:
             return
+        never = self._start != _IDLE and self.withdraw()  # only a held call is known unstarted
         if self._cancel_event is not None:
             self._cancel_event.set()
         hook, self._on_timeout = self._on_timeout, None
         if hook is not None:
             hook()
+            if self.done:  # the hook answered itself
+                return
         if self.cancelled:
-            self.reject(CancelledError(f"{self.method} was cancelled", {"id": self.id}))
+            self.reject(self._cancelled_error(never))
+        elif never:
+            self.reject(
+                CommandTimeoutError(
+                    f"{self.method} timed out after {seconds:g} s before it started (it waited "
+                    "for a worker); it never ran",
+                    {"timeout": seconds, "method": self.method, "started": False},
+                )
+            )
         else:
             self.reject(
                 CommandTimeoutError(
@@ -181,6 +260,14 @@ class Call:
                     {"timeout": seconds, "method": self.method},
                 )
             )
+
+    def _cancelled_error(self, never: bool) -> CancelledError:
+        if never:
+            return CancelledError(
+                f"{self.method} was cancelled before it started; it never ran",
+                {"id": self.id, "started": False},
+            )
+        return CancelledError(f"{self.method} was cancelled", {"id": self.id})
 
     def cancel(self) -> None:
         """Ask the running command to stop (``rpc.cancel``).
@@ -193,7 +280,7 @@ class Call:
             return
         self.mark_cancelled()
         if self._on_cancel is None or not self._on_cancel():
-            self.reject(CancelledError(f"{self.method} was cancelled", {"id": self.id}))
+            self.reject(self._cancelled_error(self._start == _WITHDRAWN))
 
     def progress(self, fraction: float, message: str = "") -> None:
         """Send ``rpc.progress`` to the requesting client. Thread-safe."""

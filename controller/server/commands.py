@@ -121,7 +121,7 @@ class FunctionCommand:
             call.set_hooks(on_cancel=lambda: bool(task.cancel()) and False, on_timeout=task.cancel)
         else:
             try:
-                server.pool.submit(self.func, args, kwargs, call.settle)
+                server.pool.submit(self.func, args, kwargs, call.settle, call.hold())
             except PoolFull as exc:
                 call.reject(BusyError(f"server busy: {exc}", {"retry": True}))
                 return

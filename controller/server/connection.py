@@ -68,7 +68,12 @@ class Connections:
             elif conn.partial_since is not None and now - conn.partial_since > limits.frame_timeout:
                 conn.close("frame_timeout")
             elif not session.calls and now - conn.last_activity > limits.idle_timeout:
-                conn.close("idle_timeout")
+                if session.notified != conn.notified_seen:
+                    # notifications went out since the last sweep: a listener is not idle
+                    conn.notified_seen = session.notified
+                    conn.last_activity = now
+                else:
+                    conn.close("idle_timeout")
 
     def close_all(self, reason: str) -> None:
         for conn in list(self.open):
@@ -91,13 +96,16 @@ class Connection(asyncio.BufferedProtocol):
         self.hub = hub
         limits = core.limits
         self.loop = core.loop
-        self.max_outgoing = limits.max_outgoing
+        # The backlog bound: max_outgoing bytes waiting, besides the reply being written (one
+        # reply, up to a frame, never trips it on its own).
+        self.max_outgoing = limits.max_outgoing + limits.max_frame + 1
         self.decoder = Decoder(limits.max_frame, limits.max_depth, limits.max_batch)
         self.transport: asyncio.Transport | None = None
         self.peer: tuple[str, int] = ("?", 0)
         self.session: Session = None  # type: ignore[assignment]  # set by connection_made
         self.connected_at = self.last_activity = time.monotonic()
         self.partial_since: float | None = None  #: when the unfinished line in the buffer began
+        self.notified_seen = 0  #: the session's notification count at the last idle check
         self.closing = False
         self._out: list[bytes] = []
         self._out_bytes = 0

@@ -9,12 +9,15 @@ transport gave it. Plugins (served devices) attach here through :class:`Plugin`.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from ..workers import WorkerPool
 from .calls import Call, Deadlines, Dispatch
+from .keys import Keys
 from .stats import Limits, Stats
 
 PROTOCOL_VERSION = "1.0"
@@ -49,7 +52,11 @@ class Peer(Protocol):
 
 class Core:
     """The state every session of one server shares. Loop thread only, unless a method says
-    otherwise. ``loop``, ``pool`` and ``deadlines`` exist while the server runs."""
+    otherwise. ``loop``, ``pool`` and ``deadlines`` exist while the server runs.
+
+    ``keys`` holds the idempotency keys of device commands (:mod:`.keys`): in
+    ``state_dir`` (SQLite, survives a restart) or, with ``state_dir`` None, in memory only.
+    """
 
     def __init__(
         self,
@@ -59,6 +66,8 @@ class Core:
         limits: Limits | None = None,
         secret: bytes | str | None = None,
         name: str = "statelink",
+        state_dir: str | os.PathLike[str] | None = None,
+        key_retention: float = 86400.0,
     ) -> None:
         self.workers = workers
         self.default_timeout = timeout
@@ -76,6 +85,7 @@ class Core:
         self.pool: WorkerPool = None  # type: ignore[assignment]
         self.deadlines: Deadlines = None  # type: ignore[assignment]
         self.started_at = 0.0
+        self.keys = Keys(None if state_dir is None else Path(state_dir), key_retention)
 
     def register(self, name: str, dispatch: Dispatch) -> None:
         """Register a custom :class:`Dispatch` (used for devices)."""

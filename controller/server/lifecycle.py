@@ -32,6 +32,10 @@ class CommandServer(Core):
     """A JSON-RPC 2.0 command server; see :mod:`controller.server` for the contracts.
 
     ``host`` defaults to loopback; ``port=0`` picks a free port (read it from ``address``).
+
+    ``state_dir``: where the idempotency keys of device commands are kept (SQLite, opened at
+    :meth:`start`, closed at :meth:`stop`); a key survives a restart for ``key_retention``
+    seconds. Without a ``state_dir`` keys are honoured in memory only: a stop forgets them.
     """
 
     def __init__(
@@ -46,8 +50,18 @@ class CommandServer(Core):
         secret: bytes | str | None = None,
         ssl: ssl_module.SSLContext | None = None,
         name: str = "statelink",
+        state_dir: str | os.PathLike[str] | None = None,
+        key_retention: float = 86400.0,
     ) -> None:
-        super().__init__(workers=workers, timeout=timeout, limits=limits, secret=secret, name=name)
+        super().__init__(
+            workers=workers,
+            timeout=timeout,
+            limits=limits,
+            secret=secret,
+            name=name,
+            state_dir=state_dir,
+            key_retention=key_retention,
+        )
         self.host = host
         self.port = port
         self.grace = grace
@@ -114,6 +128,7 @@ class CommandServer(Core):
         """
         if self._thread is not None:
             raise RuntimeError("the server is already started")
+        self.keys.open()  # KeyStoreError (e.g. KeyStoreLocked): the state dir is not usable
         for plugin in self.devices.values():  # before the I/O thread: no connection yet
             plugin.start()
         ready = threading.Event()
@@ -151,6 +166,7 @@ class CommandServer(Core):
         if failure:
             self._thread.join()
             self._thread = None
+            self.keys.close()
             exc = failure[0]
             if isinstance(exc, OSError):
                 reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
@@ -210,6 +226,7 @@ class CommandServer(Core):
                 plugin.stop()
             except Exception:
                 log.exception("stop hook failed")
+        self.keys.close()  # after the workers drained: every outcome recorded is written
         self._thread = None
         log.info("stopped")
 
@@ -227,6 +244,7 @@ class CommandServer(Core):
         # command sees ctx.cancelled, and settles as cancelled, not faulted), the request is
         # answered with the cancelled error, and the jobs still waiting for a worker thread
         # are taken off the pool's queue, so they never run (their outcome is dropped as late).
+        self.keys.shutdown()
         leftover = [call for session in self.sessions for call in session.calls.values()]
         for call in leftover:
             call.mark_cancelled()

@@ -69,9 +69,20 @@ class BatchReply:
             self.replies.append(reply)
         self.remaining -= 1
         if self.remaining == 0 and self.replies:
-            encode_reply = self.session.encode_reply
+            session = self.session
+            encode_reply = session.encode_reply
             parts = [encode_reply(reply)[:-1] for reply in self.replies]
-            self.session.send(b"[" + b",".join(parts) + b"]\n")
+            limit = session.limits.max_frame
+            size = sum(map(len, parts)) + len(parts) + 1  # commas and brackets
+            # Each reply fits a frame, but together they may not: the largest results become
+            # too-large errors until the array fits (the others are answered as usual).
+            for index in sorted(range(len(parts)), key=lambda i: -len(parts[i])):
+                if size <= limit:
+                    break
+                too_large = encode_reply(session.too_large(self.replies[index], len(parts[index])))
+                size += len(too_large) - 1 - len(parts[index])
+                parts[index] = too_large[:-1]
+            session.send(b"[" + b",".join(parts) + b"]\n")
 
 
 class Session:
@@ -112,6 +123,7 @@ class Session:
         self.client_name = ""
         self.callback: ReplyLink | None = None
         self.callback_port: int | None = None  #: asked for in rpc.hello; linked once logged in
+        self.notified = 0  #: notifications sent (a transport counts them as activity)
         self.closed = False  #: nothing more is sent: the transport closes, or the peer is gone
         self.draining = False  #: the peer sends no more: hang up after the last reply
         core.sessions.add(self)
@@ -233,9 +245,10 @@ class Session:
             self.send(data)
 
     def encode_reply(self, message: Message) -> bytes:
-        """Encode one reply; a result that is not JSON becomes an internal error for its id."""
+        """Encode one reply; a result that is not JSON, or too large for a frame, becomes an
+        internal error for its id (the connection carries on)."""
         try:
-            return encode(message)
+            data = encode(message)
         except (TypeError, ValueError) as exc:
             self.stats.count_error(ek.INTERNAL_ERROR)
             msg_id = getattr(message, "id", None)
@@ -249,12 +262,28 @@ class Session:
                     {"reason": str(exc)},
                 )
             )
+        if len(data) > self.limits.max_frame + 1:
+            return encode(self.too_large(message, len(data) - 1))
+        return data
+
+    def too_large(self, message: Message, size: int) -> ErrorResponse:
+        """The error that replaces a reply of ``size`` bytes that does not fit a frame."""
+        self.stats.count_error(ek.INTERNAL_ERROR)
+        limit = self.limits.max_frame
+        return ErrorResponse(
+            getattr(message, "id", None),
+            ek.INTERNAL_ERROR,
+            f"Internal error: the reply is {size} bytes, over the frame limit of {limit} bytes",
+            {"size": size, "limit": limit},
+            getattr(message, "replayed", False),
+        )
 
     def notify(self, method: str, params: Any) -> None:
         """Send a server-to-client notification."""
         if self.closed:
             return
         self.stats.notifications_total += 1
+        self.notified += 1
         self.send(encode(Notification(method, params)))
 
     def notify_soon(self, method: str, params: Any) -> None:

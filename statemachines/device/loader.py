@@ -22,7 +22,17 @@ from .gpio_checks import GpioChecks
 from .spec import STATE_COMMAND, CommandSpec, DeviceSpec, GpioObjectSpec, HandlerRef
 
 DEVICE_KEYS = ("device", "description", "states", "initial", "fault", "timeout", "gpio", "commands")
-COMMAND_KEYS = ("from", "running", "to", "timeout", "params", "handler", "gpio", "description")
+COMMAND_KEYS = (
+    "from",
+    "running",
+    "to",
+    "cancelled",
+    "timeout",
+    "params",
+    "handler",
+    "gpio",
+    "description",
+)
 
 _DEVICE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 _HANDLER = re.compile(
@@ -239,6 +249,7 @@ class _Parser(GpioChecks):
                 _line_of(body, "running"), f"{where}'running' cannot be the fault state {running!r}"
             )
         to = self.state_ref(body, "to", where)
+        cancelled = self.state_ref(body, "cancelled", where)
         timeout = self.duration(body, "timeout", where)
         params = parse_param_specs(
             body.get("params"),
@@ -280,6 +291,7 @@ class _Parser(GpioChecks):
             allowed_from=allowed,
             running=running,
             to=to,
+            cancelled=cancelled,
             timeout=timeout if timeout is not None else device_timeout,
             params=params,
             handler_ref=handler_ref,

@@ -53,10 +53,12 @@ class DeviceMachine:
     """One device's live state, a transitions.Machine built from the spec. Not thread-safe
     (the server drives it from one thread).
 
-    Each command has four triggers: ``begin_<cmd>`` (from its allowed states to ``running``),
+    Each command has five triggers: ``begin_<cmd>`` (from its allowed states to ``running``),
     ``succeed_<cmd>`` (to ``to``, or back to the origin), ``fail_<cmd>`` (to the fault state,
-    or back to the origin) and ``cancel_<cmd>`` (back to the origin). ``on_change(state,
-    previous, command)`` is called after every actual state change, in order.
+    or back to the origin), ``cancel_<cmd>`` (it never started: back to the origin) and
+    ``interrupt_<cmd>`` (cancelled halfway: to its ``cancelled`` state, else the fault state,
+    else the origin). ``on_change(state, previous, command)`` is called after every actual
+    state change, in order.
     """
 
     def __init__(
@@ -132,8 +134,24 @@ class DeviceMachine:
         self._finish("fail", command)
 
     def cancel(self, command: str) -> None:
-        """The command was cancelled: back to the origin state (not a fault)."""
+        """The command was cancelled (or timed out) before its action started: back to the
+        origin state (it never acted)."""
         self._finish("cancel", command)
+
+    def interrupt(self, command: str) -> None:
+        """The command was cancelled while its handler ran (it acted halfway): to its
+        ``cancelled`` state, else the fault state, else back to the origin."""
+        self._finish("interrupt", command)
+
+    def enter_fault(self) -> str | None:
+        """Put the device in its fault state, outside any command (e.g. its last command was
+        cut short by a crash): returns the state it left, or None (no fault state declared,
+        or already there). ``on_change`` is not called: the caller says why."""
+        fault, previous = self.spec.fault_state, self.state
+        if fault is None or previous == fault or self._model.origins:
+            return None
+        self._machine.set_state(fault, model=self._model)
+        return previous
 
     def _finish(self, verb: str, command: str) -> None:
         if command not in self._model.origins:

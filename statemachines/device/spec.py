@@ -18,8 +18,10 @@ from ..params import ParamSpec, schema_to_json
 #: Every device answers ``<device>.state`` itself; no config may declare it.
 STATE_COMMAND = "state"
 
-#: What happens to a command: it begins, then exactly one of succeed / fail / cancel.
-Event = Literal["begin", "succeed", "fail", "cancel"]
+#: What happens to a command: it begins, then exactly one of succeed / fail / cancel /
+#: interrupt. ``cancel``: it never started its action (cancelled or timed out while it waited),
+#: so it goes back where it began; ``interrupt``: cancelled while its handler ran (halfway).
+Event = Literal["begin", "succeed", "fail", "cancel", "interrupt"]
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,8 @@ class HandlerRef:
 class CommandSpec:
     """One command. ``allowed_from`` None means every state; ``timeout`` is the effective one
     (the command's, else the device's, else None); exactly one of ``handler_ref``/``gpio`` is
-    set."""
+    set. ``cancelled``: the state a command cancelled while its handler runs ends in (None:
+    the fault state when declared, else back to where it began)."""
 
     name: str
     method: str
@@ -78,6 +81,7 @@ class CommandSpec:
     gpio: GpioActionSpec | None
     description: str = ""
     line: int = 0
+    cancelled: str | None = None
 
 
 @dataclass(frozen=True)
@@ -121,8 +125,10 @@ class DeviceSpec:
         draws.
 
         A command begins in one of its allowed states (its *origin*) and moves to ``running``
-        (or stays). Success moves to ``to``, failure to the fault state; without one (and
-        always on cancel) the device goes back to the origin.
+        (or stays). Success moves to ``to``, failure to the fault state (without one: back to
+        the origin). Cancelled before its action started (``cancel``), it goes back to the
+        origin; cancelled while its handler ran (``interrupt``), to its ``cancelled`` state,
+        else the fault state, else the origin.
         """
         out: list[Transition] = []
         for name, cmd in self.commands.items():
@@ -187,6 +193,7 @@ def _command_transitions(
     name: str, cmd: CommandSpec, origins: list[str], fault: str | None
 ) -> list[Transition]:
     running, to = cmd.running, cmd.to
+    halted = cmd.cancelled or fault  # where an interrupted command ends (None: its origin)
     out: list[Transition] = []
     if running is None:  # the state never leaves the origin but to end
         for o in origins:
@@ -195,6 +202,7 @@ def _command_transitions(
                 Transition(name, "succeed", o, to or o),
                 Transition(name, "cancel", o, o),
                 Transition(name, "fail", o, fault or o),
+                Transition(name, "interrupt", o, halted or o),
             ]
         return out
     for index, o in enumerate(origins):
@@ -208,4 +216,8 @@ def _command_transitions(
         out.append(Transition(name, "fail", running, fault))
     else:
         out += [Transition(name, "fail", running, o, origin=o) for o in origins]
+    if halted is not None:
+        out.append(Transition(name, "interrupt", running, halted))
+    else:
+        out += [Transition(name, "interrupt", running, o, origin=o) for o in origins]
     return out

@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
+from ..errorkinds import kind_of
+
 __all__ = [
     "ErrorInfo",
     "ErrorJson",
@@ -46,13 +48,17 @@ class _EntryHead(TypedDict):
 class JournalEntry(_EntryHead, total=False):
     """One journal line of a run: ``time``, ``state`` and ``event`` always, the rest by event.
 
-    Events: ``start`` (workflow, run, inputs), ``reply`` (server, command, params, attempt,
-    result), ``error`` (server, command, params, attempt, error; ``retry_in`` when retried,
-    ``unhandled`` when nothing routes it), ``retry`` (attempt), ``waited``, ``await_timeout``
+    Events: ``start`` (workflow, run, inputs), ``reply`` (server, command, params, key,
+    attempt, result), ``error`` (server, command, params, key, attempt, error; ``retry_in``
+    when retried, ``unhandled`` when nothing routes it), ``late`` (server, command, key,
+    attempt, result or error: an outcome that came after its state was left or after the
+    client-side timeout; ``state`` is the command's state), ``retry`` (attempt), ``waited``,
+    ``await_timeout``
     (server, method, error), ``notification`` (server, method, params), ``choice`` (choice),
     ``abort``, ``workflow_timeout`` (timeout), ``expression_error`` (expression, message),
     ``internal_error`` (message), ``finished`` (final, reason). ``next`` names the state the
-    event leads to, when it leads to one.
+    event leads to, when it leads to one. ``replayed`` (true, on reply, error and late
+    entries): the server answered with the stored outcome of the key's earlier execution.
     """
 
     next: str
@@ -63,6 +69,8 @@ class JournalEntry(_EntryHead, total=False):
     command: str | None
     method: str | None
     params: Json
+    key: str
+    replayed: bool
     attempt: int
     result: Json
     error: ErrorJson
@@ -85,6 +93,13 @@ class ErrorInfo:
     message: str
     data: Json = None
 
+    @classmethod
+    def of(cls, kind: str | None, code: int | None, message: str, data: Json = None) -> ErrorInfo:
+        """An error outcome; ``kind`` None (or empty) is derived from ``code``."""
+        if not kind:
+            kind = kind_of(code) if isinstance(code, int) else "server_error"
+        return cls(kind, code, message, data)
+
     def as_dict(self) -> ErrorJson:
         return {"kind": self.kind, "code": self.code, "message": self.message, "data": self.data}
 
@@ -94,18 +109,20 @@ class ErrorInfo:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """The command ``token`` succeeded with ``result``."""
+    """The command ``token`` succeeded with ``result`` (``replayed``: a stored outcome)."""
 
     token: int
     result: Json
+    replayed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Failure:
-    """The command ``token`` failed."""
+    """The command ``token`` failed (``replayed``: a stored outcome)."""
 
     token: int
     error: ErrorInfo
+    replayed: bool = False
 
 
 @dataclass(frozen=True, slots=True)

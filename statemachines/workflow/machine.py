@@ -200,6 +200,12 @@ def _record_unhandled(ev: _Ev) -> None:
     ev.model.record_pending(unhandled=True)
 
 
+def _abandon(ev: _Ev) -> None:
+    """``before`` of an error route out of a command state: the command may still run (a
+    client-side timeout), so it is abandoned (cancelled) before the next state acts."""
+    ev.model.abandon_open()
+
+
 def _unhandled(ev: _Ev) -> None:
     run: WorkflowRun = ev.model
     error = run.error
@@ -351,6 +357,7 @@ class CompiledWorkflow:
             "initial": self.spec.initial,
             "edges": self.graph_edges(),
             "finals": self.graph_finals(),
+            "abort": self.spec.on_abort,
         }
 
     def awaited(self) -> set[tuple[str, str]]:
@@ -388,7 +395,7 @@ class CompiledWorkflow:
                     after=[retry.schedule],
                 )
                 add(T_TIMER, None, before=[_Record(None)], after=[_resend])
-            self._routes(st, T_FAIL, add)
+            self._routes(st, T_FAIL, add, leave=[_abandon])
         elif st.kind == "choice":
             self._choices(st, T_DECIDE, add)
         elif st.kind == "wait":
@@ -429,13 +436,18 @@ class CompiledWorkflow:
             add(trigger, None, before=[_Record(None)], after=[_no_choice])
 
     @staticmethod
-    def _routes(st: StateSpec, trigger: str, add: Callable[..., None]) -> None:
+    def _routes(
+        st: StateSpec, trigger: str, add: Callable[..., None], leave: list[Any] | None = None
+    ) -> None:
+        """The error routes of ``st``; ``leave``: ``before`` callbacks of every one of them
+        (after the journal entry is recorded)."""
         routes = st.on_error
+        extra = leave or []
         for code, target in routes.by_code.items():
-            add(trigger, target, conditions=[_CodeIs(code)], before=[_Record(target)])
+            add(trigger, target, conditions=[_CodeIs(code)], before=[_Record(target), *extra])
         for kind, target in routes.by_kind.items():
-            add(trigger, target, conditions=[_KindIs(kind)], before=[_Record(target)])
+            add(trigger, target, conditions=[_KindIs(kind)], before=[_Record(target), *extra])
         if routes.default is not None:
-            add(trigger, routes.default, before=[_Record(routes.default)])
+            add(trigger, routes.default, before=[_Record(routes.default), *extra])
         else:
-            add(trigger, None, before=[_record_unhandled], after=[_unhandled])
+            add(trigger, None, before=[_record_unhandled, *extra], after=[_unhandled])

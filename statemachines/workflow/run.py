@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..durations import format_duration
-from ..errorkinds import TIMEOUT, kind_of
+from ..errorkinds import TIMEOUT
 from ..expressions import ExpressionError
 from .events import (
     ErrorInfo,
@@ -29,6 +29,7 @@ from .events import (
     now,
 )
 from .model import StateSpec, WorkflowSpec
+from .sent import SentCommands
 
 __all__ = [
     "HISTORY_LIMIT",
@@ -65,12 +66,16 @@ class Effects(Protocol):
 
     ``send_command`` and ``start_timer`` may call back into the run synchronously (the event
     is queued behind the current one). If one of them raises, that run fails with an
-    ``internal_error`` journal entry. ``abandon(run, token)`` says that the run leaves its
-    current action ``token`` without waiting for it (an abort, the workflow timeout): a command
-    still in flight with that token is best cancelled, so that the device is free for the
-    ``on_abort`` path; it is called before that path sends anything. ``abandon``, ``record``
-    and ``finished`` must not raise: their exceptions propagate to the caller of the event
-    method. ``finished`` is called once, after the last ``record``.
+    ``internal_error`` journal entry. A command's idempotency key is ``run.command_key`` when
+    ``send_command`` is called: one per state visit, the same for every retry of the visit.
+    ``abandon(run, token)`` says that the run leaves command (or timer) ``token`` without
+    its outcome: an abort or the workflow timeout, or the state is left after an error (after
+    a client-side timeout the command may still run); a command that may still run with that
+    token is best cancelled, so that the device is free for what comes next; it is called
+    before the next state sends anything. A client-side timeout that the state retries is
+    *not* abandoned: the retry sends the same key, which joins the running execution.
+    ``abandon``, ``record`` and ``finished`` must not raise: their exceptions propagate to the
+    caller of the event method. ``finished`` is called once, after the last ``record``.
     """
 
     def send_command(
@@ -120,7 +125,8 @@ class WorkflowRun:
     Public state: ``run_id``, ``state`` (current state name), ``context`` (``result``, the
     inputs and the saved names), ``outcome`` (None until done, then "success", "failure" or
     "aborted"), ``done``, ``reason`` (why it failed or was aborted), ``history`` (the newest
-    journal entries), ``ignored`` (how many stale events were dropped).
+    journal entries), ``ignored`` (how many stale events did not move the run; an outcome
+    of a command the run left is journaled as ``late`` too).
     """
 
     state: str
@@ -147,6 +153,9 @@ class WorkflowRun:
         self._token = 0
         self._deadline = 0
         self._attempt = 0
+        self._visit = 0
+        self._command = 0  #: token of the newest command of this visit (0: none)
+        self._sent = SentCommands()  #: the newest commands, for their late outcomes
         self._params: Json = None
         self._error: ErrorInfo | None = None
         self._entry: JournalEntry | None = None
@@ -170,19 +179,48 @@ class WorkflowRun:
         self._started = True
         self._trigger[T_BEGIN](self)
 
-    def on_reply(self, token: int, result: Json) -> None:
-        """The command with ``token`` succeeded."""
-        if not self.done:
-            self._trigger[T_OK](self, Reply(token, result))
+    def on_reply(self, token: int, result: Json, replayed: bool = False) -> None:
+        """The command with ``token`` succeeded (``replayed``: the server's stored outcome)."""
+        if self.done:
+            return
+        if token != self._token and token in self._sent:
+            self.ignored += 1
+            self._late(self._sent.late(token, result=result, replayed=replayed))
+        else:
+            self._trigger[T_OK](self, Reply(token, result, replayed))
 
     def on_error(
-        self, token: int, kind: str | None, code: int | None, message: str, data: Json = None
+        self,
+        token: int,
+        kind: str | None,
+        code: int | None,
+        message: str,
+        data: Json = None,
+        replayed: bool = False,
     ) -> None:
         """The command with ``token`` failed; ``kind`` None is derived from ``code``."""
+        if self.done:
+            return
+        error = ErrorInfo.of(kind, code, message, data)
+        if token != self._token and token in self._sent:
+            self.ignored += 1
+            self._late(self._sent.late(token, error=error.as_dict(), replayed=replayed))
+        else:
+            self._trigger[T_FAIL](self, Failure(token, error, replayed))
+
+    def on_late(
+        self,
+        token: int,
+        result: Json = None,
+        error: ErrorInfo | None = None,
+        replayed: bool = False,
+    ) -> None:
+        """The real outcome of command ``token`` came after its client-side timeout (which
+        the run already took as the outcome): journal it as a ``late`` entry, nothing else.
+        Ignored once the run is done, or for a token it does not remember (see SENT_LIMIT)."""
         if not self.done:
-            if not kind:
-                kind = kind_of(code) if isinstance(code, int) else "server_error"
-            self._trigger[T_FAIL](self, Failure(token, ErrorInfo(kind, code, message, data)))
+            error_json = error.as_dict() if error is not None else None
+            self._late(self._sent.late(token, result=result, error=error_json, replayed=replayed))
 
     def on_timer(self, token: int) -> None:
         """The timer with ``token`` expired."""
@@ -205,6 +243,17 @@ class WorkflowRun:
         """Go to ``on_abort`` (final outcome "aborted"); without it, or again, finish now."""
         if not self.done:
             self._trigger[T_ABORT](self)
+
+    @property
+    def visit(self) -> int:
+        """How many states the run has entered (1 for the initial state)."""
+        return self._visit
+
+    @property
+    def command_key(self) -> str:
+        """The idempotency key of the current state visit: ``f"{run_id}:{visit}"``. Every
+        try of one visit's command sends it, so the device acts at most once per visit."""
+        return f"{self.run_id}:{self._visit}"
 
     def expects(self, token: int) -> bool:
         """True while the event ``token`` (of a command sent or a timer started by this run)
@@ -277,6 +326,8 @@ class WorkflowRun:
         """The state's action (``on_enter``): send, start a timer, decide or finish."""
         self._st = st
         self._prep = preparers
+        self._visit += 1
+        self._command = 0
         kind = st.kind
         if kind == "command":
             self._attempt = 1
@@ -307,6 +358,15 @@ class WorkflowRun:
     def schedule_retry(self, delay: float) -> None:
         """Start the timer after which the current command is tried again."""
         self._timer(delay)
+
+    def abandon_open(self) -> None:
+        """The run leaves its current action without its outcome (abort, workflow timeout,
+        an error route out of a command state): :meth:`Effects.abandon` the current token,
+        and the visit's newest command if that is another one (a retry delay after a
+        client-side timeout: the command may still run)."""
+        self.effects.abandon(self, self._token)
+        if self._command and self._command != self._token:
+            self.effects.abandon(self, self._command)
 
     def save(self, name: str, value: Json) -> None:
         """Store ``value`` under ``name`` in the context (``save:`` of an await state)."""
@@ -375,9 +435,15 @@ class WorkflowRun:
         self.effects.record(self, entry)
 
     def _send(self, st: StateSpec) -> None:
-        token = self._token = next_token()
+        token = self._token = self._command = next_token()
         assert st.server is not None and st.command is not None and st.timeout is not None
+        self._sent.add(token, st.name, st.server, st.command, self.command_key, self._attempt)
         self.effects.send_command(self, token, st.server, st.command, self._params, st.timeout)
+
+    def _late(self, entry: JournalEntry | None) -> None:
+        """Journal a command's outcome that came after the run stopped waiting for it."""
+        if entry is not None:
+            self._record(entry)
 
     def _timer(self, delay: float) -> None:
         token = self._token = next_token()
@@ -428,21 +494,26 @@ class WorkflowRun:
         st = self._st
         assert st is not None
         self._fresh = True
+        self._sent.answered(event.token)
         result = event.result
         context = self.context
         context["result"] = result
         if st.save is not None:
             context[st.save] = result
-        self._entry = {
+        entry: JournalEntry = {
             "time": now(),
             "state": st.name,
             "event": "reply",
             "server": st.server,
             "command": st.command,
             "params": self._params,
+            "key": self.command_key,
             "attempt": self._attempt,
             "result": result,
         }
+        if event.replayed:
+            entry["replayed"] = True
+        self._entry = entry
 
     def _prep_error(self, event: Failure) -> None:
         if event.token != self._token:
@@ -451,16 +522,20 @@ class WorkflowRun:
         assert st is not None
         self._fresh = True
         error = self._error = event.error
-        self._entry = {
+        entry: JournalEntry = {
             "time": now(),
             "state": st.name,
             "event": "error",
             "server": st.server,
             "command": st.command,
             "params": self._params,
+            "key": self.command_key,
             "attempt": self._attempt,
             "error": error.as_dict(),
         }
+        if event.replayed:
+            entry["replayed"] = True
+        self._entry = entry
 
     def _prep_retry_timer(self, event: Tick) -> None:
         if event.token != self._token:
@@ -520,12 +595,12 @@ class WorkflowRun:
 
     def _prep_abort(self, event: None) -> None:
         self._fresh = True
-        self.effects.abandon(self, self._token)
+        self.abandon_open()
         self._entry = {"time": now(), "state": self.state, "event": "abort"}
 
     def _prep_expire(self, event: None) -> None:
         self._fresh = True
-        self.effects.abandon(self, self._token)
+        self.abandon_open()
         self._entry = {
             "time": now(),
             "state": self.state,
