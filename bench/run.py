@@ -17,6 +17,13 @@ Scenarios:
 * S6 idempotency keys: a trivial device command (``from: "*"``) at 64 connections, with a fresh
   key on every request and without one, against the same server (its key store in a temporary
   ``--state-dir``), in interleaved rounds.
+* S4 also runs with the default journals (a temporary state directory: fsynced, group commit)
+  after the run without, on the same server: the ratio of the two;
+* S7 the runner at scale: 10,000 concurrent runs of ten_steps.yaml, all journaled: time,
+  transitions/s, the controller's peak RSS and open files;
+* S8 await timeouts under notifications: 1,000 runs each in one await of ``device.state``
+  (timeout 3 s, never satisfied) while the server publishes ``device.state`` 1,000 times a
+  second: how late the timeouts fire (p50/p99/max).
 
 ``--quick`` runs everything at tiny sizes (a smoke run, not a measurement).
 """
@@ -263,6 +270,9 @@ class Options:
     s4_runs: int
     s5_conns: int
     s6_conns: int
+    s7_runs: int
+    s8_runs: int
+    s8_rate: float
     repeat: int
     procs: int
     scenarios: set[str]
@@ -526,6 +536,8 @@ def run_s4(opts: Options, log: Any) -> list[dict[str, Any]]:
                 str(server.pid),
                 "--workflow",
                 workflow,
+                "--journals",
+                "both",
             ]
             if load_cpu is not None:
                 cmd += ["--cpu", str(load_cpu)]
@@ -553,7 +565,102 @@ def run_s4(opts: Options, log: Any) -> list[dict[str, Any]]:
             )
         else:
             log(f"  S4      {result['workflow']}: not measured: {result.get('missing')}")
+        if "journaled_vs_plain" in result:
+            log(
+                f"  S4      {result['workflow']:<34} with journals "
+                f"{result['journaled']['transitions_per_s']:>8,.0f} transitions/s "
+                f"({result['journaled_vs_plain']:.2f}x without)"
+            )
     return results
+
+
+def _bench_json(cmd: list[str], timeout: float) -> dict[str, Any]:
+    """Run a bench.workflow_bench command; its last stdout line as JSON (or what is missing)."""
+    try:
+        out = subprocess.run(
+            cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "missing": f"did not finish in {timeout:.0f} s"}
+    try:
+        return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    except (ValueError, IndexError):
+        return {
+            "ok": False,
+            "missing": f"no result (exit {out.returncode}): {out.stderr.strip()[-800:]}",
+        }
+
+
+def run_s7(opts: Options, log: Any) -> dict[str, Any]:
+    """10,000 concurrent journaled runs of ten_steps.yaml (demo device, simulated)."""
+    from .workflow_bench import REPO_WORKFLOW
+
+    srv_cpu, load_cpu = cpus(opts)
+    # The runner keeps to the server's in-flight bound; at 1024 the demo device's lane (1024
+    # commands waiting at most: Limits.max_queue) never refuses one as busy.
+    max_inflight = 1024
+    with ServerProcess(
+        "statelink", cpu=srv_cpu, max_inflight=max_inflight, extra=["--device", str(DEMO_DEVICE)]
+    ) as server:
+        cmd = [PY, "-m", "bench.workflow_bench", "--port", str(server.port)]
+        cmd += ["--runs", str(opts.s7_runs), "--server-pid", str(server.pid)]
+        cmd += ["--workflow", str(REPO_WORKFLOW), "--journals", "on", "--no-engine"]
+        cmd += ["--timeout", "500"]
+        if load_cpu is not None:
+            cmd += ["--cpu", str(load_cpu)]
+        result = _bench_json(cmd, 600)
+    if "transitions_per_s" in result:
+        log(
+            f"  S7      {opts.s7_runs} journaled runs: {result['elapsed_s']:.1f} s, "
+            f"{result['transitions_per_s']:,.0f} transitions/s, peak RSS "
+            f"{result['peak_rss_mb']:.0f} MB, peak open files {result['peak_open_files']}"
+            + ("" if result.get("ok") else f"  PROBLEM: {result.get('missing')}")
+        )
+    else:
+        log(f"  S7      not measured: {result.get('missing')}")
+    return result
+
+
+def run_s8(opts: Options, log: Any) -> dict[str, Any]:
+    """Await timeouts while the server publishes device.state at a fixed rate."""
+    srv_cpu, load_cpu = cpus(opts)
+    pin = [] if srv_cpu is None else ["--cpu", str(srv_cpu)]
+    server = subprocess.Popen(
+        [PY, "-m", "bench.workflow_bench", "--serve-notifications", str(opts.s8_rate), *pin],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        line = _read_line(server, 20.0)
+        if not line.startswith("READY "):
+            raise RuntimeError(f"the S8 server did not start: {line!r}")
+        cmd = [PY, "-m", "bench.workflow_bench", "--port", line.split()[1]]
+        cmd += ["--await-runs", str(opts.s8_runs), "--journals", "on"]
+        cmd += ["--await-timeout", "1" if opts.quick else "3"]
+        cmd += ["--spread", "0.2" if opts.quick else "1"]
+        if load_cpu is not None:
+            cmd += ["--cpu", str(load_cpu)]
+        result = _bench_json(cmd, 120)
+    finally:
+        assert server.stdin is not None
+        server.stdin.close()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    result["rate"] = opts.s8_rate
+    if "late_p99_ms" in result:
+        log(
+            f"  S8      {result['runs']} runs awaiting, {opts.s8_rate:,.0f} notifications/s: "
+            f"timeouts late p50 {result['late_p50_ms']:.1f} ms, p99 {result['late_p99_ms']:.1f} "
+            f"ms, max {result['late_max_ms']:.1f} ms; {result['notifications_dropped']} "
+            "notifications dropped"
+        )
+    else:
+        log(f"  S8      not measured: {result.get('missing')}")
+    return result
 
 
 def import_time(module: str, repeat: int) -> dict[str, Any]:
@@ -666,7 +773,12 @@ def _find(rows: list[Row], scenario: str, server: str) -> Row | None:
 
 
 def evaluate(
-    rows: list[Row], s4: list[dict[str, Any]] | None, s5: dict[str, Any] | None, opts: Options
+    rows: list[Row],
+    s4: list[dict[str, Any]] | None,
+    s5: dict[str, Any] | None,
+    opts: Options,
+    s7: dict[str, Any] | None = None,
+    s8: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     targets: list[dict[str, Any]] = []
 
@@ -738,6 +850,28 @@ def evaluate(
                 f"{res['engine_us']:.1f} us vs {res['bare_us']:.1f} us = "
                 f"{res['engine_vs_bare']:.2f}x",
             )
+        if "journaled_vs_plain" in res:
+            add(
+                f"S4 {name} with default journals >= 0.7x without",
+                res["journaled_vs_plain"] >= 0.7,
+                f"{res['journaled']['transitions_per_s']:,.0f} vs "
+                f"{res['transitions_per_s']:,.0f} transitions/s = {res['journaled_vs_plain']:.2f}x",
+            )
+    if s7 is not None and "peak_rss_mb" in s7:
+        add(
+            f"S7 {s7['runs']} journaled runs: controller RSS <= 300 MB",
+            s7["peak_rss_mb"] <= 300 and bool(s7.get("ok")),
+            f"peak {s7['peak_rss_mb']:.0f} MB, {s7['peak_open_files']} open files, "
+            f"{s7['transitions_per_s']:,.0f} transitions/s, {s7['elapsed_s']:.1f} s"
+            + ("" if s7.get("ok") else f" (PROBLEM: {s7.get('missing')})"),
+        )
+    if s8 is not None and "late_max_ms" in s8:
+        add(
+            "S8 await timeouts within 100 ms of due",
+            s8["late_max_ms"] <= 100 and bool(s8.get("ok")),
+            f"late p50 {s8['late_p50_ms']:.1f}, p99 {s8['late_p99_ms']:.1f}, max "
+            f"{s8['late_max_ms']:.1f} ms ({s8['runs']} runs, {s8['rate']:,.0f} notifications/s)",
+        )
     keyed, unkeyed = _find(rows, "S6", SL_KEYED), _find(rows, "S6", SL_UNKEYED)
     if keyed and unkeyed:
         ratio = keyed.result.get("vs_unkeyed", 0.0)
@@ -903,6 +1037,29 @@ def render(
             f"{s4[0].get('server_max_inflight')} requests in flight allowed per connection "
             f"on the S4 server)"
         )
+        for res in s4:
+            if "journaled_vs_plain" in res:
+                out.append(
+                    f"S4 {Path(str(res['workflow'])).name} with default journals: "
+                    f"{res['journaled']['transitions_per_s']:,.0f} transitions/s, "
+                    f"{res['journaled_vs_plain']:.2f}x without journals (same run)"
+                )
+        out.append("")
+    s7, s8 = meta.get("s7"), meta.get("s8")
+    if s7 and "transitions_per_s" in s7:
+        out.append(
+            f"S7 {s7['runs']} concurrent journaled runs of ten_steps.yaml: "
+            f"{s7['elapsed_s']:.1f} s, {s7['transitions_per_s']:,.0f} transitions/s, controller "
+            f"peak RSS {s7['peak_rss_mb']:.0f} MB, peak open files {s7['peak_open_files']}, "
+            + ", ".join(f"{k} {v}" for k, v in s7["outcomes"].items())
+        )
+    if s8 and "late_p50_ms" in s8:
+        out.append(
+            f"S8 {s8['runs']} runs awaiting device.state, {s8['rate']:,.0f} notifications/s: "
+            f"await timeouts late p50 {s8['late_p50_ms']:.1f} ms, p99 {s8['late_p99_ms']:.1f} ms, "
+            f"max {s8['late_max_ms']:.1f} ms; {s8['notifications_dropped']} notifications dropped"
+        )
+    if (s7 and "transitions_per_s" in s7) or (s8 and "late_p50_ms" in s8):
         out.append("")
     if s5 is not None:
         head = [
@@ -957,7 +1114,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     p.add_argument("--duration", type=float, help="measured seconds per measurement (3)")
     p.add_argument("--warmup", type=float, help="unmeasured seconds before each (0.5)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    p.add_argument("--scenarios", default="S1,S2,S3,S4,S5,S6", help="comma-separated subset")
+    p.add_argument("--scenarios", default="S1,S2,S3,S4,S5,S6,S7,S8", help="comma-separated subset")
     p.add_argument(
         "--no-pin", action="store_true", help="do not pin the server to CPU 0 and the load to CPU 1"
     )
@@ -968,6 +1125,9 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     p.add_argument("--s4-runs", type=int, help="S4 concurrent workflow runs (1000)")
     p.add_argument("--s5-conns", type=int, help="S5 idle connections (1000)")
     p.add_argument("--s6-conns", type=int, help="S6 connections (64)")
+    p.add_argument("--s7-runs", type=int, help="S7 concurrent journaled runs (10000)")
+    p.add_argument("--s8-runs", type=int, help="S8 runs in an await (1000)")
+    p.add_argument("--s8-rate", type=float, help="S8 notifications per second (1000)")
     p.add_argument(
         "--repeat",
         type=int,
@@ -987,6 +1147,9 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
         s4_runs=a.s4_runs or (20 if q else 1000),
         s5_conns=a.s5_conns or (20 if q else 1000),
         s6_conns=a.s6_conns or (4 if q else 64),
+        s7_runs=a.s7_runs or (50 if q else 10000),
+        s8_runs=a.s8_runs or (20 if q else 1000),
+        s8_rate=a.s8_rate or (100.0 if q else 1000.0),
         repeat=max(1, a.repeat or (1 if q else 2)),
         procs=max(1, a.procs),
         scenarios={s.strip().upper() for s in a.scenarios.split(",") if s.strip()},
@@ -1024,7 +1187,9 @@ def main(argv: list[str] | None = None) -> int:
     add_ratios(rows)
     s4 = run_s4(opts, log) if "S4" in opts.scenarios else None
     s5 = run_s5(opts, log) if "S5" in opts.scenarios else None
-    targets = evaluate(rows, s4, s5, opts) if not opts.quick else []
+    s7 = meta["s7"] = run_s7(opts, log) if "S7" in opts.scenarios else None
+    s8 = meta["s8"] = run_s8(opts, log) if "S8" in opts.scenarios else None
+    targets = evaluate(rows, s4, s5, opts, s7, s8) if not opts.quick else []
     meta["elapsed_s"] = round(time.perf_counter() - t0, 1)
     print(render(rows, s4, s5, targets, meta))
     print(f"\n(total {meta['elapsed_s']} s)")
@@ -1045,6 +1210,8 @@ def main(argv: list[str] | None = None) -> int:
             ],
             "s4": s4,
             "s5": s5,
+            "s7": s7,
+            "s8": s8,
             "targets": targets,
         }
         Path(args.json).write_text(json.dumps(data, indent=2, default=str) + "\n")

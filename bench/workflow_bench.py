@@ -15,19 +15,34 @@ JSON line:
 The workflow is ``config/workflows/ten_steps.yaml`` when present (it calls the demo device),
 else :data:`TEN_STEPS` below (ten ``bench.step`` calls, which every benchmark server has).
 ``--workflow builtin`` picks :data:`TEN_STEPS` explicitly.
+
+``--journals off|on|both``: the end-to-end runs without journals (``journal=False``), with the
+default journals (``WorkflowRunner(state_dir=<temp dir>)``: fsynced, group commit), or both in
+the same process against the same server (S4: the ratio). ``--no-engine`` skips the in-process
+measurement (S7: 10,000 journaled runs; also the controller's peak RSS and open files).
+
+S8 (:func:`await_timeouts`): ``--await-runs N`` runs, started over ``--spread`` seconds, each in
+one await of ``device.state`` whose ``if`` never holds, while the server (``serve_notifications``:
+``--serve-notifications RATE``) publishes ``device.state`` at RATE per second: how late the
+await timeouts fire (each against its due time: the await entered + its timeout).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import functools
 import gc
 import json
 import os
 import resource
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +78,7 @@ def _proc_cpu(pid: int | None) -> float | None:
         return None
 
 
-def _moves(history: list[dict[str, Any]]) -> int:
+def _moves(history: Any) -> int:
     """Journal entries that moved the run to another state."""
     return sum(1 for entry in history if entry.get("next"))
 
@@ -99,7 +114,7 @@ class InlineEffects:
     def abandon(self, run: Any, token: int) -> None:
         pass
 
-    def record(self, run: Any, entry: dict[str, Any]) -> None:
+    def record(self, run: Any, entry: Any) -> None:
         pass
 
     def finished(self, run: Any) -> None:
@@ -177,11 +192,66 @@ def bare_cost(models: int, steps: int) -> dict[str, Any]:
 # --- end to end ----------------------------------------------------------------------------------
 
 
-def end_to_end(
-    spec: Any, port: int, runs: int, server_pid: int | None, timeout: float
-) -> dict[str, Any]:
+def _rss_mb() -> tuple[float, float]:
+    """This process's resident memory now and its peak (VmRSS, VmHWM), in MB."""
+    values = {"VmRSS:": 0.0, "VmHWM:": 0.0}
+    with open("/proc/self/status") as f:
+        for line in f:
+            fields = line.split()
+            if fields and fields[0] in values:
+                values[fields[0]] = int(fields[1]) / 1024
+    return values["VmRSS:"], values["VmHWM:"]
+
+
+def _open_files() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class PeakSampler:
+    """Samples open files and RSS every ``every`` seconds on a thread; keeps the peaks."""
+
+    def __init__(self, every: float = 0.05) -> None:
+        self.fds = _open_files()
+        self.rss = _rss_mb()[0]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(every,), daemon=True)
+        self._thread.start()
+
+    def _loop(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self.sample()
+
+    def sample(self) -> None:
+        self.fds = max(self.fds, _open_files())
+        self.rss = max(self.rss, _rss_mb()[0])
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+        return {"peak_open_files": self.fds, "peak_rss_mb": self.rss, "hwm_rss_mb": _rss_mb()[1]}
+
+
+@contextmanager
+def make_runner(journals: bool) -> Iterator[Any]:
+    """A runner with the default journals in a temporary state directory, or without."""
     from controller.runner import WorkflowRunner
 
+    with (
+        tempfile.TemporaryDirectory(prefix="statelink-bench-") as state_dir,
+        WorkflowRunner(client_name="statelink-bench", state_dir=state_dir) as runner,
+    ):
+        yield runner, (None if journals else False)
+
+
+def end_to_end(
+    spec: Any,
+    port: int,
+    runs: int,
+    server_pid: int | None,
+    timeout: float,
+    journals: bool = False,
+) -> dict[str, Any]:
     servers = {name: f"127.0.0.1:{port}" for name in spec.servers}
     finished_at: dict[str, float] = {}
     lock = threading.Lock()
@@ -191,12 +261,16 @@ def end_to_end(
             with lock:
                 finished_at[handle.run_id] = time.perf_counter()
 
-    with WorkflowRunner(client_name="statelink-bench") as runner:
+    with make_runner(journals) as (runner, journal):
         compiled = runner.compile(spec)
         # connect (and subscribe) before the clock starts
-        warm = runner.start(compiled, servers=servers, run_id="warm-up", observer=observer)
+        warm = runner.start(
+            compiled, servers=servers, run_id="warm-up", observer=observer, journal=journal
+        )
         warm.wait(timeout)
+        gc.collect()
         started_at: dict[str, float] = {}
+        peaks = PeakSampler()
         cpu0, srv0 = _cpu(), _proc_cpu(server_pid)
         t0 = time.perf_counter()
         handles = []
@@ -204,13 +278,16 @@ def end_to_end(
             run_id = f"run-{i}"
             started_at[run_id] = time.perf_counter()
             handles.append(
-                runner.start(compiled, servers=servers, run_id=run_id, observer=observer)
+                runner.start(
+                    compiled, servers=servers, run_id=run_id, observer=observer, journal=journal
+                )
             )
         deadline = t0 + timeout
         for handle in handles:
             handle.wait(max(0.0, deadline - time.perf_counter()))
         t1 = max(finished_at.values(), default=time.perf_counter())
         cpu1, srv1 = _cpu(), _proc_cpu(server_pid)
+        footprint = peaks.stop()
         done = [h for h in handles if h.done]
         outcomes: dict[str, int] = {}
         reasons: dict[str, int] = {}
@@ -230,6 +307,8 @@ def end_to_end(
 
         return {
             "runs": runs,
+            "journals": journals,
+            **footprint,
             "transitions": moves,
             "elapsed_s": elapsed,
             "transitions_per_s": moves / elapsed,
@@ -244,13 +323,123 @@ def end_to_end(
         }
 
 
+# --- S8: await timeouts under a stream of notifications -------------------------------------------
+
+#: one await of device.state whose condition never holds: every run ends by its timeout
+AWAIT_NEVER = (
+    'name: bench_await\nservers:\n  device: "127.0.0.1:15769"\ninitial: listen\nstates:\n'
+    "  listen: {await: device.state, if: 'params.state == \"never\"', timeout: %s, "
+    "next: done, on_error: {timeout: done}}\n"
+    "  done: {final: success}\n"
+)
+
+
+def serve_notifications(rate: float) -> int:
+    """A statelink server publishing ``device.state`` ``rate`` times per second (in 10 ms
+    ticks, catching up on drift); prints ``READY port`` and serves until stdin closes."""
+    from controller import CommandServer
+
+    with CommandServer(port=0, grace=0.2, name="bench-notify") as server:
+        sent = 0
+        t0 = time.monotonic()
+
+        def tick() -> None:
+            nonlocal sent
+            due = int((time.monotonic() - t0) * rate)
+            for n in range(sent, due):
+                server.publish("device.state", {"device": "bench", "state": "busy", "n": n})
+            sent = max(sent, due)
+            loop.call_later(0.01, tick)
+
+        loop: asyncio.AbstractEventLoop = server.loop
+        server.call_soon(tick)
+        print(f"READY {server.address[1]}", flush=True)
+        sys.stdin.read()
+    return 0
+
+
+def await_timeouts(
+    port: int, runs: int, await_timeout: float, spread: float, journals: bool
+) -> dict[str, Any]:
+    """``runs`` runs each in one await (timeout ``await_timeout``), started evenly over
+    ``spread`` seconds: lateness of their await timeouts against the due times."""
+    from statemachines.workflow import parse_workflow
+
+    spec = parse_workflow(AWAIT_NEVER % f"{await_timeout}s", "bench/workflow_bench.py:AWAIT")
+    entered: dict[str, float] = {}
+    late: list[float] = []
+    lock = threading.Lock()
+
+    def observer(handle: Any, entry: dict[str, Any]) -> None:
+        now_ = time.perf_counter()
+        event = entry.get("event")
+        if event == "start":
+            entered[handle.run_id] = now_  # the await's timer starts right after this entry
+        elif event == "await_timeout":
+            with lock:
+                late.append(now_ - entered[handle.run_id] - await_timeout)
+
+    servers = {"device": f"127.0.0.1:{port}"}
+    with make_runner(journals) as (runner, journal):
+        compiled = runner.compile(spec)
+        t0 = time.perf_counter()
+        handles = []
+        for i in range(runs):
+            pause = t0 + spread * i / max(1, runs) - time.perf_counter()
+            if pause > 0:
+                time.sleep(pause)  # pacing the starts, not synchronising
+            handles.append(
+                runner.start(
+                    compiled,
+                    servers=servers,
+                    run_id=f"await-{i}",
+                    observer=observer,
+                    journal=journal,
+                )
+            )
+        deadline = time.perf_counter() + await_timeout + 60
+        for handle in handles:
+            handle.wait(max(0.0, deadline - time.perf_counter()))
+        elapsed = time.perf_counter() - t0
+        dropped = runner.notifications_dropped
+    lat = sorted(late)
+
+    def pct(q: float) -> float:
+        return lat[min(len(lat) - 1, round(q * (len(lat) - 1)))] * 1000 if lat else float("nan")
+
+    return {
+        "runs": runs,
+        "await_timeout_s": await_timeout,
+        "spread_s": spread,
+        "journals": journals,
+        "timeouts": len(lat),
+        "late_p50_ms": pct(0.5),
+        "late_p99_ms": pct(0.99),
+        "late_max_ms": lat[-1] * 1000 if lat else float("nan"),
+        "notifications_dropped": dropped,
+        "elapsed_s": elapsed,
+        "ok": len(lat) == runs and all(h.outcome == "success" for h in handles),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench.workflow_bench",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--port", type=int, required=True, help="the statelink server on 127.0.0.1")
+    p.add_argument("--port", type=int, help="the statelink server on 127.0.0.1")
+    p.add_argument(
+        "--serve-notifications",
+        type=float,
+        metavar="RATE",
+        help="be the S8 server: publish device.state RATE times per second (no --port)",
+    )
+    p.add_argument("--journals", choices=("off", "on", "both"), default="off")
+    p.add_argument("--no-engine", action="store_true", help="skip the in-process measurement")
+    p.add_argument("--await-runs", type=int, help="S8: runs in one await each (no engine part)")
+    p.add_argument("--await-timeout", type=float, default=3.0, help="S8: the await's timeout")
+    p.add_argument("--spread", type=float, default=1.0, help="S8: seconds over which runs start")
     p.add_argument("--runs", type=int, default=1000)
     p.add_argument(
         "--bare-runs",
@@ -269,6 +458,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
+    if args.serve_notifications is not None:
+        return serve_notifications(args.serve_notifications)
+    if args.port is None:
+        p.error("--port is required")
+    if args.await_runs is not None:
+        out = await_timeouts(
+            args.port, args.await_runs, args.await_timeout, args.spread, args.journals != "off"
+        )
+        print(json.dumps(out, default=str))
+        return 0
     result: dict[str, Any] = {"ok": False}
     try:
         spec, source = load_spec(args.workflow)
@@ -276,10 +475,24 @@ def main(argv: list[str] | None = None) -> int:
         result.update(workflow=source, steps=steps)
         # the bare reference works without the workflow engine: measure it first
         bare_runs = args.bare_runs or args.runs
-        result.update(bare_cost(bare_runs, steps + 1))
-        result.update(engine_cost(spec, bare_runs))
-        result["engine_vs_bare"] = result["engine_us"] / result["bare_us"]
-        result.update(end_to_end(spec, args.port, args.runs, args.server_pid, args.timeout))
+        if not args.no_engine:
+            result.update(bare_cost(bare_runs, steps + 1))
+            result.update(engine_cost(spec, bare_runs))
+            result["engine_vs_bare"] = result["engine_us"] / result["bare_us"]
+        e2e = functools.partial(end_to_end, spec, args.port, args.runs, args.server_pid)
+        if args.journals == "both":  # the same server, the same process, one after the other
+            result.update(e2e(args.timeout, journals=False))
+            journaled = e2e(args.timeout, journals=True)
+            result["journaled"] = journaled
+            result["journaled_vs_plain"] = (
+                journaled["transitions_per_s"] / result["transitions_per_s"]
+            )
+            if journaled["outcomes"].get("success", 0) != args.runs:
+                result["outcomes"] = {
+                    "journaled: " + k: v for k, v in journaled["outcomes"].items()
+                }
+        else:
+            result.update(e2e(args.timeout, journals=args.journals == "on"))
         result["ok"] = result["outcomes"].get("success", 0) == args.runs
         if not result["ok"]:
             result["missing"] = (
@@ -289,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         result["missing"] = f"the workflow engine is not importable: {exc}"
     except Exception as exc:  # report, do not hide: the harness prints what is missing
         result["missing"] = f"{type(exc).__name__}: {exc}"
-    if "bare_us" not in result:
+    if "bare_us" not in result and not args.no_engine:
         try:
             result.update(bare_cost(args.bare_runs or args.runs, 11))
         except Exception as exc:

@@ -569,7 +569,7 @@ class Client:
         send it (``rpc.subscribe``), again after each reconnect. Returns an unsubscribe."""
         first = method not in self._subscribers
         self._subscribers.setdefault(method, []).append(handler)
-        if first and not method.startswith("rpc.") and self.connected:
+        if first and self.connected:
             self.call("rpc.subscribe", {"method": method}, timeout=self.connect_timeout)
 
         def unsubscribe() -> None:
@@ -578,15 +578,14 @@ class Client:
                 handlers.remove(handler)
             if not handlers:
                 self._subscribers.pop(method, None)
-                if self.connected and not method.startswith("rpc."):
+                if self.connected:
                     self.send_command("rpc.unsubscribe", {"method": method})
 
         return unsubscribe
 
     def _resubscribe(self) -> None:
         for method in list(self._subscribers):
-            if not method.startswith("rpc."):
-                self.send_command("rpc.subscribe", {"method": method})
+            self.send_command("rpc.subscribe", {"method": method})
 
     @property
     def pending(self) -> int:

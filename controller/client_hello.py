@@ -3,6 +3,7 @@ both ways (see :mod:`controller.auth`), on a fresh socket before its reader thre
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -12,6 +13,8 @@ from statemachines.addresses import Address, format_address
 from . import auth
 from .errors import ConnectionLostError, UnauthorizedError, error_for
 from .protocol import Decoder, ErrorResponse, Request, Response, encode
+
+log = logging.getLogger("statelink.client")
 
 
 def hello(
@@ -28,6 +31,8 @@ def hello(
     With a ``secret`` the server must prove it holds the same one. Raises
     :class:`UnauthorizedError` saying what to fix, the server's error, or
     :class:`ConnectionLostError`. Request ids are ``"hello-<n>"`` with ``n`` from ``ids``.
+    A server that cannot connect back to ``callback_port`` says so (``callback_error``,
+    logged as a warning); its replies then come on ``sock``.
     """
     decoder = Decoder()
     nonce = auth.new_nonce()
@@ -42,7 +47,7 @@ def hello(
                 f"the server at {where} requires the shared secret: give it with "
                 "--secret-file PATH or $STATELINK_SECRET (Client(secret=...) in Python)"
             )
-        return info
+        return _checked_callback(info, address)
     # With a secret, the server must prove it holds it too: a server that skips the
     # challenge (no secret, or an impostor) gets nothing more from this client.
     if not info.get("auth"):
@@ -64,6 +69,18 @@ def hello(
     if confirmed.get("authenticated") is not True:
         raise UnauthorizedError(f"the server at {where} did not confirm the authentication")
     info.update(confirmed)
+    return _checked_callback(info, address)
+
+
+def _checked_callback(info: dict[str, Any], address: Address) -> dict[str, Any]:
+    error = info.get("callback_error")
+    if error:
+        log.warning(
+            "the server at %s cannot deliver replies to the callback listener (%s); they come "
+            "on the request connection instead",
+            format_address(address),
+            error,
+        )
     return info
 
 

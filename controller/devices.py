@@ -43,7 +43,7 @@ from statemachines.device import (
     DeviceSpec,
     not_allowed_message,
 )
-from statemachines.params import ParamError, schema_to_json, validate_params
+from statemachines.params import ParamError, validate_params
 
 from .errors import BusyError, CancelledError, InvalidParamsError, NotAllowedError, RpcError
 from .handlers import resolve_handlers
@@ -95,14 +95,20 @@ class DeviceContext:
         return False
 
 
+#: a keyed command's begin is committed once it is this close to the lane's head (see
+#: DeviceRuntime._pump): about a commit's time under load, in commands of a trivial handler
+PREFETCH = 32
+
+
 class _Job:
-    __slots__ = ("call", "command", "params", "ready", "settled")
+    __slots__ = ("call", "command", "params", "ready", "seq", "settled")
 
     def __init__(self, call: Call, command: CommandSpec, params: dict[str, Any]):
         self.call = call
         self.command = command
         self.params = params
         self.ready = True  #: False while its key's begin is not durable (it must not start)
+        self.seq = 0  #: its place in the order of the lane's arrivals (set by enqueue)
         self.settled = False
 
 
@@ -118,6 +124,9 @@ class DeviceRuntime:
         self.simulate = simulate
         self.board: Any = None
         self._lane: deque[_Job] = deque()
+        self._unready = 0  #: keyed jobs whose begin is not durable yet (a hint, see _pump)
+        self._seq = 0  #: jobs ever queued in the lane
+        self._kicked = 0  #: the key store was last asked to commit when this many were queued
         self._running: _Job | None = None
         self.reason: str | None = None  #: why the device is in its state, when not a plain outcome
         self._cause: str | None = None  #: the reason of the change being made
@@ -159,6 +168,7 @@ class DeviceRuntime:
         (a handler that ignored the cancellation) has an unknown outcome: fault, as for a
         timeout, so that a restarted server does not carry on as if it had finished."""
         self._lane.clear()  # every queued call was answered by the server's stop
+        self._unready = 0
         job, self._running = self._running, None
         if job is not None and not job.settled:
             job.settled = True
@@ -204,6 +214,7 @@ class DeviceRuntime:
             return
         job.call.cancel_signal()  # before the handler runs: its ctx waits on it
         job.call.set_hooks(on_cancel=lambda: self._cancel(job))
+        self._seq = job.seq = self._seq + 1
         self._lane.append(job)
         self._pump()
 
@@ -215,11 +226,20 @@ class DeviceRuntime:
         execution = self.server.keys.admit(call, self.spec.name, lambda _error: self._ready(job))
         if execution is not None:
             job.call = execution
+            self._unready += 1  # until _ready, which every admitted execution gets once
             self.enqueue(job)
 
     def _ready(self, job: _Job) -> None:
         job.ready = True
+        if self._unready > 0:
+            self._unready -= 1
         self._pump()
+
+    def _kick(self) -> None:
+        """Ask the key store to commit every begin queued so far (the lane waits, or soon will,
+        for one of them)."""
+        self._kicked = self._seq
+        self.server.keys.commit_soon()
 
     def _cancel(self, job: _Job) -> bool:
         """``rpc.cancel`` (a hook of the call): True if the call will be answered later."""
@@ -242,6 +262,8 @@ class DeviceRuntime:
             job = lane[0]
             call = job.call
             if not job.ready and not call.done:
+                if job.seq > self._kicked:
+                    self._kick()
                 return  # its key is not durable yet: the lane waits for it
             lane.popleft()
             if call.done:
@@ -250,6 +272,12 @@ class DeviceRuntime:
                 call.reject(CancelledError("the client disconnected", {"reason": "disconnect"}))
                 continue
             self._begin(job)
+        # Prefetch: the begins of the commands queued since the last commit are committed
+        # once the first of them is PREFETCH places from the head, so that the commit overlaps
+        # the commands ahead of them and the lane does not stall for it; and the begins queued
+        # meanwhile wait to share the next commit.
+        if self._unready and lane and self._kicked < min(self._seq, lane[0].seq + PREFETCH):
+            self._kick()
 
     def _begin(self, job: _Job) -> None:
         call, command, spec = job.call, job.command, self.spec
@@ -398,32 +426,7 @@ class _DeviceState:
 def method_description(
     spec: DeviceSpec, command: CommandSpec | None, default_timeout: float
 ) -> dict[str, Any]:
-    """The ``rpc.discover`` entry of a device method: ``command``, or ``<device>.state`` for
-    None. (The one place that shapes it; to become ``statemachines.catalog.CommandInfo``.)"""
-    if command is None:
-        return {
-            "description": f"The current state of {spec.name}.",
-            "params": [],
-            "x-device": spec.name,
-            "x-allowed-states": list(spec.states),
-        }
-    schema = schema_to_json(command.params)
-    props = schema.get("properties", schema) if isinstance(schema, dict) else {}
-    required = set(schema.get("required", [])) if isinstance(schema, dict) else set()
-    return {
-        "description": command.description or "",
-        "params": [
-            {
-                "name": name,
-                "required": name in required or bool(isinstance(s, dict) and s.get("required")),
-                "schema": s,
-            }
-            for name, s in props.items()
-        ],
-        "x-device": spec.name,
-        "x-allowed-states": spec.allowed_states(command.name),
-        "x-running": command.running,
-        "x-to": command.to,
-        "x-cancelled": command.cancelled,
-        "timeout": command.timeout or spec.timeout or default_timeout,
-    }
+    """The ``rpc.discover`` method object of ``command`` (None: ``<device>.state``): its
+    :meth:`CommandInfo.to_openrpc <statemachines.catalog.CommandInfo.to_openrpc>`."""
+    info = spec.catalog()[command.method if command is not None else f"{spec.name}.state"]
+    return info.to_openrpc(default_timeout)

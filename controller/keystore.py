@@ -24,6 +24,12 @@ lock): the same contract, but nothing survives :meth:`~KeyStore.close`.
 - Writes (:meth:`~KeyStore.begin`, :meth:`~KeyStore.finish`, :meth:`~KeyStore.forget`) are
   queued to ONE writer thread with group commit: it takes everything queued, writes it in one
   transaction, commits, then calls the ``on_durable`` callbacks of that batch in queue order.
+- When the writer commits: with ``max_delay=0`` (default) as soon as anything is queued. With
+  ``max_delay > 0`` a write may wait up to ``max_delay`` seconds, so that more writes share its
+  commit (each commit costs an fsync and a turn of the writer thread): the writer commits
+  earlier when :meth:`~KeyStore.commit_soon` says that somebody waits for what is queued (the
+  server does when a device's next command waits for its ``begin``), when half of
+  ``max_queue`` is queued, and for :meth:`~KeyStore.flush` and ``close``.
   **Callbacks run on the writer thread**: they must be quick and must not call back into the
   store's blocking methods (``close``, ``flush``); an asyncio caller hops to its loop, e.g.
   ``on_durable=lambda error: loop.call_soon_threadsafe(done, key, error)``.
@@ -57,74 +63,46 @@ Retention and bound:
   first (oldest by creation); running records are never dropped, so the count can exceed the
   bound only while more than ``max_keys`` commands run.
 
-All public methods are thread-safe; the server calls them from its loop thread.
+All public methods are thread-safe; the server calls them from its loop thread. The file's
+I/O (lock, connection, schema, recovery at open, batched writes) is :mod:`controller.keyfile`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
-import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple
 
+from .keyfile import DONE as DONE  # re-exported: the public names stay importable from here
+from .keyfile import INTERRUPTED as INTERRUPTED
+from .keyfile import KEYS_FILE as KEYS_FILE
+from .keyfile import RUNNING as RUNNING
+from .keyfile import SCHEMA_VERSION as SCHEMA_VERSION
+from .keyfile import KeyFile, Row
+from .keyfile import KeyStoreError as KeyStoreError
+from .keyfile import KeyStoreLocked as KeyStoreLocked
 from .protocol import check_key as check_key  # re-exported: one key rule, the wire's
 from .statedir import ensure_private_dir
 
 log = logging.getLogger("statelink.keystore")
 
-KEYS_FILE = "keys.sqlite3"  #: the store's file name in the state directory
-SCHEMA_VERSION = 1
-
-RUNNING = "running"
-DONE = "done"
-INTERRUPTED = "interrupted"
-
 #: ``on_durable(error)``: ``error`` is None once the write is on disk, else why it is not
 OnDurable = Callable[[BaseException | None], None]
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS keys (
-    key TEXT PRIMARY KEY,
-    method TEXT NOT NULL,
-    device TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    state TEXT NOT NULL,
-    outcome TEXT,
-    created REAL NOT NULL,
-    finished REAL
-)
-"""
-_COLUMNS = "key, method, device, fingerprint, state, outcome, created, finished"
-_UPSERT = f"INSERT OR REPLACE INTO keys ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
-_DELETE = "DELETE FROM keys WHERE key = ?"
-
-#: a row as written: key, method, device, fingerprint, state, outcome JSON, created, finished
-_Row = tuple[str, str, str, str, str, str | None, float, float | None]
 #: a queued write: (key, row or None to delete, callback); key None is a flush barrier
-_Op = tuple[str | None, _Row | None, OnDurable | None]
-
+_Op = tuple[str | None, Row | None, OnDurable | None]
 
 # one encoder each: json.dumps with options builds a new encoder per call
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-_COMPACT = json.JSONEncoder(separators=(",", ":"))
-
-
-class KeyStoreError(Exception):
-    """The key store cannot be opened or used."""
-
-
-class KeyStoreLocked(KeyStoreError):
-    """Another store (this process or another one) has the file open."""
+_COMPACT = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # NaN is not JSON
 
 
 class KeyStoreFull(KeyStoreError):
@@ -187,7 +165,7 @@ class Record(NamedTuple):
     created: float
     finished: float | None  #: None while running
 
-    def row(self, outcome_json: str | None) -> _Row:
+    def row(self, outcome_json: str | None) -> Row:
         key, method, device, print_, state, _outcome, created, finished = self
         return (key, method, device, print_, state, outcome_json, created, finished)
 
@@ -219,12 +197,15 @@ class KeyStore:
         max_queue: int = 10_000,
         busy_timeout: float = 5.0,
         fsync: bool = True,
+        max_delay: float = 0.0,
         clock: Callable[[], float] = time.time,
     ):
         if retention <= 0:
             raise ValueError("retention must be positive")
         if max_keys < 1 or max_queue < 1:
             raise ValueError("max_keys and max_queue must be at least 1")
+        if max_delay < 0:
+            raise ValueError("max_delay must not be negative")
         self.memory = path is None  #: in memory only: nothing survives close()
         self.path = Path(":memory:") if path is None else Path(path)
         self.retention = float(retention)
@@ -232,6 +213,7 @@ class KeyStore:
         self.max_queue = max_queue
         self.busy_timeout = busy_timeout
         self.fsync = fsync
+        self.max_delay = float(max_delay)
         self._clock = clock
         self._sweep_every = min(self.retention / 10, 60.0)
         self._next_sweep = 0.0
@@ -245,25 +227,28 @@ class KeyStore:
         self._wake = threading.Condition(self._lock)
         self._accepting = False
         self._writer_idle = False  # the writer waits for work: a write must notify it
-        self._conn: sqlite3.Connection | None = None
-        self._lock_fd: int | None = None
+        self._urgent = False  # commit_soon(): somebody waits for a write queued now
+        self._first_at = 0.0  # time.monotonic() of the oldest write queued
+        self._batch_limit = max(1, max_queue // 2)  # this many queued: commit now
+        self._file: KeyFile | None = None
         self._writer: threading.Thread | None = None
-        self._unwritten: dict[str, _Row | None] = {}  # failed writes to retry (writer thread)
+        self._unwritten: dict[str, Row | None] = {}  # failed writes to retry (writer thread)
 
     # -- lifetime ------------------------------------------------------------------------
 
     def open(self) -> KeyStore:
         """Open (creating if needed), recover ``running`` rows, load the index; returns self."""
-        if self._conn is not None:
+        if self._file is not None:
             raise KeyStoreError(f"key store {self.path} is already open")
-        try:
-            if not self.memory:
+        if not self.memory:
+            try:
                 ensure_private_dir(self.path.parent)
-                self._lock_fd = _lock_file(self.path)
-        except OSError as exc:
-            raise KeyStoreError(f"cannot open key store {self.path}: {exc}") from exc
+            except OSError as exc:
+                raise KeyStoreError(f"cannot open key store {self.path}: {exc}") from exc
+        self._file = KeyFile(
+            self.path, memory=self.memory, busy_timeout=self.busy_timeout, fsync=self.fsync
+        )
         try:
-            self._conn = self._connect()
             self._recover_and_load()
         except BaseException:
             self._release()
@@ -307,7 +292,15 @@ class KeyStore:
         with self._lock:
             self._check_open()
             self._push(None, None, lambda _error: done.set())
+            self._commit_soon()
         return done.wait(timeout)
+
+    def commit_soon(self) -> None:
+        """Somebody waits for the writes queued so far: commit them without waiting for
+        ``max_delay``. Non-blocking, any thread (a no-op with ``max_delay=0``)."""
+        if self.max_delay > 0:
+            with self._lock:
+                self._commit_soon()
 
     # -- reads (memory only) ---------------------------------------------------------------
 
@@ -368,13 +361,21 @@ class KeyStore:
             self._push(key, record.row(None), on_durable)
         return record
 
-    def finish(self, key: str, outcome: Outcome, on_durable: OnDurable | None = None) -> Record:
+    def finish(
+        self,
+        key: str,
+        outcome: Outcome,
+        on_durable: OnDurable | None = None,
+        *,
+        encoded: str | None = None,
+    ) -> Record:
         """Record the outcome of the running ``key`` (``done``). Never raises KeyStoreFull.
 
-        The outcome is encoded here, on the caller's thread (TypeError if it is not JSON).
+        The outcome is encoded here, on the caller's thread (TypeError or ValueError if it is
+        not JSON), unless the caller passes ``encoded``, its :meth:`Outcome.to_json`.
         Raises KeyError if ``key`` is not recorded, ValueError if it is not running.
         """
-        outcome_json = outcome.to_json()
+        outcome_json = outcome.to_json() if encoded is None else encoded
         with self._lock:
             self._check_open()
             record = self._index[key]
@@ -411,11 +412,48 @@ class KeyStore:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _push(self, key: str | None, row: _Row | None, callback: OnDurable | None) -> None:
-        """Queue one write and wake the writer if it waits (lock held)."""
-        self._queue.append((key, row, callback))
+    def _push(self, key: str | None, row: Row | None, callback: OnDurable | None) -> None:
+        """Queue one write and wake the writer if it waits and has something new to decide:
+        the first write of a batch (it starts the ``max_delay`` clock), or a full batch (lock
+        held)."""
+        queue = self._queue
+        queue.append((key, row, callback))
+        if len(queue) == 1:
+            self._first_at = time.monotonic()
+        elif self.max_delay > 0 and len(queue) != self._batch_limit:
+            return
         if self._writer_idle:
             self._wake.notify()
+
+    def _commit_soon(self) -> None:
+        """(lock held)"""
+        self._urgent = True
+        if self._writer_idle:
+            self._wake.notify()
+
+    def _next_batch(self) -> deque[_Op] | None:
+        """The writer's wait for a batch that is due (lock held); None once closed and drained."""
+        while True:
+            queue = self._queue
+            if not self._accepting or (queue and self.max_delay <= 0):
+                break
+            if not queue:
+                self._urgent = False  # what it waited for was taken
+                timeout = None
+            elif self._urgent or len(queue) >= self._batch_limit:
+                break
+            else:
+                timeout = self._first_at + self.max_delay - time.monotonic()
+                if timeout <= 0:
+                    break
+            self._writer_idle = True
+            self._wake.wait(timeout)
+            self._writer_idle = False
+        if not self._queue:
+            return None  # closed and drained
+        batch, self._queue = self._queue, deque()
+        self._urgent = False
+        return batch
 
     def _check_open(self) -> None:
         if not self._accepting:
@@ -450,59 +488,15 @@ class KeyStore:
             if self._index.pop(key, None) is not None:
                 self._push(key, None, None)
 
-    def _connect(self) -> sqlite3.Connection:
-        if self.memory:
-            return sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-        if not self.path.exists():
-            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
-        try:
-            conn = sqlite3.connect(
-                self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
-            )
-        except sqlite3.Error as exc:
-            raise KeyStoreError(f"cannot open key store {self.path}: {exc}") from exc
-        try:
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if mode != "wal":
-                raise KeyStoreError(f"key store {self.path}: cannot use WAL mode (got {mode})")
-            conn.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'NORMAL'}")
-        except sqlite3.Error as exc:
-            conn.close()
-            raise KeyStoreError(f"cannot open key store {self.path}: {exc}") from exc
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
     def _recover_and_load(self) -> None:
-        """Create the schema, mark ``running`` rows ``interrupted``, prune, load (one commit)."""
-        assert self._conn is not None
-        conn, now = self._conn, self._clock()
+        """Recover the file (``running`` rows become ``interrupted``), load the index, drop
+        what is expired or over the bound (one commit)."""
+        assert self._file is not None
+        now = self._clock()
         self._index.clear()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise KeyStoreError(
-                    f"key store {self.path} has schema {version}; this statelink knows "
-                    f"{SCHEMA_VERSION} (a newer statelink wrote it)"
-                )
-            conn.execute(_SCHEMA)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            self.interrupted_at_open = [
-                Interrupted(*row)
-                for row in conn.execute(
-                    "SELECT key, method, device FROM keys WHERE state = ? ORDER BY created",
-                    (RUNNING,),
-                )
-            ]
-            conn.execute(
-                "UPDATE keys SET state = ?, finished = ? WHERE state = ?",
-                (INTERRUPTED, now, RUNNING),
-            )
-            for row in conn.execute(
-                f"SELECT {_COLUMNS} FROM keys ORDER BY created"  # noqa: S608
-            ):
+
+        def load(rows: Iterable[Row]) -> list[str]:
+            for row in rows:
                 key, method, device, print_, state, outcome, created, finished = row
                 self._index[key] = Record(
                     key,
@@ -517,15 +511,14 @@ class KeyStore:
             dropped = self._expired_keys(now) + self._over_bound()
             for key in dropped:
                 self._index.pop(key, None)
-            conn.executemany(_DELETE, [(key,) for key in dropped])
-            conn.execute("COMMIT")
-        except (sqlite3.Error, ValueError, KeyError) as exc:
+            return dropped
+
+        try:
+            running = self._file.recover_and_load(now, load)
+        except KeyStoreError:
             self._index.clear()
-            raise KeyStoreError(f"cannot read key store {self.path}: {exc}") from exc
-        finally:
-            with contextlib.suppress(sqlite3.Error):
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+            raise
+        self.interrupted_at_open = [Interrupted(*item) for item in running]
         self._next_sweep = now + self._sweep_every
         if self.interrupted_at_open:
             log.warning(
@@ -537,13 +530,9 @@ class KeyStore:
     def _write_loop(self) -> None:
         while True:
             with self._lock:
-                while not self._queue and self._accepting:
-                    self._writer_idle = True
-                    self._wake.wait()
-                    self._writer_idle = False
-                if not self._queue:
-                    break  # closed and drained
-                batch, self._queue = self._queue, deque()
+                batch = self._next_batch()
+            if batch is None:
+                break
             error = self._write(batch)
             for _key, _row, callback in batch:
                 if callback is not None:
@@ -564,17 +553,10 @@ class KeyStore:
                 final[key] = row
         if not final:
             return None  # only flush barriers
-        assert self._conn is not None
-        conn = self._conn
+        assert self._file is not None
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(_DELETE, [(key,) for key, row in final.items() if row is None])
-            conn.executemany(_UPSERT, [row for row in final.values() if row is not None])
-            conn.execute("COMMIT")
+            self._file.write(final)
         except Exception as exc:
-            with contextlib.suppress(sqlite3.Error):
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
             self.failures += 1
             self.failed = exc
             self._unwritten = final
@@ -585,26 +567,6 @@ class KeyStore:
         return None
 
     def _release(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.close()
-            self._conn = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the flock
-            self._lock_fd = None
-
-
-def _lock_file(path: Path) -> int:
-    """An exclusive, non-blocking flock on ``<path>.lock`` (created 0600); its fd holds it."""
-    fd = os.open(path.with_name(path.name + ".lock"), os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-        os.close(fd)
-        by = f"process {holder}" if holder.isdigit() else "another store (or process)"
-        raise KeyStoreLocked(f"key store {path} is in use by {by}")
-    # the holder's pid, for the message another process gets (the lock itself is the flock)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -14,6 +14,7 @@ b'{"jsonrpc":"2.0","id":1,"result":"pong"}\\n'
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,14 +108,35 @@ Event = Request | Notification | Response | ErrorResponse | Invalid | Batch
 
 
 def _valid_id(value: Any) -> bool:
-    return value is None or (isinstance(value, (str, int, float)) and not isinstance(value, bool))
+    """A string, a number a double can hold (a reply must be able to echo it), or null."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return -_ID_INT_LIMIT < value < _ID_INT_LIMIT
+    return value is None or isinstance(value, str)
+
+
+_ID_INT_LIMIT = 2**1024  #: an integer id at or beyond this is no double: peers cannot echo it
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object names one member twice: ambiguous (which one would a proxy read?)."""
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        name = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise DuplicateKeyError(f"the member {name!r} appears twice in one object")
+    return obj
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+_decoder = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_unique_object)
 _decode = _decoder.decode
 _scan_once: Callable[[str, int], tuple[Any, int]] = _decoder.scan_once  # type: ignore[attr-defined]
 
@@ -181,7 +203,7 @@ def parse_message(obj: Any) -> Message | Invalid:
         return _invalid("expected a JSON object")
     raw_id = obj.get("id", _MISSING)
     if raw_id is not _MISSING and not _valid_id(raw_id):
-        return _invalid("id must be a string, number or null")
+        return _invalid("id must be a string, a number a double can hold (finite), or null")
     msg_id = None if raw_id is _MISSING else raw_id
     if obj.get("jsonrpc") != "2.0":
         return _invalid('"jsonrpc" must be "2.0"', msg_id)
@@ -272,6 +294,15 @@ class Decoder:
             buffer += rest
         return events
 
+    def finish(self) -> list[Event]:
+        """The peer sent its last byte: a last line without ``\n`` is a message too."""
+        if self.closed or not self._buffer:
+            return []
+        line = bytes(self._buffer)
+        self._buffer.clear()
+        event = self.decode_line(line)
+        return [] if event is None else [event]
+
     def _too_long(self) -> Invalid:
         self.closed = True
         self._buffer.clear()
@@ -305,6 +336,8 @@ class Decoder:
             )
         try:
             obj = _loads(text)
+        except DuplicateKeyError as exc:
+            return _invalid(str(exc))
         except (ValueError, RecursionError) as exc:
             reason = str(exc) if isinstance(exc, ValueError) else "nesting too deep"
             return Invalid(PARSE_ERROR, "Parse error", data={"reason": reason})

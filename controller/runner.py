@@ -2,20 +2,30 @@
 
 >>> # runner = WorkflowRunner()
 >>> # handle = runner.start(load_workflow("config/workflows/demo.yaml"),
->>> #                       servers={"device": "127.0.0.1:15769"}, journal="demo.jsonl")
+>>> #                       servers={"device": "127.0.0.1:15769"})
 >>> # handle.wait(60) -> "success" | "failure" | "aborted"
+
+Journals: every run journals to ``STATE_DIR/runs/RUN_ID.jsonl`` unless told otherwise
+(``journal=PATH`` or ``journal=False``), through ONE :class:`~controller.journal.JournalWriter`
+per runner (group commit, no file descriptor per run); a run's effects, its durable sends and
+a journal that cannot be written are :mod:`controller.run_handle`'s.
 
 Threads: transport threads (client readers, connect threads) and the scheduler thread only
 *post* events; one dispatcher thread applies every event to its run, in arrival order, so a
 run is never touched by two threads. One scheduler serves every timer; one sender
 (:mod:`controller.senders`) per server address serves every run. This module only
 dispatches: connecting, the in-flight bound and cancelling are the sender's.
+
+The dispatcher's queue: replies and other events are applied in arrival order and never
+dropped; timers (:meth:`WorkflowRunner.post_timer`) jump the queue, so that they fire on time
+behind a long one. Notifications keep their place in the order, but at most
+``max_queued_notifications`` wait at a time; the await index, that bound and the
+subscriptions are :mod:`controller.notifications`'.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import queue
@@ -23,23 +33,30 @@ import secrets
 import ssl as ssl_module
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, Literal
 
 from statemachines.addresses import Address, format_address, parse_address
-from statemachines.workflow import CompiledWorkflow, JournalEntry, WorkflowRun, WorkflowSpec
+from statemachines.workflow import CompiledWorkflow, WorkflowSpec
 
 from .client import Client
 from .errors import ConnectionLostError, RpcError
+from .journal import RUNS_DIR, JournalFile, JournalWriter, check_new_journal_path
+from .notifications import MAX_QUEUED_NOTIFICATIONS, UNSUBSCRIBE_AFTER, Notifications
+from .resume import go_live, load_interrupted, take_over
+from .run_handle import Observer, RunHandle, describe_os_error
 from .scheduler import Scheduler
-from .senders import Command, Sender
+from .senders import Sender
+from .statedir import default_state_dir
 from .tcp_sender import TcpSender
 
 log = logging.getLogger("statelink.runner")
 
-Observer = Callable[["RunHandle", JournalEntry], None]
+#: ``journal=`` of :meth:`WorkflowRunner.start`: None the state directory's, False none
+JournalOption = str | os.PathLike[str] | Literal[False] | None
 
 _COMPILED_CACHE = 64  #: compiled machines kept for reuse, per runner
 
@@ -78,67 +95,8 @@ class _Event:
     args: tuple[object, ...]
 
 
-class RunHandle:
-    """One run of a workflow: wait for it, abort it, read its state, context and history."""
-
-    def __init__(
-        self,
-        runner: WorkflowRunner,
-        compiled: CompiledWorkflow,
-        run_id: str,
-        servers: dict[str, Address],
-        senders: dict[str, Sender],
-        context: Mapping[str, Any] | None,
-        journal: IO[str] | None,
-        owns_journal: bool,
-        observers: list[Observer],
-    ):
-        self.runner = runner
-        self.run_id = run_id
-        self.servers = servers
-        self._senders = senders
-        self._journal = journal
-        self._owns_journal = owns_journal  #: opened by the runner from a path: closed when done
-        self._observers = observers
-        self._done = threading.Event()
-        self.run: WorkflowRun = compiled.new_run(_Effects(runner, self), run_id, context)
-
-    @property
-    def state(self) -> str:
-        return self.run.state
-
-    @property
-    def outcome(self) -> str | None:
-        """``None`` while running, then ``"success"``, ``"failure"`` or ``"aborted"``."""
-        return self.run.outcome
-
-    @property
-    def context(self) -> dict[str, Any]:
-        return self.run.context
-
-    @property
-    def history(self) -> list[JournalEntry]:
-        return self.run.history
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def wait(self, timeout: float | None = None) -> str | None:
-        """Block until the run finishes (or ``timeout``); return its outcome."""
-        self._done.wait(timeout)
-        return self.run.outcome if self._done.is_set() else None
-
-    def abort(self) -> None:
-        """Abort: cancel the command in flight (``rpc.cancel``, so the device is free for the
-        clean-up), then enter the ``on_abort`` state (if any); the outcome is "aborted"."""
-        self.runner.post(self.run.abort)  # the run abandons its command: _Effects.abandon
-
-    def _end(self) -> None:
-        """Finished, or the runner closed: close the journal (if ours); wait() returns."""
-        if self._owns_journal and self._journal is not None:
-            self._journal.close()
-        self._done.set()
+_WAKE = _Event(lambda: None, ())  #: a timer is waiting in WorkflowRunner._timers
+_NOTE = _Event(lambda: None, ())  #: the oldest queued notification is next
 
 
 class WorkflowRunner:
@@ -150,15 +108,32 @@ class WorkflowRunner:
         secret: bytes | str | None = None,
         ssl: ssl_module.SSLContext | None = None,
         client_name: str = "statelink-runner",
+        state_dir: str | os.PathLike[str] | None = None,
+        journal_sync: str = "wal",
     ) -> None:
+        """``state_dir`` (default :func:`~controller.statedir.default_state_dir`) holds the
+        runs' journals in ``runs/``; ``journal_sync``: the journal writer's ``sync`` mode.
+        Raises OSError if the state directory cannot be used."""
         self.secret = secret
         self.ssl = ssl
         self.client_name = client_name
+        self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
+        #: the one journal writer of every run of this runner (closed by close())
+        self.journals = JournalWriter(self.state_dir / RUNS_DIR, sync=journal_sync).start()
         self.scheduler = Scheduler("statelink-runner-timers")
         self._senders: dict[Address, TcpSender] = {}
         self._lock = threading.Lock()  #: guards _senders and _closed
-        self._subscribed: set[tuple[Address, str]] = set()
         self._events: queue.SimpleQueue[_Event | None] = queue.SimpleQueue()  # None: stop
+        self._timers: deque[_Event] = deque()  #: run before any queued event (_WAKE)
+        #: the await index, the bounded notification queue, the subscriptions
+        self.notifications = Notifications(
+            self._senders,
+            self.scheduler,
+            self.post,
+            functools.partial(self._events.put, _NOTE),
+            lambda: threading.current_thread() is self._dispatcher,
+            lambda: self._closed,
+        )
         self._compiled: dict[int, CompiledWorkflow] = {}
         self._active: dict[str, RunHandle] = {}
         self._issued: set[str] = set()  #: run ids issued in the current second
@@ -176,9 +151,10 @@ class WorkflowRunner:
         *,
         servers: Mapping[str, str | Address] | None = None,
         run_id: str | None = None,
-        journal: str | Path | IO[str] | None = None,
+        journal: JournalOption = None,
         observer: Observer | None = None,
         context: Mapping[str, Any] | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> RunHandle:
         """Start one run; returns at once (after connecting to servers not yet connected).
 
@@ -186,6 +162,13 @@ class WorkflowRunner:
         workflow's ``inputs`` (ValueError for a name that is not one). ``run_id`` defaults to
         a new unique one (:func:`new_run_id`); one that is running already is a ValueError.
         The run's commands carry the idempotency keys ``f"{run_id}:{visit}"``.
+
+        ``journal``: None (default) ``STATE_DIR/runs/RUN_ID.jsonl``, a path (a new or empty
+        file: ValueError, one line, for a missing directory, a directory or a non-empty
+        file), or False (none). The ``start`` entry holds what a resume needs:
+        ``workflow_text`` (the spec's ``source_text``),
+        the servers as resolved and ``options`` (what changes behaviour, e.g.
+        ``secret_file``, ``tls_ca``; never a secret).
         """
         if self._closed:
             raise RuntimeError("the workflow runner is closed; start runs on a new one")
@@ -193,37 +176,67 @@ class WorkflowRunner:
         spec = compiled.spec
         spec.run_context(context)  # a name that is no input: fail before anything opens
         addresses = resolve_servers(spec, servers)
+        path = None if journal is None or journal is False else check_new_journal_path(journal)
         senders: dict[str, Sender] = {name: self.sender(a) for name, a in addresses.items()}
-        # Connect here, on the caller's thread, so that most runs find their servers ready; a
-        # server that is down is connected later, off the dispatcher, when a run sends to it
-        # (and its failure follows the run's own error route).
-        for sender in set(senders.values()):
-            try:
-                sender.connect()
-            except (OSError, RpcError) as exc:
-                log.warning("cannot connect to %s yet: %s", format_address(sender.address), exc)
+        self._connect(senders)
         run_id = run_id or self._new_run_id(spec.name)
         if run_id in self._active:
             raise ValueError(f"a run with the id {run_id!r} is running already")
-        stream: IO[str] | None
-        if journal is None or not isinstance(journal, (str, os.PathLike)):
-            stream = journal
-        else:
-            stream = open(journal, "w", encoding="utf-8", buffering=1)  # noqa: SIM115
-        handle = RunHandle(
-            self,
+        journal_file = None
+        if journal is not False:
+            journal_file = self._create_journal(
+                path or self.state_dir / RUNS_DIR / f"{run_id}.jsonl"
+            )
+        start_fields = {
+            "workflow_text": spec.source_text,
+            "workflow_file": spec.path,
+            "servers": {name: format_address(a) for name, a in addresses.items()},
+            "options": {"secret_file": None, "tls": self.ssl is not None, "tls_ca": None}
+            | dict(options or {}),
+        }
+        handle = self._new_handle(
             compiled,
             run_id,
             addresses,
             senders,
             context,
-            stream,
-            stream is not journal,
+            journal_file,
             [observer] if observer else [],
+            start_fields,
         )
-        self._subscribe_awaited(compiled, addresses)
+        self.notifications.subscribe_awaited(compiled, addresses)
         self._active[run_id] = handle
         self.post(handle.run.start)
+        return handle
+
+    def resume(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        servers: Mapping[str, str | Address] | None = None,
+        observer: Observer | None = None,
+    ) -> RunHandle:
+        """Continue the interrupted run of the journal at ``path`` (see :mod:`.resume`);
+        ``servers`` overrides addresses the journal holds. Raises ``RunFinished`` (a
+        ValueError), ``JournalBusy`` (a live process drives it), ValueError (not resumable),
+        ``ConfigErrors``, OSError."""
+        if self._closed:
+            raise RuntimeError("the workflow runner is closed; resume runs on a new one")
+        job = load_interrupted(path)
+        if job.run_id in self._active:
+            raise ValueError(f"a run with the id {job.run_id!r} is running already")
+        compiled = self.compile(job.spec)
+        addresses = resolve_servers(job.spec, {**job.servers, **(servers or {})})
+        senders: dict[str, Sender] = {name: self.sender(a) for name, a in addresses.items()}
+        observers = [observer] if observer else []
+        handle = self._new_handle(
+            compiled, job.run_id, addresses, senders, job.inputs, None, observers
+        )
+        plan, handle.journal = take_over(self.journals, job, compiled, handle.run)
+        self._connect(senders)
+        self.notifications.subscribe_awaited(compiled, addresses)
+        self._active[job.run_id] = handle
+        self.post(go_live, plan)
         return handle
 
     def _new_run_id(self, name: str) -> str:
@@ -237,6 +250,47 @@ class WorkflowRunner:
                     self._issued.add(run_id)
                     return run_id
         raise RuntimeError("cannot find a free run id: too many runs started in one second")
+
+    def _create_journal(self, path: Path) -> JournalFile:
+        try:
+            return self.journals.create(path)
+        except FileExistsError:
+            raise ValueError(
+                f"journal {path} already exists and is not an empty file; it is never overwritten"
+            ) from None
+        except OSError as exc:
+            raise ValueError(
+                f"journal {path}: cannot create it: {describe_os_error(exc)}"
+            ) from None
+
+    def _new_handle(
+        self,
+        compiled: CompiledWorkflow,
+        run_id: str,
+        servers: dict[str, Address],
+        senders: dict[str, Sender],
+        context: Mapping[str, Any] | None,
+        journal: JournalFile | None,
+        observers: list[Observer],
+        start_fields: Mapping[str, Any] | None = None,
+    ) -> RunHandle:
+        """A new run's handle, its await changes indexed by :attr:`notifications`."""
+        handle = RunHandle(
+            self, compiled, run_id, servers, senders, context, journal, observers, start_fields
+        )
+        handle.run.on_await_change = functools.partial(self.notifications.await_changed, handle)
+        return handle
+
+    @staticmethod
+    def _connect(senders: dict[str, Sender]) -> None:
+        """Connect here, on the caller's thread, so that most runs find their servers ready;
+        a server that is down is connected later, off the dispatcher, when a run sends to it
+        (and its failure follows the run's own error route)."""
+        for sender in set(senders.values()):
+            try:
+                sender.connect()
+            except (OSError, RpcError) as exc:
+                log.warning("cannot connect to %s yet: %s", format_address(sender.address), exc)
 
     def compile(self, workflow: WorkflowSpec | CompiledWorkflow) -> CompiledWorkflow:
         """The compiled machine of a spec, built once per spec object and reused."""
@@ -252,6 +306,41 @@ class WorkflowRunner:
     def post(self, fn: Callable[..., object], /, *args: object) -> None:
         """Queue ``fn(*args)`` for the dispatcher thread (thread-safe)."""
         self._events.put(_Event(fn, args))
+
+    def post_timer(self, fn: Callable[..., object], /, *args: object) -> None:
+        """Like :meth:`post`, ahead of every queued event: for timers (thread-safe)."""
+        self._timers.append(_Event(fn, args))
+        self._events.put(_WAKE)
+
+    @property
+    def notifications_waiting(self) -> int:
+        """Notifications queued for the dispatcher (at most ``max_queued_notifications``)."""
+        return self.notifications.waiting
+
+    @property
+    def notifications_dropped(self) -> int:
+        """Notifications dropped because the queue was full."""
+        return self.notifications.dropped
+
+    @property
+    def max_queued_notifications(self) -> int:
+        """Notifications waiting for the dispatcher at most; more are dropped (default
+        :data:`~controller.notifications.MAX_QUEUED_NOTIFICATIONS`)."""
+        return self.notifications.max_queued
+
+    @max_queued_notifications.setter
+    def max_queued_notifications(self, value: int) -> None:
+        self.notifications.max_queued = value
+
+    @property
+    def unsubscribe_after(self) -> float:
+        """Seconds after the last run awaiting a method left it before the runner
+        unsubscribes (default :data:`~controller.notifications.UNSUBSCRIBE_AFTER`)."""
+        return self.notifications.unsubscribe_after
+
+    @unsubscribe_after.setter
+    def unsubscribe_after(self, value: float) -> None:
+        self.notifications.unsubscribe_after = value
 
     def sender(self, address: Address) -> TcpSender:
         """The sender of one server address (created on first use, not connected yet).
@@ -281,9 +370,10 @@ class WorkflowRunner:
         return self.sender(address).client()
 
     def close(self) -> None:
-        """Abort nothing; stop the dispatcher, the senders and the scheduler. Runs still going
-        stop where they are: their journals (those opened from a path) are closed without a
-        ``finished`` line, as after a crash. Abort them first to run their ``on_abort``."""
+        """Abort nothing; stop the dispatcher, write out the journals, stop the senders and
+        the scheduler. Runs still going stop where they are: their journals end without a
+        ``finished`` line, as after a crash (``statelink resume`` continues them). Abort them
+        first to run their ``on_abort``."""
         with self._lock:
             if self._closed:
                 return
@@ -291,6 +381,7 @@ class WorkflowRunner:
             senders = list(self._senders.values())
         self._events.put(None)
         self._dispatcher.join(timeout=10)
+        self.journals.close()  # everything queued is written; never raises
         for handle in list(self._active.values()):
             handle._end()  # wait() returns (outcome None: it never finished)
         for sender in senders:
@@ -305,88 +396,41 @@ class WorkflowRunner:
 
     # -- internals --------------------------------------------------------------------------
     def _dispatch(self) -> None:
-        events = self._events
+        events, timers = self._events, self._timers
         while True:
             event = events.get()
+            while timers:
+                self._apply(timers.popleft())
             if event is None:
                 return
-            try:
-                event.fn(*event.args)
-            except Exception:
-                log.exception("workflow event %s failed", getattr(event.fn, "__name__", event.fn))
+            if event is _NOTE:
+                self.notifications.deliver_next()
+            elif event is not _WAKE:
+                self._apply(event)
 
-    def _subscribe_awaited(self, compiled: CompiledWorkflow, addresses: dict[str, Address]) -> None:
-        for server, method in compiled.awaited():
-            address = addresses.get(server)
-            if address is None or (address, method) in self._subscribed:
-                continue
-            try:
-                self._senders[address].subscribe(
-                    method, functools.partial(self.post, self._notify_runs, address, method)
-                )
-            except (OSError, RpcError) as exc:
-                log.warning(
-                    "cannot subscribe to %s at %s: %s", method, format_address(address), exc
-                )
-                continue
-            self._subscribed.add((address, method))
+    @staticmethod
+    def _apply(event: _Event) -> None:
+        try:
+            event.fn(*event.args)
+        except Exception:
+            log.exception("workflow event %s failed", getattr(event.fn, "__name__", event.fn))
 
-    def _notify_runs(self, address: Address, method: str, params: Any) -> None:
-        for handle in list(self._active.values()):
-            for server, server_address in handle.servers.items():
-                if server_address == address:
-                    handle.run.on_notification(server, method, params)
-
-    def _finished(self, handle: RunHandle) -> None:
+    def run_finished(self, handle: RunHandle) -> None:
+        """A run finished (dispatcher thread): forget it; its ``wait`` returns once its
+        ``finished`` entry is written (at once without a journal)."""
         self._active.pop(handle.run_id, None)
-        handle._end()
+        if handle.journal is None:
+            handle._end()  # else once its finished entry is written: _last_written
 
 
-class _Effects:
-    """The I/O a run asks for (statemachines' ``Effects``), done on its behalf on the
-    dispatcher thread: commands go to the run's senders, timers to the scheduler, journal
-    entries to the journal and the observers."""
-
-    __slots__ = ("handle", "runner")
-
-    def __init__(self, runner: WorkflowRunner, handle: RunHandle):
-        self.runner = runner
-        self.handle = handle
-
-    def send_command(
-        self, run: WorkflowRun, token: int, server: str, method: str, params: Any, timeout: float
-    ) -> None:
-        self.handle._senders[server].send(
-            Command(run, token, server, method, params, timeout, run.command_key)
-        )
-
-    def start_timer(self, run: WorkflowRun, token: int, delay: float) -> None:
-        self.runner.scheduler.call_later(delay, self.runner.post, run.on_timer, token)
-
-    def abandon(self, run: WorkflowRun, token: int) -> None:
-        """The run leaves command ``token`` (abort, workflow timeout, an error route after a
-        client-side timeout): its sender cancels it (``rpc.cancel``) if it may still run, so
-        the device is free for what comes next; a timer token is nobody's."""
-        for sender in set(self.handle._senders.values()):
-            sender.cancel(run, token)
-
-    def record(self, run: WorkflowRun, entry: JournalEntry) -> None:
-        handle = self.handle
-        journal = handle._journal
-        if journal is not None:
-            try:
-                journal.write(json.dumps(entry, default=str, ensure_ascii=False) + "\n")
-                journal.flush()
-            except (OSError, ValueError) as exc:
-                log.error("journal of %s: %s", handle.run_id, exc)
-        for observer in handle._observers:
-            try:
-                observer(handle, entry)
-            except Exception:
-                log.exception("run observer failed")
-
-    def finished(self, run: WorkflowRun) -> None:
-        self.runner._finished(self.handle)
-
-
-__all__ = ["ConnectionLostError", "RunHandle", "WorkflowRunner", "new_run_id", "resolve_servers"]
+__all__ = [
+    "MAX_QUEUED_NOTIFICATIONS",
+    "UNSUBSCRIBE_AFTER",
+    "ConnectionLostError",
+    "Observer",
+    "RunHandle",
+    "WorkflowRunner",
+    "describe_os_error",
+    "new_run_id",
+    "resolve_servers",
+]

@@ -7,8 +7,8 @@ line-delimited JSON-RPC connection, and a second transport implements the same p
 
 Threads: ``send`` and ``cancel`` are called on the runner's dispatcher thread and never block;
 a sender hands every outcome back through the runner's :class:`Post`, so that the run sees
-it on the dispatcher thread too. ``connect`` and ``subscribe`` block and are never called on
-the dispatcher.
+it on the dispatcher thread too. ``connect`` and ``subscribe(wait=True)`` block and are never
+called on the dispatcher.
 """
 
 from __future__ import annotations
@@ -56,9 +56,15 @@ class Sender(Protocol):
         """Connect now if not connected (blocks; never on the dispatcher thread). Raises
         ``OSError`` or :class:`~controller.errors.RpcError` when the server cannot be reached."""
 
-    def subscribe(self, method: str, handler: NotificationHandler) -> None:
-        """Deliver the server's notifications ``method`` to ``handler``; connects first and
-        raises as :meth:`connect` does."""
+    def subscribe(self, method: str, handler: NotificationHandler, *, wait: bool = True) -> None:
+        """Deliver the server's notifications ``method`` to ``handler`` (``rpc.subscribe``);
+        a method already subscribed keeps its handler. ``wait=True`` blocks (never on the
+        dispatcher thread): connects first and raises as :meth:`connect` does. ``wait=False``
+        never blocks: the subscription is made off the calling thread (failures are logged;
+        notifications sent before the server has it are not delivered)."""
+
+    def unsubscribe(self, method: str) -> None:
+        """Stop delivering ``method`` (``rpc.unsubscribe``); never blocks; any thread."""
 
     def send(self, command: Command) -> None:
         """Dispatcher thread; never blocks: send now, or once connected or once the server's

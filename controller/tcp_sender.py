@@ -22,7 +22,7 @@ import logging
 import ssl as ssl_module
 import threading
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,6 +81,12 @@ class TcpSender:
         self._closed = False
         self._state_lock = threading.Lock()  #: guards _client and _closed
         self._connect_lock = threading.Lock()  #: one connect at a time (close() never waits)
+        # subscriptions (any thread): what the runner wants, what the server has
+        self._subs_lock = threading.Lock()
+        self._subs_sync_lock = threading.Lock()  #: one thread brings _subscribed to _wanted
+        self._wanted: dict[str, NotificationHandler] = {}
+        self._subscribed: dict[str, Callable[[], None]] = {}  #: method -> the client's undo
+        self._syncing = False  #: a background thread is syncing the subscriptions
         # dispatcher thread only:
         self._gate: _Gate | None = None
         self._awaiting_connect: list[Command] | None = None
@@ -128,8 +134,68 @@ class TcpSender:
     def connect(self) -> None:
         self.client()
 
-    def subscribe(self, method: str, handler: NotificationHandler) -> None:
-        self.client().subscribe(method, handler)
+    def subscribe(self, method: str, handler: NotificationHandler, *, wait: bool = True) -> None:
+        with self._subs_lock:
+            if method in self._wanted:
+                return
+            self._wanted[method] = handler
+            start = not wait and not self._syncing
+            self._syncing = self._syncing or start
+        if wait:
+            self._sync_subscriptions(raising=True)
+        elif start:
+            threading.Thread(
+                target=self._sync_in_background, name="statelink-runner-subscribe", daemon=True
+            ).start()
+
+    def unsubscribe(self, method: str) -> None:
+        with self._subs_lock:
+            self._wanted.pop(method, None)
+            if self._syncing:
+                return  # the syncing thread sees it
+            unsubscribe = self._subscribed.pop(method, None)
+        if unsubscribe is not None:
+            unsubscribe()  # rpc.unsubscribe without waiting for its reply
+
+    def _sync_subscriptions(self, *, raising: bool) -> bool:
+        """Make the server's subscriptions what ``_wanted`` says (blocks on ``rpc.subscribe``);
+        True when done, False when a subscribe failed (logged unless ``raising``)."""
+        with self._subs_sync_lock:
+            while True:
+                with self._subs_lock:
+                    extra = [m for m in self._subscribed if m not in self._wanted]
+                    undo = [self._subscribed.pop(m) for m in extra]
+                    missing = [(m, h) for m, h in self._wanted.items() if m not in self._subscribed]
+                for unsubscribe in undo:
+                    unsubscribe()
+                if not missing:
+                    return True
+                for method, handler in missing:
+                    try:
+                        unsubscribe = self.client().subscribe(method, handler)
+                    except (OSError, RpcError) as exc:
+                        if raising:
+                            with self._subs_lock:
+                                self._wanted.pop(method, None)
+                            raise
+                        log.warning(
+                            "cannot subscribe to %s at %s: %s",
+                            method,
+                            format_address(self._address),
+                            exc,
+                        )
+                        return False
+                    with self._subs_lock:
+                        self._subscribed[method] = unsubscribe
+
+    def _sync_in_background(self) -> None:
+        while True:
+            done = self._sync_subscriptions(raising=False)
+            with self._subs_lock:
+                settled = set(self._subscribed) == set(self._wanted)
+                if settled or not done:
+                    self._syncing = False
+                    return
 
     def close(self) -> None:
         with self._state_lock:

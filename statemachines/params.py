@@ -106,9 +106,14 @@ def _coerce(spec: ParamSpec, value: Any) -> Any:
     if kind == "number":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"must be a number, got {describe_type(value)} {_fmt(value)}")
-        if not math.isfinite(value):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond a double's range, e.g. 10**400
+            bits = int(value).bit_length()
+            raise ValueError(f"must be a number a double can hold, got an integer of {bits} bits")
+        if not math.isfinite(number):
             raise ValueError(f"must be a finite number, got {_fmt(value)}")
-        value = float(value)
+        value = number
     elif kind == "integer":
         if isinstance(value, float) and math.isfinite(value) and value.is_integer():
             value = int(value)

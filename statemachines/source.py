@@ -120,14 +120,17 @@ def _alias_hint(exc: yaml.MarkedYAMLError) -> str:
     return ""
 
 
+def read_source(path: str | Path) -> str:
+    """A config file's text; an unreadable file is a :class:`ConfigErrors` at line 1."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigErrors([ConfigError(str(path), 1, f"cannot read the file: {exc}")])
+
+
 def load_yaml(path: str | Path) -> Any:
     """Read and parse a YAML file; an unreadable file is a :class:`ConfigErrors` at line 1."""
-    file = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigErrors([ConfigError(file, 1, f"cannot read the file: {exc}")])
-    return parse_yaml(text, file)
+    return parse_yaml(read_source(path), str(path))
 
 
 def yaml_bool_hint(value: Any, what: str = "it") -> str:

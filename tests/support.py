@@ -24,6 +24,14 @@ ROOT = Path(__file__).resolve().parent.parent
 WAIT = 20.0  #: seconds any single wait in a test may take
 
 
+def journal_entries(path: Path, sends: bool = False) -> list[dict[str, Any]]:
+    """The entries of a run journal file; without the runner's ``send`` entries unless
+    ``sends`` (most tests look at what the run recorded; tests/test_durable_journal.py at
+    the sends)."""
+    entries = [json.loads(line) for line in path.read_text().splitlines()]
+    return entries if sends else [e for e in entries if e["event"] != "send"]
+
+
 class ServeProcess:
     """``statelink serve --port PORT ...`` in the background (PORT 0: a free one).
 

@@ -300,3 +300,26 @@ def test_fast_json_codec_matches_the_json_module() -> None:
             assert json.dumps(got[1]) == json.dumps(want[1]), text
         else:
             assert got == want, text
+
+
+def test_runner_scale_scenarios(tmp_path: Path) -> None:
+    """S7 (journaled runs at scale: RSS, open files) and S8 (await timeouts under a stream of
+    notifications), tiny; S4's journaled variant runs in the same S4 measurement."""
+    stdout, data = run_bench(
+        tmp_path, "--scenarios", "S4,S7,S8", "--s4-runs", "5", "--s7-runs", "20", "--s8-runs", "10"
+    )
+    for res in data["s4"]:
+        if res.get("ok"):
+            assert res["journaled"]["journals"] is True and res["journals"] is False, res
+            assert res["journaled_vs_plain"] > 0, res
+    s7 = data["s7"]
+    assert s7.get("ok"), s7
+    assert s7["runs"] == 20 and s7["journals"] is True and s7["outcomes"] == {"success": 20}
+    assert s7["transitions"] >= 20 * 10 and s7["transitions_per_s"] > 0
+    assert s7["peak_rss_mb"] > 0 and s7["peak_open_files"] > 0
+    s8 = data["s8"]
+    assert s8.get("ok"), s8
+    assert s8["runs"] == 10 and s8["timeouts"] == 10
+    assert 0 <= s8["late_p50_ms"] <= s8["late_p99_ms"] <= s8["late_max_ms"]
+    assert s8["notifications_dropped"] >= 0
+    assert "S7 20 concurrent journaled runs" in stdout and "S8 10 runs awaiting" in stdout

@@ -11,6 +11,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import WAIT, ServeProcess, statelink, wait_until
@@ -160,3 +161,79 @@ def test_run_and_check_take_the_same_server_forms(served: ServeProcess, tmp_path
             result = statelink(command, workflow, "--server", bad)
             assert result.returncode == 2, (command, bad, result.stderr)
             assert "--server" in result.stderr and "Traceback" not in result.stderr
+
+
+WAIT_THEN_DONE = """\
+name: {name}
+servers:
+  s: "{address}"
+command_timeout: 5s
+initial: probe
+states:
+  probe:
+    command: probe
+    next: pause
+  pause:
+    wait: {wait}
+    next: done
+  done:
+    final: success
+"""
+
+
+def test_run_journals_by_default_and_runs_lists_them(
+    make_server: Any, tmp_path: Path, private_state_dir: Path
+) -> None:
+    """`statelink run` journals to STATE_DIR/runs/RUN_ID.jsonl and says so; `statelink runs`
+    lists finished, interrupted (no live process) and running runs, newest first."""
+    from controller.runner import WorkflowRunner
+    from statemachines.workflow import load_workflow
+
+    server = make_server()
+    server.command("probe")(lambda: 1)
+    host, port = server.address
+    quick, slow = tmp_path / "quick.yaml", tmp_path / "slow.yaml"
+    quick.write_text(WAIT_THEN_DONE.format(name="quick", address=f"{host}:{port}", wait="10ms"))
+    slow.write_text(WAIT_THEN_DONE.format(name="slow", address=f"{host}:{port}", wait="60s"))
+
+    ran = statelink("run", str(quick), "--plain")  # the default state dir ($STATE_DIRECTORY)
+    assert ran.returncode == 0, ran.stderr
+    said = [line for line in ran.stderr.splitlines() if line.startswith("run quick-")]
+    assert len(said) == 1, ran.stderr
+    run_id, journal = said[0].removeprefix("run ").split(", journal ")
+    assert Path(journal) == private_state_dir / "runs" / f"{run_id}.jsonl"
+    assert json.loads(Path(journal).read_text().splitlines()[-1])["final"] == "success"
+
+    state = tmp_path / "state"
+    ran = statelink("run", str(quick), "--plain", "--state-dir", str(state))
+    assert ran.returncode == 0, ran.stderr
+    finished_id = json.loads(next((state / "runs").glob("*.jsonl")).read_text().split("\n")[0])
+    with WorkflowRunner(state_dir=state) as runner:  # closed mid-run: as if its process died
+        interrupted = runner.start(load_workflow(slow))
+        wait_until(lambda: interrupted.state == "pause", what="the run to wait")
+    with WorkflowRunner(state_dir=state) as runner:
+        running = runner.start(load_workflow(slow))
+        wait_until(lambda: running.state == "pause", what="the run to wait")
+        assert runner.journals.flush(WAIT)
+        listed = json.loads(statelink("runs", "--state-dir", str(state), "--json").stdout)
+        table = statelink("runs", "--state-dir", str(state))
+        unfinished = statelink("runs", "--state-dir", str(state), "--unfinished", "--json")
+        running.abort()
+        assert running.wait(WAIT) == "aborted"
+    expected = [
+        (running.run_id, "slow", "pause", "running", os.getpid()),
+        (interrupted.run_id, "slow", "pause", "interrupted", None),
+        (finished_id["run"], "quick", "done", "success", None),
+    ]
+    assert [(r["run"], r["workflow"], r["state"], r["outcome"], r["pid"]) for r in listed] == (
+        expected
+    )
+    assert listed[2]["last_event"] == "finished" and listed[1]["last_event"] == "reply"
+    assert all(Path(r["journal"]).parent == state / "runs" for r in listed)
+    assert [r["run"] for r in json.loads(unfinished.stdout)] == [running.run_id, interrupted.run_id]
+    lines = table.stdout.splitlines()
+    assert table.returncode == 0 and lines[0].split()[:4] == ["RUN", "WORKFLOW", "STATE", "OUTCOME"]
+    assert len(lines) == 4 and f"running (pid {os.getpid()})" in lines[1]
+    assert "interrupted" in lines[2] and "success" in lines[3]
+    empty = statelink("runs", "--state-dir", str(tmp_path / "none"))
+    assert empty.returncode == 0 and empty.stdout.startswith("no runs in ")

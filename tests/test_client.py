@@ -600,8 +600,8 @@ def test_callback_listener_with_authentication(secret_server, clients):
 
 
 def test_callback_delivery_on_the_wire(busy_server, raw):
-    """Replies go to the peer's own address at callback_port; batches and notifications
-    stay on the request connection; rpc.hello is answered on the request connection."""
+    """Replies go to the peer's own address at callback_port, batch replies too;
+    rpc.hello is answered on the request connection."""
     back = socket.create_server(("127.0.0.1", 0))
     back.settimeout(WAIT)
     try:
@@ -612,13 +612,16 @@ def test_callback_delivery_on_the_wire(busy_server, raw):
         link, _ = back.accept()  # the server connected back
         with link:
             link.settimeout(WAIT)
-            assert json.loads(link.makefile("rb").readline()) == {
+            lines = link.makefile("rb")
+            assert json.loads(lines.readline()) == {
                 "jsonrpc": "2.0",
                 "id": "via-callback",
                 "result": 3,
             }
             conn.send_json([{"jsonrpc": "2.0", "id": "b1", "method": "rpc.ping"}])
-            assert conn.json() == [{"jsonrpc": "2.0", "id": "b1", "result": "pong"}]
+            assert json.loads(lines.readline()) == [
+                {"jsonrpc": "2.0", "id": "b1", "result": "pong"}
+            ]
             result = conn.call("rpc.hello", {"client": "again"}, id="h2")  # on this connection
             assert result["result"]["callback"]["port"] == back.getsockname()[1]
     finally:
@@ -630,7 +633,9 @@ def test_callback_port_refused_falls_back_to_the_request_connection(busy_server,
     port = closed.getsockname()[1]
     closed.close()  # nothing listens there: the connect is refused
     conn = raw(busy_server.address)
-    conn.call("rpc.hello", {"callback_port": port})
+    hello = conn.call("rpc.hello", {"callback_port": port})["result"]
+    assert hello["callback"] is None
+    assert hello["callback_error"].startswith(f"cannot connect to 127.0.0.1:{port}: ")
     assert conn.call("add", [2, 2], id="x")["result"] == 4
     assert conn.call("add", [3, 3], id="y")["result"] == 6
 

@@ -228,10 +228,13 @@ def test_gpio_pin_levels_follow_commands_over_sockets(demo: Any) -> None:
 def test_discover_describes_devices(demo: Any) -> None:
     _, client = demo
     described = client.call("rpc.discover")
-    (device,) = described["devices"]
+    assert "devices" not in described  # OpenRPC: statelink's additions are x- prefixed
+    (device,) = described["x-devices"]
     assert device["name"] == "demo" and "calibrating" in device["states"]
     methods = {m["name"]: m for m in described["methods"]}
     assert methods["demo.calibrate"]["x-allowed-states"] == ["idle"]
+    assert methods["demo.calibrate"]["x-running"] == "calibrating"
+    assert methods["demo.calibrate"]["x-timeout"] == 10
     assert {p["name"] for p in methods["demo.calibrate"]["params"]} == {"steps", "delay"}
 
 

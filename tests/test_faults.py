@@ -5,7 +5,6 @@ port (requests, client and a workflow run), and clients that vanish with request
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 from concurrent.futures import Future
@@ -18,7 +17,7 @@ from reliability_helpers import (
     stats,
     write_device,
 )
-from support import WAIT, wait_until
+from support import WAIT, journal_entries, wait_until
 from support import RawConnection as Raw
 
 from controller import (
@@ -248,7 +247,7 @@ def test_a_workflow_follows_its_error_route_when_the_server_is_killed_and_restar
             child.kill()
             child = ChildServer("cli", ["serve", "--port", str(port), *serve_args], log).start()
             assert handle.wait(30) == "success", handle.history[-3:]
-        entries = [json.loads(line) for line in journal.read_text().splitlines()]
+        entries = journal_entries(journal)  # what the run recorded, without its sends
         errors = [e for e in entries if e["event"] == "error"]
         assert errors[0]["state"] == "work" and errors[0]["error"]["kind"] == "connection_lost"
         assert all(e["error"]["kind"] == "connection_lost" for e in errors)

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from support import WAIT, RawConnection, ServeProcess, statelink, wait_until
 
-from controller import CommandServer
+from controller import CommandServer, Limits
 from controller.devices import DeviceRuntime, add_device
 from controller.keystore import KEYS_FILE, KeyStoreLocked
 from statemachines import errorkinds as ek
@@ -35,7 +35,7 @@ gate = threading.Event()  # set by the tests that hold the handler
 LOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs.log")
 
 
-def work(ctx, tag="", hold=False, seconds=0, report=False):
+def work(ctx, tag="", hold=False, seconds=0, report=False, pad=0):
     with open(LOG, "a") as log:
         log.write(json.dumps({"tag": tag}) + "\\n")
     if hold:
@@ -46,6 +46,8 @@ def work(ctx, tag="", hold=False, seconds=0, report=False):
         ctx.sleep(seconds)
     if report:
         ctx.progress(1.0, "done")
+    if pad:
+        return {"tag": tag, "pad": "x" * pad}
     return {"tag": tag}
 
 
@@ -76,6 +78,7 @@ commands:
       hold: {{type: boolean, default: false}}
       seconds: {{type: number, min: 0, max: 60, default: 0}}
       report: {{type: boolean, default: false}}
+      pad: {{type: integer, min: 0, max: 100000000, default: 0}}
   boom:
     from: [idle]
     handler: {name}_hw:boom
@@ -190,11 +193,34 @@ def test_same_key_while_running_joins_the_execution(served: Served) -> None:
         assert reply["result"] == {"tag": "j"} and "replayed" not in reply
 
 
+def test_a_result_too_large_for_a_frame_is_kept_as_the_error_it_was_answered_with(
+    tmp_path: Path,
+) -> None:
+    limits = Limits(max_frame=4096)
+    state_dir = tmp_path / "state"
+    server = CommandServer(port=0, workers=2, state_dir=state_dir, limits=limits)
+    add_device(server, load_device(write_device(tmp_path)))
+    with server, RawConnection(server.address) as raw:
+        first = keyed(raw, "keyed.work", {"tag": "big", "pad": 10_000}, "k-big", id=1)
+        assert kind(first) == ek.kind_of(ek.INTERNAL_ERROR) and "replayed" not in first
+        data = first["error"]["data"]
+        assert data["limit"] == 4096 and data["size"] > 10_000
+        again = keyed(raw, "keyed.work", {"tag": "big", "pad": 10_000}, "k-big", id=2)
+        assert again["error"] == first["error"] and again["replayed"] is True
+        assert raw.call("rpc.ping")["result"] == "pong"  # the connection carries on
+    assert runs(tmp_path) == ["big"]  # the retry did not run it again
+    # the store holds the error that was answered, not the 10 kB result
+    with contextlib.closing(sqlite3.connect(state_dir / KEYS_FILE, timeout=WAIT)) as db:
+        (outcome,) = db.execute("SELECT outcome FROM keys WHERE key = 'k-big'").fetchone()
+    assert json.loads(outcome) == {"error": first["error"]}
+
+
 def test_a_joined_request_gets_the_progress_too(served: Served) -> None:
     with served.raw() as first, served.raw() as second:
         params = {"tag": "p", "hold": True, "report": True}
         send(first, "keyed.work", params, "k-progress", 1)
         wait_until(lambda: runs(served.directory) == ["p"], what="the handler to start")
+        second.call("rpc.subscribe", {"method": "rpc.progress"}, id="sub")  # opt in
         send(second, "keyed.work", params, "k-progress", 2)
         assert second.call("rpc.ping", id="ping")["result"] == "pong"  # the join is in
         served.gate.set()

@@ -6,6 +6,7 @@ SIGKILL. Waits are on events (bounded by WAIT), never sleeps.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -374,6 +375,69 @@ def test_group_commit_batches_queued_writes(store: KeyStore) -> None:
         assert durable.wait() is None
     assert store.commits - commits == 1
     assert store.failures == 0 and store.failed is None
+
+
+def on_disk(path: Path) -> dict[str, str]:
+    """key -> state, as committed to the file (read by a second SQLite connection)."""
+    with contextlib.closing(sqlite3.connect(path, timeout=WAIT)) as db:
+        return dict(db.execute("SELECT key, state FROM keys"))
+
+
+def test_with_max_delay_a_write_waits_for_commit_soon(path: Path) -> None:
+    with KeyStore(path, max_delay=3600.0) as store:
+        commits = store.commits
+        durables = [Durable() for _ in range(3)]
+        for i, durable in enumerate(durables):
+            store.begin(f"k{i}", "door.open", fingerprint({}), on_durable=durable)
+        assert store.commits == commits and not durables[0].event.is_set()  # it waits
+        assert on_disk(path) == {}
+        store.commit_soon()  # somebody waits for k0..k2: one commit for the three
+        for durable in durables:
+            assert durable.wait() is None
+        assert store.commits == commits + 1
+        assert on_disk(path) == {f"k{i}": RUNNING for i in range(3)}
+
+
+def test_max_delay_bounds_how_long_a_write_waits(path: Path) -> None:
+    with KeyStore(path, max_delay=0.05) as store:
+        durable = Durable()
+        store.begin("late", "door.open", fingerprint({}), on_durable=durable)
+        assert durable.wait() is None  # nobody asked: committed after max_delay anyway
+        store.finish("late", Outcome.success(1))
+        assert store.flush(WAIT)  # flush does not wait for max_delay either
+        assert on_disk(path) == {"late": DONE}
+
+
+def test_with_max_delay_half_a_queue_is_committed_at_once(path: Path) -> None:
+    with KeyStore(path, max_delay=3600.0, max_queue=8) as store:
+        durables = [Durable() for _ in range(4)]
+        for i, durable in enumerate(durables):
+            store.begin(f"k{i}", "door.open", fingerprint({}), on_durable=durable)
+        for durable in durables:
+            assert durable.wait() is None
+
+
+def test_a_batch_of_any_size_is_written_whole(path: Path) -> None:
+    """Batches are written a few statements of many rows each (sizes padded to powers of two,
+    the last row repeated): every row and every deletion of a batch reaches the file."""
+    release = threading.Event()
+    for count in (1, 3, 300):
+        with KeyStore(path) as store:
+            try:
+                hold_writer(store, release)  # what follows is one batch
+                for i in range(count):
+                    store.begin(f"n{count}-{i}", "door.open", fingerprint({}), on_durable=Durable())
+                for i in range(0, count, 2):
+                    store.forget(f"n{count}-{i}")
+                store.forget("hold")
+            finally:
+                release.set()
+            assert store.flush(WAIT)
+            release.clear()
+            disk = on_disk(path)
+            mine = {key: state for key, state in disk.items() if key.startswith(f"n{count}-")}
+            assert mine == {f"n{count}-{i}": RUNNING for i in range(1, count, 2)}
+            assert "hold" not in disk
 
 
 def hold_writer(store: KeyStore, release: threading.Event) -> None:

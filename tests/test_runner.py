@@ -3,7 +3,6 @@ on loopback; journals are read back from real files."""
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import ROOT, WAIT, ServeProcess, statelink, wait_until
+from support import ROOT, WAIT, ServeProcess, journal_entries, statelink, wait_until
 
 from controller import BusyError, Client, CommandServer, Limits, add_device
 from controller.runner import RunHandle, WorkflowRunner
@@ -44,10 +43,6 @@ def runner() -> Iterator[WorkflowRunner]:
         yield r
 
 
-def journal(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def assert_complete(entries: list[dict[str, Any]], final: str) -> None:
     assert entries[0]["event"] == "start"
     assert entries[-1]["event"] == "finished" and entries[-1]["final"] == final
@@ -68,7 +63,7 @@ def run(
     path = tmp_path / f"{spec.name}.jsonl"
     handle = runner.start(spec, servers=servers, journal=path, observer=observer)
     assert handle.wait(WAIT) is not None, f"run stuck in {handle.state}"
-    return handle, journal(path)
+    return handle, journal_entries(path)
 
 
 def test_demo_workflow_success(runner: WorkflowRunner, demo: CommandServer, tmp_path: Path) -> None:
@@ -212,7 +207,7 @@ def test_await_a_notification(runner: WorkflowRunner, demo: CommandServer, tmp_p
     with Client(demo.address) as operator:  # someone else resets the device
         assert operator.call("demo.reset") == {"ok": True}
     assert handle.wait(WAIT) == "success"
-    entries = journal(path)
+    entries = journal_entries(path)
     note = next(e for e in entries if e["event"] == "notification")
     assert note["params"]["state"] == "idle" and note["next"] == "thank_you"
     assert_complete(entries, "success")
@@ -236,7 +231,7 @@ def test_abort_runs_on_abort(runner: WorkflowRunner, demo: CommandServer, tmp_pa
     assert calibrating.wait(WAIT)
     handle.abort()
     assert handle.wait(WAIT) == "aborted"
-    entries = journal(path)
+    entries = journal_entries(path)
     assert any(e.get("command") == "demo.led_off" and "result" in e for e in entries)
     assert not led.is_lit
     assert_complete(entries, "aborted")
@@ -288,7 +283,7 @@ def test_server_killed_mid_run_gives_connection_lost(
     finally:
         served.kill()
     assert handle.state == "lost"
-    entries = journal(path)
+    entries = journal_entries(path)
     assert next(e for e in entries if e["event"] == "error")["error"]["kind"] == "connection_lost"
     assert_complete(entries, "failure")
 
@@ -311,7 +306,7 @@ def test_many_concurrent_runs_every_journal_complete(
         outcomes = [h.wait(WAIT) for h in handles]
     assert outcomes == ["success"] * runs
     for i in range(runs):
-        entries = journal(tmp_path / f"run-{i}.jsonl")
+        entries = journal_entries(tmp_path / f"run-{i}.jsonl")
         assert_complete(entries, "success")
         assert sum(1 for e in entries if e["event"] == "reply") == 10
 
@@ -337,7 +332,7 @@ def test_run_exit_codes_success_failure_invalid(tmp_path: Path) -> None:
             str(tmp_path / "j.jsonl"),
         )
         assert ok.returncode == 0, ok.stdout + ok.stderr
-        assert journal(tmp_path / "j.jsonl")[-1]["final"] == "success"
+        assert journal_entries(tmp_path / "j.jsonl")[-1]["final"] == "success"
         failing = tmp_path / "fail.yaml"
         failing.write_text(
             "name: f\nservers: {device: '127.0.0.1:1'}\ninitial: go\n"
@@ -394,7 +389,7 @@ def test_run_ctrl_c_runs_on_abort_and_exits_130(
             proc.kill()
             proc.communicate()
         served.kill()
-    entries = journal(tmp_path / "abort.jsonl")
+    entries = journal_entries(tmp_path / "abort.jsonl")
     assert entries[-1]["event"] == "finished" and entries[-1]["final"] == "aborted"
     assert any(e.get("command") == "demo.led_off" for e in entries)
     # the calibration was cancelled on the server: its outcome is on record as a late entry
@@ -424,7 +419,7 @@ def test_demo_stops_on_sigterm_like_ctrl_c(tmp_path: Path) -> None:
             proc.kill()
             proc.communicate()
     assert proc.returncode == 143, rest
-    entries = journal(tmp_path / "demo.jsonl")
+    entries = journal_entries(tmp_path / "demo.jsonl")
     assert entries[-1]["event"] == "finished" and entries[-1]["final"] == "aborted"
     assert any(e["state"] == "abort_led_off" for e in entries)
 
@@ -679,7 +674,7 @@ def test_run_sets_inputs_from_the_command_line(tmp_path: Path) -> None:
         ok = statelink(*args, "--set", "steps=2", "--set", "note=two steps", "--journal",
                        str(tmp_path / "j.jsonl"))  # fmt: skip
         assert ok.returncode == 0, ok.stdout + ok.stderr
-        entries = journal(tmp_path / "j.jsonl")
+        entries = journal_entries(tmp_path / "j.jsonl")
         assert entries[0]["inputs"] == {"steps": 2, "note": "two steps"}
         assert entries[1]["params"] == {"steps": 2, "delay": 0}
         assert statelink(*args).returncode == 1  # the defaults: one step
@@ -736,7 +731,7 @@ def test_run_with_the_wrong_secret_fails_cleanly_with_a_complete_journal(tmp_pat
         served.kill()
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
-    entries = journal(tmp_path / "j.jsonl")
+    entries = journal_entries(tmp_path / "j.jsonl")
     assert any(e.get("error", {}).get("kind") == "unauthorized" for e in entries), entries
     assert entries[-1]["event"] == "finished" and entries[-1]["final"] == "failure"
 

@@ -5,7 +5,6 @@ appends every invocation to a file, so a test can count what the device did."""
 
 from __future__ import annotations
 
-import json
 import re
 import textwrap
 import threading
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import WAIT
+from support import WAIT, journal_entries
 
 from controller import CommandServer, add_device
 from controller.runner import RunHandle, WorkflowRunner
@@ -137,7 +136,8 @@ def start(
 
 
 def journal(tmp_path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (tmp_path / "journal.jsonl").read_text().splitlines()]
+    """The run's journal without its ``send`` entries (what the run recorded)."""
+    return journal_entries(tmp_path / "journal.jsonl")
 
 
 def test_a_retry_on_timeout_joins_the_running_execution(
@@ -204,6 +204,7 @@ def test_a_retry_after_the_execution_ended_gets_its_stored_outcome_replayed(
     assert error["error"]["kind"] == "timeout" and error["key"] == key and error["attempt"] == 1
     assert late == {
         "time": late["time"],
+        "at": late["at"],
         "state": "work",
         "event": "late",
         "server": "dev",

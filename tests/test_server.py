@@ -426,19 +426,21 @@ def test_discover_lists_commands_and_params(server, raw):
         "rpc.unsubscribe",
         "rpc.cancel",
     } <= set(methods)
+    # OpenRPC content descriptors: a function's params take any value (schema {})
     assert methods["add"]["params"] == [
-        {"name": "a", "required": True},
-        {"name": "b", "required": True},
+        {"name": "a", "required": True, "schema": {}},
+        {"name": "b", "required": True, "schema": {}},
     ]
     assert methods["add"]["description"] == "Add two numbers."
     assert methods["move"]["params"] == [
-        {"name": "x", "required": True},
-        {"name": "y", "required": False},
-        {"name": "speed", "required": False},
+        {"name": "x", "required": True, "schema": {}},
+        {"name": "y", "required": False, "schema": {}},
+        {"name": "speed", "required": False, "schema": {}},
     ]
-    assert methods["move"]["timeout"] == 7
+    assert methods["move"]["x-timeout"] == 7 and "timeout" not in methods["move"]
     assert methods["move"]["description"] == "Move the arm."
-    assert methods["echo"]["timeout"] == 30.0
+    assert all("result" in m and "errors" in m for m in methods.values())
+    assert methods["echo"]["x-timeout"] == 30.0  # the server's default
 
 
 def test_stats(raw):
@@ -559,6 +561,7 @@ def test_progress_notifications(server, raw):
 
     server.register("job", WithProgress(server, "job", lambda: None, None, None))
     conn = raw()
+    conn.call("rpc.subscribe", {"method": "rpc.progress"})  # progress is opt-in
     conn.request("job", id="k")
     # progress is sent with call_soon (it is thread-safe): it may follow the reply
     lines = [conn.json(), conn.json()]

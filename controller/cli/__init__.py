@@ -1,13 +1,14 @@
-"""``statelink``: serve devices, call commands, run/check/draw workflows, run the demo.
+"""``statelink``: serve devices, call commands, run/resume/list/check/draw workflows, run the
+demo.
 
 Exit codes: 0 success; 1 a command error, a failed workflow, or the server could not start;
 2 an invalid config or usage; 3 the server is unreachable; 130 interrupted by Ctrl-C
 (SIGINT), 143 by SIGTERM, 129 by SIGHUP (``run``, ``demo`` and ``call``: a workflow runs its
 on_abort state first, a call asks the server to cancel its command).
 
-One module per subcommand (``serve``, ``call``, ``check``, ``graph``, ``run`` with ``demo``),
-each adding its parser with ``register(subparsers)``; what they share is in
-:mod:`controller.cli.common`. This module only assembles the parser and dispatches.
+One module per subcommand (``serve``, ``call``, ``check``, ``graph``, ``run`` with ``demo``,
+``resume``, ``runs``), each adding its parser with ``register(subparsers)``; what they share
+is in :mod:`controller.cli.common`. This module only assembles the parser and dispatches.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 
 from statemachines.source import ConfigErrors
 
-from . import call, check, graph, run, serve
+from . import call, check, graph, resume, run, runs, serve
 from .common import (
     EXIT_ABORTED,
     EXIT_FAILED,
@@ -49,24 +50,42 @@ def build_parser() -> argparse.ArgumentParser:
         description="State-machine driven device controller: JSON-RPC device server and "
         "workflow runner.",
     )
-    parser.add_argument(
-        "--log-level",
-        default="INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="log verbosity",
-    )
+    add_logging_args(parser, defaults=True)
     parser.add_argument("--version", action="version", version=f"statelink {_version()}")
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     for register in (
         serve.register,
         call.register,
         run.register,
+        resume.register,
+        runs.register,
         check.register,
         graph.register,
         run.register_demo,
     ):  # in the order of --help
         register(sub)
+    for subparser in sub.choices.values():  # before or after the subcommand, as one likes
+        add_logging_args(subparser, defaults=False)
     return parser
+
+
+def add_logging_args(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """``--log-level`` and ``--quiet``. On a subcommand (``defaults=False``) an option not given
+    leaves the value given before the subcommand (or the default) alone."""
+    group = parser.add_argument_group("logging")
+    group.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        default="INFO" if defaults else argparse.SUPPRESS,
+        help="log verbosity (default INFO)",
+    )
+    group.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=False if defaults else argparse.SUPPRESS,
+        help="no log line per command on the server (serve; the demo's own server is quiet)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -79,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     logging.getLogger("transitions").setLevel(max(logging.WARNING, logging.root.level))
+    if args.quiet:
+        logging.getLogger("statelink.server.calls").setLevel(logging.WARNING)
     try:
         code: int = args.handler(args)
         return code

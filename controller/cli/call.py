@@ -1,15 +1,17 @@
 """``statelink call``: call one method and print its result as JSON.
 
 SIGINT (Ctrl-C), SIGTERM and SIGHUP ask the server to cancel the command (``rpc.cancel``)
-and exit 130, 143 or 129."""
+and exit 130, 143 or 129. On ``--timeout`` the command is cancelled on the server too, and the
+message says whether it was. On a terminal, the command's progress shows on stderr."""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import signal
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from statemachines import errorkinds as ek
 from statemachines.addresses import DEFAULT_PORT, format_address
@@ -34,9 +36,19 @@ if TYPE_CHECKING:
 
 
 def register(sub: Subparsers) -> None:
-    call = sub.add_parser("call", help="call one method and print its result as JSON")
+    call = sub.add_parser(
+        "call",
+        help="call one method and print its result as JSON",
+        description="Call one method and print its result as JSON.",
+        epilog="example: statelink call demo.calibrate '{\"steps\": 3}' --timeout 30",
+    )
     call.set_defaults(handler=cmd_call)
-    call.add_argument("--server", default=f"127.0.0.1:{DEFAULT_PORT}", metavar="HOST:PORT")
+    call.add_argument(
+        "--server",
+        default=f"127.0.0.1:{DEFAULT_PORT}",
+        metavar="HOST:PORT",
+        help=f"the server to call (default 127.0.0.1:{DEFAULT_PORT})",
+    )
     call.add_argument(
         "--timeout",
         type=seconds,
@@ -45,7 +57,7 @@ def register(sub: Subparsers) -> None:
     )
     add_secret_args(call)
     add_client_tls_args(call)
-    call.add_argument("method")
+    call.add_argument("method", help="e.g. demo.state, rpc.discover")
     call.add_argument(
         "params",
         nargs="?",
@@ -74,7 +86,7 @@ def cmd_call(args: argparse.Namespace) -> int:
 
 def _call(args: argparse.Namespace) -> int:
     from ..client import Client
-    from ..errors import ConnectionLostError, RpcError, UnauthorizedError
+    from ..errors import ClientTimeoutError, ConnectionLostError, RpcError, UnauthorizedError
 
     params = json_params(args.params)
     address = address_option("--server", args.server)
@@ -99,6 +111,8 @@ def _call(args: argparse.Namespace) -> int:
         )
         return EXIT_UNREACHABLE
     with client:
+        if sys.stderr.isatty():
+            client.subscribe("rpc.progress", _progress_printer(client))
         future = client.send_command(args.method, params, timeout=args.timeout)
         try:
             result = future.result(timeout=args.timeout + 5.0)
@@ -120,11 +134,53 @@ def _call(args: argparse.Namespace) -> int:
         except ConnectionLostError as exc:
             print(f"cannot reach {where}: {exc.message}", file=sys.stderr)
             return EXIT_UNREACHABLE
+        except ClientTimeoutError as exc:
+            print(
+                f"error {exc.code}: {exc.message}; {_cancel_after_timeout(client, future, args)}",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
         except RpcError as exc:
             hint = ""
             if exc.code == ek.METHOD_NOT_FOUND:
-                hint = f": {args.method} (`statelink call rpc.discover` lists the methods)"
+                hint = f": {args.method}{_did_you_mean(client, args.method)}"
             print(f"error {exc.code}: {exc.message}{hint}", file=sys.stderr)
             return EXIT_FAILED
     print(json.dumps(result, indent=2, ensure_ascii=False))
     return EXIT_OK
+
+
+def _progress_printer(client: Any) -> Any:
+    """A ``rpc.progress`` handler that rewrites one stderr line (terminal only)."""
+
+    def show(params: Any) -> None:
+        if not isinstance(params, dict) or not isinstance(params.get("progress"), (int, float)):
+            return
+        message = str(params.get("message") or "")[:60]
+        sys.stderr.write(f"\r\x1b[K{params['progress']:.0%} {message}")
+        sys.stderr.flush()
+
+    return show
+
+
+def _cancel_after_timeout(client: Any, future: Any, args: argparse.Namespace) -> str:
+    """Cancel the timed-out command on the server; say what became of it."""
+    try:
+        answer = client.cancel(future).result(timeout=5.0)
+    except Exception as exc:
+        return f"it may still be running on the server (cancelling failed: {exc})"
+    if isinstance(answer, dict) and answer.get("cancelled"):
+        return f"cancelled {args.method} on the server (a longer --timeout lets it finish)"
+    return f"{args.method} was no longer running on the server (it finished or never started)"
+
+
+def _did_you_mean(client: Any, method: str) -> str:
+    """`` (did you mean 'demo.state'?)`` from the server's methods, else how to list them."""
+    listing = " (`statelink call rpc.discover` lists the methods)"
+    try:
+        described = client.call("rpc.discover", timeout=5.0)
+    except Exception:
+        return listing
+    names = [m.get("name") for m in described.get("methods", []) if isinstance(m, dict)]
+    close = difflib.get_close_matches(method, [n for n in names if isinstance(n, str)], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else listing

@@ -12,10 +12,12 @@ import ipaddress
 import math
 import signal
 import ssl
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from statemachines.addresses import Address, parse_address, split_named
 from statemachines.source import ConfigErrors
@@ -76,6 +78,15 @@ def abort_signals(handler: Callable[[int], None] = _interrupt) -> Iterator[None]
             signal.signal(sig, old)
 
 
+def say(text: str, stream: Any = None) -> None:
+    """Print a line (to stderr by default); a terminal that is gone (SIGHUP) must not stop
+    an abort."""
+    try:
+        print(text, file=stream or sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
 class UsageError(Exception):
     """A problem with the command line or a config: exit 2 with this message."""
 
@@ -104,6 +115,23 @@ def add_client_tls_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tls-ca", metavar="FILE", help="CA bundle to verify the server (implies --tls)"
     )
+
+
+def add_state_dir_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--state-dir DIR`` (``what``: what the subcommand keeps there)."""
+    parser.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        default=None,
+        help=f"{what} (default: $STATE_DIRECTORY, else ~/.local/state/statelink)",
+    )
+
+
+def state_dir_option(value: str | None) -> Path:
+    """The state directory of ``--state-dir`` (None: the default one)."""
+    from ..statedir import default_state_dir
+
+    return Path(value) if value else default_state_dir()
 
 
 def read_secret(args: argparse.Namespace) -> bytes | None:

@@ -1,14 +1,16 @@
 """``statelink run`` and ``statelink demo``: one workflow run to its end, with live progress;
-the exit code says its outcome."""
+the exit code says its outcome. Every run is journaled (``STATE_DIR/runs/RUN_ID.jsonl``, or
+``--journal FILE``), so ``statelink resume`` can continue it after a crash."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import logging
+import os
 import ssl as ssl_module
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,18 +25,21 @@ from .common import (
     abort_signals,
     add_client_tls_args,
     add_secret_args,
+    add_state_dir_arg,
     client_ssl,
     read_secret,
+    say,
     server_options,
     signal_exit_code,
     signal_name,
+    state_dir_option,
 )
 from .progress import ProgressView
 
 if TYPE_CHECKING:
     from statemachines.workflow import WorkflowSpec
 
-    from ..runner import RunHandle
+    from ..runner import RunHandle, WorkflowRunner
     from .common import Subparsers
 
 EXIT_BY_OUTCOME = {"success": EXIT_OK, "failure": EXIT_FAILED, "aborted": EXIT_ABORTED}
@@ -59,7 +64,7 @@ def register(sub: Subparsers) -> None:
         metavar="NAME=VALUE",
         help="set one of the workflow's inputs (VALUE is read as YAML: 25, 0.5, fast, [1, 2])",
     )
-    run.add_argument("--journal", metavar="FILE", help="write the run's journal (JSON lines)")
+    add_journal_args(run)
     run.add_argument("--plain", action="store_true", help="plain log lines, no live display")
     add_secret_args(run)
     add_client_tls_args(run)
@@ -68,8 +73,18 @@ def register(sub: Subparsers) -> None:
 def register_demo(sub: Subparsers) -> None:
     demo = sub.add_parser("demo", help="run the demo workflow on a simulated device, in-process")
     demo.set_defaults(handler=cmd_demo)
-    demo.add_argument("--journal", metavar="FILE", help="write the run's journal (JSON lines)")
+    add_journal_args(demo)
     demo.add_argument("--plain", action="store_true", help="plain log lines, no live display")
+
+
+def add_journal_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--journal",
+        metavar="FILE",
+        help="write the run's journal (JSON lines) to FILE, a new file (default: "
+        "STATE_DIR/runs/RUN_ID.jsonl)",
+    )
+    add_state_dir_arg(parser, "where run journals are kept, in runs/")
 
 
 def shipped_config_dir() -> Path:
@@ -118,20 +133,69 @@ def execute(
     secret: bytes | None = None,
     ssl: ssl_module.SSLContext | None = None,
     inputs: Mapping[str, Any] | None = None,
+    state_dir: str | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> int:
-    """Run one workflow to its end with a progress view; the exit code of its outcome.
+    """Run one workflow to its end with a progress view (:func:`drive`); the exit code of its
+    outcome.
 
-    SIGINT (Ctrl-C), SIGTERM and SIGHUP abort the run alike: the command in flight is
-    cancelled, the workflow's ``on_abort`` state runs, the journal ends with ``finished``;
-    the exit code is then 130, 143 or 129. The same signal again stops at once."""
-    from ..errors import RpcError
-    from ..runner import WorkflowRunner, resolve_servers
+    The run is journaled to ``journal`` (a new file) or ``STATE_DIR/runs/RUN_ID.jsonl``;
+    "run RUN_ID, journal PATH" goes to stderr when it starts. A journal that cannot be
+    written fails the run (through its ``on_abort`` path): exit 1."""
+    from ..journal import check_new_journal_path
+    from ..runner import WorkflowRunner, describe_os_error, resolve_servers
 
     try:  # usage errors before the progress view starts
         resolve_servers(spec, servers)
         spec.run_context(inputs)
+        if journal is not None:
+            check_new_journal_path(journal)
     except ValueError as exc:
         raise UsageError(str(exc))
+    directory = state_dir_option(state_dir)
+    try:
+        runner = WorkflowRunner(
+            secret=secret, ssl=ssl, client_name="statelink-run", state_dir=directory
+        )
+    except OSError as exc:
+        raise UsageError(f"cannot use the state directory {directory}: {describe_os_error(exc)}")
+
+    def begin(view: ProgressView) -> RunHandle:
+        try:
+            handle = runner.start(
+                spec,
+                servers=servers,
+                journal=journal,
+                observer=view.on_entry,
+                context=inputs,
+                options=options,
+            )
+        except ValueError as exc:
+            raise UsageError(str(exc))
+        say(f"run {handle.run_id}, journal {handle.journal_path}")
+        return handle
+
+    return drive(runner, spec, plain, begin)
+
+
+def drive(
+    runner: WorkflowRunner,
+    spec: WorkflowSpec,
+    plain: bool,
+    begin: Callable[[ProgressView], RunHandle],
+) -> int:
+    """Drive one run of ``runner`` to its end with a progress view, then close the runner;
+    the exit code of its outcome. ``begin(view)`` starts (or resumes) the run with
+    ``view.on_entry`` as its observer, says so, and returns its handle (UsageError for what
+    it refuses).
+
+    SIGINT (Ctrl-C), SIGTERM and SIGHUP abort the run alike: the command in flight is
+    cancelled, the workflow's ``on_abort`` state runs, the journal ends with ``finished``;
+    the exit code is then 130, 143 or 129. The same signal again stops at once. A signal
+    before the run started stops at once (:class:`Interrupted`)."""
+    from ..errors import RpcError
+    from ..runner import describe_os_error
+
     handle: RunHandle | None = None
     signals: list[int] = []  #: the abort signals received, in order
 
@@ -140,7 +204,7 @@ def execute(
             raise Interrupted(signum)
         signals.append(signum)
         if len(signals) == 1:
-            _say(
+            say(
                 f"\naborting ({signal_name(signum)}): running the workflow's on_abort state "
                 f"{spec.on_abort!r} (signal again to stop at once)"
                 if spec.on_abort
@@ -148,17 +212,8 @@ def execute(
             )
         handle.abort()
 
-    with (
-        abort_signals(on_signal),
-        WorkflowRunner(secret=secret, ssl=ssl, client_name="statelink-run") as runner,
-        ProgressView(spec.name, plain) as view,
-    ):
-        try:
-            handle = runner.start(
-                spec, servers=servers, journal=journal, observer=view.on_entry, context=inputs
-            )
-        except ValueError as exc:
-            raise UsageError(str(exc))
+    with abort_signals(on_signal), runner, ProgressView(spec.name, plain) as view:
+        handle = begin(view)
         for address in set(handle.servers.values()):
             try:
                 runner.sender(address).subscribe("rpc.progress", view.on_progress)
@@ -168,29 +223,24 @@ def execute(
             pass
     outcome = handle.outcome or "failure"
     reason = handle.run.reason
-    _say(
+    say(
         f"workflow {spec.name} (run {handle.run_id}): {outcome}"
         + (f" ({reason})" if reason and reason != outcome else "")
         + f" in {view.elapsed():.1f} s, final state {handle.state}",
         sys.stdout,
     )
+    if handle.journal_error is not None:
+        say(f"journal write failed: {describe_os_error(handle.journal_error)}")
+        return EXIT_FAILED
     if outcome == "aborted" and signals:
         return signal_exit_code(signals[0])
     return EXIT_BY_OUTCOME.get(outcome, EXIT_FAILED)
 
 
-def _say(text: str, stream: Any = None) -> None:
-    """Print a line; a terminal that is gone (SIGHUP) must not stop the abort."""
-    try:
-        print(text, file=stream or sys.stderr, flush=True)
-    except (OSError, ValueError):
-        pass
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from statemachines.workflow import load_workflow
 
-    spec = load_workflow(args.workflow)
+    spec = load_workflow(args.workflow)  # its source_text goes into the journal: for resume
     return execute(
         spec,
         server_overrides(spec, args.server),
@@ -199,7 +249,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         secret=read_secret(args),
         ssl=client_ssl(args),
         inputs=input_values(args.set),
+        state_dir=args.state_dir,
+        options=behaviour_options(args),
     )
+
+
+def behaviour_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of a run that change its behaviour, for its ``start`` entry (a resume
+    uses them): paths made absolute; never the secret itself."""
+
+    def absolute(path: str | None) -> str | None:
+        return os.path.abspath(path) if path else None
+
+    return {
+        "secret_file": absolute(getattr(args, "secret_file", None)),
+        "tls": bool(getattr(args, "tls", False) or getattr(args, "tls_ca", None)),
+        "tls_ca": absolute(getattr(args, "tls_ca", None)),
+    }
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -222,4 +288,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"demo device '{device.name}' (simulated GPIO) listening on {host}:{port}", flush=True
         )
         servers = {name: (host, port) for name in spec.servers}
-        return execute(spec, servers, journal=args.journal, plain=args.plain)
+        return execute(
+            spec, servers, journal=args.journal, plain=args.plain, state_dir=args.state_dir
+        )

@@ -6,6 +6,8 @@ import logging
 from collections.abc import Callable
 from typing import Any, cast
 
+from statemachines.catalog import BUILTIN_ERRORS, error_refs
+
 from .. import auth
 from ..errors import BusyError, InvalidParamsError, UnauthorizedError
 from .calls import Call
@@ -14,14 +16,142 @@ from .session import Session
 
 log = logging.getLogger("statelink.server")
 
-_DOCS = {
-    "rpc.ping": 'Answers "pong". Liveness check.',
-    "rpc.hello": "Handshake: {client, protocol, nonce, response, callback_port}.",
-    "rpc.discover": "OpenRPC-style description of every method and device.",
-    "rpc.stats": "Connections, requests in flight, totals and errors by code.",
-    "rpc.subscribe": 'Receive a notification method, e.g. {"method": "device.state"}.',
-    "rpc.unsubscribe": "Stop receiving a notification method.",
-    "rpc.cancel": 'Cancel a request in flight on this connection: {"id": ...}.',
+
+def _param(
+    name: str, schema: dict[str, Any], description: str, required: bool = False
+) -> dict[str, Any]:
+    return {"name": name, "required": required, "schema": schema, "description": description}
+
+
+def _result(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "schema": schema}
+
+
+_STRING = {"type": "string"}
+_COUNT = {"type": "integer", "minimum": 0}
+_NOTIFICATION = _param(
+    "method",
+    {"type": "string", "minLength": 1},
+    "a notification method: device.state, or rpc.progress (the progress of this "
+    "connection's own requests)",
+    required=True,
+)
+
+#: The OpenRPC method object of each built-in, without ``name`` and ``errors``.
+_DOCS: dict[str, dict[str, Any]] = {
+    "rpc.ping": {
+        "description": 'Answers "pong". Liveness check.',
+        "params": [],
+        "result": _result("pong", {"const": "pong"}),
+    },
+    "rpc.hello": {
+        "description": "Handshake: names the client, authenticates it (shared secret, "
+        "HMAC challenge) and asks for callback delivery.",
+        "paramStructure": "by-name",
+        "params": [
+            _param("client", _STRING, "a name for logs"),
+            _param("protocol", _STRING, 'the protocol version the client speaks, "1.0"'),
+            _param(
+                "nonce",
+                {"type": "string", "maxLength": auth.MAX_NONCE},
+                "the client's challenge to the server",
+            ),
+            _param("response", _STRING, "the client's answer to the server's challenge"),
+            _param(
+                "callback_port",
+                {"type": "integer", "minimum": 1, "maximum": 65535},
+                "a TCP port on the client's address to deliver replies to",
+            ),
+        ],
+        "result": _result(
+            "hello",
+            {
+                "type": "object",
+                "properties": {
+                    "server": _STRING,
+                    "protocol": _STRING,
+                    "auth": {"enum": [None, "hmac-sha256"]},
+                    "max_inflight": _COUNT,
+                    "max_frame": _COUNT,
+                    "max_depth": _COUNT,
+                    "challenge": _STRING,
+                    "proof": _STRING,
+                    "callback": {
+                        "type": ["object", "null"],
+                        "properties": {"host": _STRING, "port": {"type": "integer"}},
+                    },
+                    "callback_error": _STRING,
+                    "authenticated": {"type": "boolean"},
+                },
+                "required": ["server", "protocol", "auth", "authenticated"],
+            },
+        ),
+    },
+    "rpc.discover": {
+        "description": "This OpenRPC document: every method, device and error kind.",
+        "params": [],
+        "result": _result(
+            "openrpc",
+            {"type": "object", "required": ["openrpc", "info", "methods"]},
+        ),
+    },
+    "rpc.stats": {
+        "description": "Connections, requests in flight, totals and errors by code.",
+        "params": [],
+        "result": _result(
+            "stats",
+            {
+                "type": "object",
+                "properties": {
+                    "connections": _COUNT,
+                    "requests_in_flight": _COUNT,
+                    "errors_by_code": {"type": "object", "additionalProperties": _COUNT},
+                    "limits": {"type": "object"},
+                },
+                "required": ["connections", "requests_in_flight"],
+            },
+        ),
+    },
+    "rpc.subscribe": {
+        "description": 'Receive a notification method, e.g. {"method": "device.state"}.',
+        "params": [_NOTIFICATION],
+        "result": _result(
+            "subscribed",
+            {"type": "object", "properties": {"subscribed": _STRING}, "required": ["subscribed"]},
+        ),
+    },
+    "rpc.unsubscribe": {
+        "description": "Stop receiving a notification method.",
+        "params": [_NOTIFICATION],
+        "result": _result(
+            "unsubscribed",
+            {
+                "type": "object",
+                "properties": {"unsubscribed": _STRING},
+                "required": ["unsubscribed"],
+            },
+        ),
+    },
+    "rpc.cancel": {
+        "description": 'Cancel a request in flight on this connection: {"id": ...}.',
+        "paramStructure": "by-name",
+        "params": [
+            _param(
+                "id",
+                {"type": ["string", "number", "null"]},
+                "the id of the request to cancel",
+                required=True,
+            )
+        ],
+        "result": _result(
+            "cancelled",
+            {
+                "type": "object",
+                "properties": {"cancelled": {"type": "boolean"}, "reason": _STRING},
+                "required": ["cancelled"],
+            },
+        ),
+    },
 }
 
 
@@ -36,14 +166,25 @@ class Builtin:
         call.resolve(self.func(call))
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "description": _DOCS.get(self.name, ""), "params": []}
+        """Its OpenRPC method object (``rpc.discover``)."""
+        out: dict[str, Any] = {"name": self.name, "description": "", "params": []}
+        out.update(_DOCS.get(self.name, {"result": _result("result", {})}))
+        out["errors"] = error_refs(BUILTIN_ERRORS)
+        return out
+
+
+class _AnswersLater(Builtin):
+    """A built-in whose ``func(call)`` answers the call itself, maybe later (``rpc.hello``
+    waits for its connect-back)."""
+
+    def start(self, call: Call) -> None:
+        self.func(call)
 
 
 def install_builtins(core: Core) -> None:
     """Register every ``rpc.*`` method on ``core``."""
     builtins: dict[str, Callable[[Call], Any]] = {
         "rpc.ping": lambda call: "pong",
-        "rpc.hello": lambda call: _hello(core, call),
         "rpc.discover": lambda call: core.discover(),
         "rpc.stats": lambda call: core.stats_snapshot(),
         "rpc.subscribe": lambda call: _subscribe(core, call),
@@ -52,13 +193,16 @@ def install_builtins(core: Core) -> None:
     }
     for name, func in builtins.items():
         core.methods[name] = Builtin(name, func)
+    core.methods["rpc.hello"] = _AnswersLater("rpc.hello", lambda call: _hello(core, call))
 
 
 def _session(call: Call) -> Session:
     return cast(Session, call.session)  # every call of a core arrives on a Session
 
 
-def _hello(core: Core, call: Call) -> dict[str, Any]:
+def _hello(core: Core, call: Call) -> None:
+    """Answer ``call``: at once, or, when it sets up a callback link, once the link connected
+    or failed to (``callback`` then, or ``callback: null`` and ``callback_error``)."""
     params = call.params if isinstance(call.params, dict) else {}
     session = _session(call)
     if "client" in params:
@@ -92,10 +236,21 @@ def _hello(core: Core, call: Call) -> dict[str, Any]:
         if session.callback is not None:
             session.callback.close()
         session.callback = session.connect_back(session.callback_port)
-    if session.callback is not None:
-        reply["callback"] = {"host": session.callback.host, "port": session.callback.port}
+    link = session.callback
     reply["authenticated"] = session.authenticated
-    return reply
+    if link is None:
+        call.resolve(reply)
+        return
+
+    def answer(error: str | None) -> None:
+        if error is None:
+            reply["callback"] = {"host": link.host, "port": link.port}
+        else:
+            reply["callback"] = None
+            reply["callback_error"] = error
+        call.resolve(reply)
+
+    link.when_ready(answer)
 
 
 def _login(core: Core, session: Session, params: dict[str, Any], reply: dict[str, Any]) -> None:

@@ -30,10 +30,12 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from statemachines import errorkinds as ek
+
 from ..errors import CancelledError, CommandTimeoutError, DeviceFaultError, RpcError
 from ..protocol import ErrorResponse, Message, Notification, Request, Response
 from ..workers import NotStarted
-from .stats import Stats
+from .stats import Limits, Stats
 
 log = logging.getLogger("statelink.server")
 
@@ -60,6 +62,7 @@ class CallSite(Protocol):
 
     stats: Stats
     deadlines: Deadlines
+    limits: Limits
 
     @property
     def closed(self) -> bool: ...
@@ -319,6 +322,18 @@ class Deadlines:
     def _expire(self, key: int) -> None:
         for call, seconds in list(self.groups.pop(key, {}).items()):
             call._expire(seconds)
+
+
+def reply_too_large(msg_id: Any, size: int, limit: int, replayed: bool = False) -> ErrorResponse:
+    """The internal error that answers ``msg_id`` instead of a reply of ``size`` bytes, over
+    the frame limit of ``limit`` bytes."""
+    return ErrorResponse(
+        msg_id,
+        ek.INTERNAL_ERROR,
+        f"Internal error: the reply is {size} bytes, over the frame limit of {limit} bytes",
+        {"size": size, "limit": limit},
+        replayed,
+    )
 
 
 def handler_fault(method: str, exc: BaseException) -> DeviceFaultError:

@@ -128,17 +128,19 @@ class FunctionCommand:
         call.arm_timeout(self.timeout if self.timeout is not None else server.default_timeout)
 
     def describe(self) -> dict[str, Any]:
-        params = [
-            {"name": p.name, "required": p.default is inspect.Parameter.empty}
+        """Its OpenRPC method object: a plain :class:`~statemachines.catalog.CommandInfo`
+        whose params (any value) are the signature's, ``*args``/``**kwargs`` left out."""
+        from statemachines.catalog import CommandInfo
+
+        params = {
+            p.name: {"required": p.default is inspect.Parameter.empty}
             for p in self.signature.parameters.values()
             if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-        ]
-        return {
-            "name": self.name,
-            "description": self.description,
-            "params": params,
-            "timeout": self.timeout or self.server.default_timeout,
         }
+        info = CommandInfo.plain(
+            self.name, params, timeout=self.timeout, description=self.description
+        )
+        return info.to_openrpc(self.server.default_timeout)
 
 
 async def _run_async(call: Call, coro: Any, loop: asyncio.AbstractEventLoop) -> None:

@@ -187,6 +187,9 @@ class Connection(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         # Half-close: keep the connection until the in-flight replies are written.
+        if self.session is not None and not self.closing:
+            for event in self.decoder.finish():  # a last line without "\n" is answered too
+                self.session.feed(event)
         self._flush()  # replies already queued go out before the transport closes
         return self.session is not None and self.session.half_close()
 

@@ -118,15 +118,26 @@ class Core:
                 session.notify(method, params)
 
     def discover(self) -> dict[str, Any]:
-        """An OpenRPC-style description of every method and device."""
+        """The ``rpc.discover`` answer: an OpenRPC 1.3.2 document of every method (sorted by
+        name; each method's ``describe()`` is its method object), the error kinds
+        (``components.errors``, keyed by kind) and, as the extension ``x-devices``, every
+        plugin's ``describe()``. docs/protocol.md shows it."""
+        from statemachines.catalog import openrpc_errors
+
         methods = [
             dict(entry.describe(), name=name) for name, entry in sorted(self.methods.items())
         ]
         return {
             "openrpc": "1.3.2",
-            "info": {"title": self.name, "version": PROTOCOL_VERSION},
+            "info": {
+                "title": self.name,
+                "version": PROTOCOL_VERSION,
+                "description": "statelink: JSON-RPC 2.0 over TCP, one JSON text per line "
+                "(docs/protocol.md).",
+            },
             "methods": methods,
-            "devices": [plugin.describe() for plugin in self.devices.values()],
+            "components": {"errors": openrpc_errors()},
+            "x-devices": [plugin.describe() for plugin in self.devices.values()],
         }
 
     def stats_snapshot(self) -> dict[str, Any]:

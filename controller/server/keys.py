@@ -52,11 +52,16 @@ from ..keystore import (
     Record,
     fingerprint,
 )
-from ..protocol import ErrorResponse, Message, Request, Response
-from .calls import Call, Deadlines
+from ..protocol import ErrorResponse, Message, Request, Response, encode
+from .calls import Call, Deadlines, reply_too_large
 from .stats import Stats
 
 log = logging.getLogger("statelink.server")
+
+#: seconds a key's write may wait for more writes to share its commit; a ``begin`` that a
+#: device waits for is committed at once (:meth:`Keys.commit_soon`), so this bounds how long an
+#: outcome (``finish``) is not yet on disk after its reply
+COMMIT_DELAY = 0.01
 
 #: ``on_ready(error)``: the execution's ``begin`` is durable (None), or why not (it was answered)
 OnReady = Callable[[BaseException | None], None]
@@ -99,7 +104,9 @@ class Keys:
     def open(self) -> None:
         """Open the store (a :class:`~controller.keystore.KeyStoreError`, e.g.
         :class:`~controller.keystore.KeyStoreLocked`, when it cannot be)."""
-        store = KeyStore(self.path, retention=self.retention, max_keys=self.max_keys)
+        store = KeyStore(
+            self.path, retention=self.retention, max_keys=self.max_keys, max_delay=COMMIT_DELAY
+        )
         store.open()
         self.store = store
         self.stopping = False
@@ -113,6 +120,11 @@ class Keys:
         store, self.store = self.store, None
         if store is not None:
             store.close()
+
+    def commit_soon(self) -> None:
+        """A device waits for a ``begin`` queued so far: have the store commit now."""
+        if self.store is not None:
+            self.store.commit_soon()
 
     # -- admission (loop thread) --------------------------------------------------------------
     def admit(self, call: Call, device: str, on_ready: OnReady) -> Call | None:
@@ -206,27 +218,40 @@ class Keys:
         on_ready(error)
 
     # -- an execution's end (loop thread) -----------------------------------------------------
-    def ended(self, execution: Execution, message: Message) -> None:
+    def ended(self, execution: Execution, message: Message) -> Message:
         """``execution`` was answered with ``message``: record its outcome if its handler
-        started, else forget its key (it never ran)."""
+        started, else forget its key (it never ran). Returns what its requests are answered
+        with: ``message``, or for a result too large for a frame the error its reply would be,
+        which is also what is recorded (a retry gets that error, at no cost, and the store
+        never holds a result that cannot be sent)."""
         key = execution.key
         if self.live.get(key) is execution:
             del self.live[key]
         store = self.store
         if store is None:
-            return
+            return message
         try:
             if not execution.call.started:
                 store.forget(key)
-                return
+                return message
+            outcome = _outcome(message, self.stopping)
             try:
-                store.finish(key, _outcome(message, self.stopping))
+                text = outcome.to_json()
             except (TypeError, ValueError):  # a result that is not JSON: answered as such
-                store.finish(key, _NOT_JSON)
+                outcome, text = _NOT_JSON, _NOT_JSON.to_json()
+            else:
+                if isinstance(message, Response) and len(text) > execution.frame_room:
+                    too_large = execution.too_large(message)
+                    if too_large is not None:
+                        message = too_large
+                        outcome = _outcome(message, False)
+                        text = outcome.to_json()
+            store.finish(key, outcome, encoded=text)
         except KeyStoreClosed:
             log.warning("key %r: its outcome came after the key store closed", key)
         except (KeyError, ValueError):  # dropped meanwhile (it cannot be, running) or not running
             log.exception("key %r: cannot record its outcome", key)
+        return message
 
     def shutdown(self) -> None:
         """The server stops (loop thread): every execution is told to stop; those that have not
@@ -294,6 +319,11 @@ class Execution:
         self.stats: Any = _ExecutionStats(first.session.stats)
         self.deadlines: Deadlines = first.session.deadlines
         self.loop = self.deadlines.loop
+        self.limits = first.session.limits
+        self.max_frame = self.limits.max_frame
+        #: an outcome's JSON up to this long surely fits a frame in every member's reply (its
+        #: UTF-8 is no longer than its ASCII JSON; the rest of a reply is < 64 bytes + the id)
+        self.frame_room = self.max_frame - 64 - 6 * len(str(first.id))
         self.call = Call(self, Request(first.method, first.params, first.id, key), None)
         self.join(first)
 
@@ -315,8 +345,20 @@ class Execution:
     def forget(self, call: Call) -> None:
         pass
 
+    def too_large(self, response: Response) -> ErrorResponse | None:
+        """The error that answers ``response`` if its reply to the first request does not
+        fit a frame (None: it fits). Encodes the result: only for results near the limit."""
+        first = self.members[0]
+        try:
+            size = len(encode(Response(first.id, response.result))) - 1
+        except (TypeError, ValueError):
+            return None  # not JSON: each reply says so
+        if size <= self.max_frame:
+            return None
+        return reply_too_large(response.id, size, self.max_frame)
+
     def reply(self, call: Call, message: Message) -> None:
-        self.keys.ended(self, message)
+        message = self.keys.ended(self, message)
         error: RpcError | None = None
         if isinstance(message, ErrorResponse):
             error = error_for(message.code, message.message, message.data)

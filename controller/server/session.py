@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -36,10 +37,12 @@ from ..protocol import (
     Request,
     encode,
 )
-from .calls import Call
+from .calls import Call, reply_too_large
 from .core import Core
 
 log = logging.getLogger("statelink.server")
+#: one INFO line per command answered (``statelink serve --quiet`` turns it off)
+call_log = logging.getLogger("statelink.server.calls")
 
 
 class ReplyLink(Protocol):
@@ -51,18 +54,23 @@ class ReplyLink(Protocol):
 
     def write(self, data: bytes) -> None: ...
 
+    def when_ready(self, callback: Callable[[str | None], None]) -> None:
+        """``callback(None)`` once connected, ``callback(error)`` once it cannot be."""
+
     def close(self, abort: bool = False) -> None: ...
 
 
 class BatchReply:
     """Collects the replies of one batch and sends them as one array when all are answered."""
 
-    __slots__ = ("remaining", "replies", "session")
+    __slots__ = ("direct", "remaining", "replies", "session")
 
     def __init__(self, session: Session, size: int):
         self.session = session
         self.remaining = size
         self.replies: list[Message] = []
+        #: answered on the request connection, not the callback link (it holds an rpc.hello)
+        self.direct = False
 
     def add(self, reply: Message | None) -> None:
         if reply is not None:
@@ -82,7 +90,11 @@ class BatchReply:
                 too_large = encode_reply(session.too_large(self.replies[index], len(parts[index])))
                 size += len(too_large) - 1 - len(parts[index])
                 parts[index] = too_large[:-1]
-            session.send(b"[" + b",".join(parts) + b"]\n")
+            data = b"[" + b",".join(parts) + b"]\n"
+            if self.direct:
+                session.send(data)
+            else:
+                session.deliver(data)
 
 
 class Session:
@@ -91,8 +103,12 @@ class Session:
     ``send(data)`` queues encoded bytes (one reply, one batch array, or one notification, each
     ``\\n`` terminated) to the peer; ``hangup(reason)`` asks the transport to close it (after
     what is queued); ``connect_back(port)`` opens a :class:`ReplyLink` to the peer when the
-    transport can (``rpc.hello``'s ``callback_port``). The transport calls :meth:`close` once
-    the peer is gone.
+    transport can (``rpc.hello``'s ``callback_port``; it starts connecting at once). The
+    transport calls :meth:`close` once the peer is gone.
+
+    Replies go over the callback link while it is usable (:meth:`deliver`), except
+    ``rpc.hello``'s own and those with id ``null`` (nothing on the link could match them);
+    notifications always go on the request connection.
     """
 
     def __init__(
@@ -126,6 +142,9 @@ class Session:
         self.notified = 0  #: notifications sent (a transport counts them as activity)
         self.closed = False  #: nothing more is sent: the transport closes, or the peer is gone
         self.draining = False  #: the peer sends no more: hang up after the last reply
+        #: log each command (decided once per session: nothing to do per request when off)
+        self.log_calls = call_log.isEnabledFor(logging.INFO)
+        self._started: dict[Call, float] = {}  #: when each call began, when logging
         core.sessions.add(self)
 
     # -- input --------------------------------------------------------------------------------
@@ -136,14 +155,19 @@ class Session:
             self.start_call(event, batch)
         elif isinstance(event, Batch):
             reply = BatchReply(self, len(event.items))
+            reply.direct = any(
+                isinstance(item, Request) and item.method == "rpc.hello" for item in event.items
+            )
             for item in event.items:
                 self.feed(item, reply)
         elif isinstance(event, Invalid):
             self.stats.count_error(event.code)
             if batch is not None:
                 batch.add(event.response())
-            else:
+            elif event.id is None:
                 self.send(self.encode_reply(event.response()))
+            else:  # a known id: its reply goes the way of every other reply
+                self.deliver(self.encode_reply(event.response()))
             if event.fatal:
                 self.hangup("frame_limit")
         else:  # a response sent to the server: not a request
@@ -159,6 +183,8 @@ class Session:
         core = self.core
         self.stats.requests_total += 1
         call = Call(self, msg, batch)
+        if self.log_calls:
+            self._started[call] = time.monotonic()
         self.inflight += 1
         core.inflight += 1
         if not call.is_notification and self.calls.setdefault(call.id, call) is not call:
@@ -230,6 +256,8 @@ class Session:
     # -- output -------------------------------------------------------------------------------
     def reply(self, call: Call, message: Message) -> None:
         self.stats.replies_total += 0 if call.is_notification else 1
+        if self.log_calls:
+            self._log_call(call, message)
         if call.batch is not None:
             call.batch.add(None if call.is_notification else message)
             return
@@ -243,6 +271,31 @@ class Session:
             link.write(data)
         else:
             self.send(data)
+
+    def deliver(self, data: bytes) -> None:
+        """Send encoded reply bytes: over the callback link while it is usable, else on the
+        request connection."""
+        link = self.callback
+        if link is not None and link.usable:
+            link.write(data)
+        else:
+            self.send(data)
+
+    def _log_call(self, call: Call, message: Message) -> None:
+        """The INFO line of one answered command: method, device, outcome, ms, peer."""
+        began = self._started.pop(call, None)
+        ms = "?" if began is None else f"{(time.monotonic() - began) * 1000:.1f}"
+        code = getattr(message, "code", None)
+        runtime = getattr(self.core.methods.get(call.method), "runtime", None)
+        device = getattr(getattr(runtime, "spec", None), "name", None) or "-"
+        call_log.info(
+            "%s device=%s %s %s ms peer=%s",
+            call.method,
+            device,
+            "ok" if code is None else ek.kind_of(code),
+            ms,
+            self.peer,
+        )
 
     def encode_reply(self, message: Message) -> bytes:
         """Encode one reply; a result that is not JSON, or too large for a frame, becomes an
@@ -269,18 +322,17 @@ class Session:
     def too_large(self, message: Message, size: int) -> ErrorResponse:
         """The error that replaces a reply of ``size`` bytes that does not fit a frame."""
         self.stats.count_error(ek.INTERNAL_ERROR)
-        limit = self.limits.max_frame
-        return ErrorResponse(
+        return reply_too_large(
             getattr(message, "id", None),
-            ek.INTERNAL_ERROR,
-            f"Internal error: the reply is {size} bytes, over the frame limit of {limit} bytes",
-            {"size": size, "limit": limit},
+            size,
+            self.limits.max_frame,
             getattr(message, "replayed", False),
         )
 
     def notify(self, method: str, params: Any) -> None:
-        """Send a server-to-client notification."""
-        if self.closed:
+        """Send a server-to-client notification. ``rpc.progress`` is opt-in: only to a peer
+        that subscribed to it, so a client reading one line per request gets its reply."""
+        if self.closed or (method == "rpc.progress" and method not in self.subscriptions):
             return
         self.stats.notifications_total += 1
         self.notified += 1

@@ -148,6 +148,7 @@ class DeviceSpec:
                 states=states,
                 running=cmd.running,
                 to=cmd.to,
+                cancelled=cmd.cancelled,
                 timeout=cmd.timeout,
                 params=param_rules(schema_to_json(cmd.params)),
                 description=cmd.description,

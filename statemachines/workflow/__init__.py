@@ -6,6 +6,8 @@
 * :mod:`.check`: a spec against the servers' command catalogs (:func:`check_against`);
 * :mod:`.events`: events, errors and journal entries between a run and its runner;
 * :mod:`.run`: one run (:class:`WorkflowRun`) and the :class:`Effects` it asks for;
+* :mod:`.prepare`, :mod:`.history`, :mod:`.sent`: how a run takes each event, its bounded
+  history, its newest commands (for their late outcomes);
 * :mod:`.machine`: the engine (:class:`CompiledWorkflow`, one ``transitions`` machine).
 
 See ``docs/workflows.md`` for the config format and "The workflow run contract" in

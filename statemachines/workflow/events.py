@@ -7,6 +7,7 @@ in ``docs/design.md``.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, TypedDict
@@ -14,6 +15,7 @@ from typing import Any, TypedDict
 from ..errorkinds import kind_of
 
 __all__ = [
+    "Ending",
     "ErrorInfo",
     "ErrorJson",
     "Failure",
@@ -24,6 +26,7 @@ __all__ = [
     "Tick",
     "next_token",
     "now",
+    "timestamp",
 ]
 
 #: A JSON value as it comes from or goes to a server (result, params, error data).
@@ -46,25 +49,35 @@ class _EntryHead(TypedDict):
 
 
 class JournalEntry(_EntryHead, total=False):
-    """One journal line of a run: ``time``, ``state`` and ``event`` always, the rest by event.
+    """One journal line of a run: ``time``, ``state`` and ``event`` always, the rest by event;
+    ``at`` (epoch seconds, the instant of ``time``) on every recorded entry.
 
-    Events: ``start`` (workflow, run, inputs), ``reply`` (server, command, params, key,
-    attempt, result), ``error`` (server, command, params, key, attempt, error; ``retry_in``
-    when retried, ``unhandled`` when nothing routes it), ``late`` (server, command, key,
-    attempt, result or error: an outcome that came after its state was left or after the
-    client-side timeout; ``state`` is the command's state), ``retry`` (attempt), ``waited``,
-    ``await_timeout``
-    (server, method, error), ``notification`` (server, method, params), ``choice`` (choice),
-    ``abort``, ``workflow_timeout`` (timeout), ``expression_error`` (expression, message),
-    ``internal_error`` (message), ``finished`` (final, reason). ``next`` names the state the
-    event leads to, when it leads to one. ``replayed`` (true, on reply, error and late
-    entries): the server answered with the stored outcome of the key's earlier execution.
+    Events: ``start`` (workflow, run, inputs; the runner adds workflow_text, workflow_file,
+    servers, options, started), ``send`` (written by the runner, on disk before the command
+    goes out: server, command, params, key, attempt, visit, timeout, deadline), ``reply``
+    (server, command, params, key, attempt, result), ``error`` (server, command, params, key,
+    attempt, error; ``retry_in`` when retried, ``unhandled`` when nothing routes it), ``late``
+    (server, command, key, attempt, result or error: an outcome that came after its state was
+    left or after the client-side timeout; ``state`` is the command's state), ``retry``
+    (attempt), ``waited``, ``await_timeout`` (server, method, error), ``notification``
+    (server, method, params), ``choice`` (choice), ``abort`` (``reason`` when it is not a plain
+    abort, e.g. the journal cannot be written), ``workflow_timeout`` (timeout),
+    ``expression_error`` (expression, message), ``internal_error`` (message), ``finished``
+    (final, reason). ``next`` names the state the event leads to, when it leads to one.
+    ``replayed`` (true, on reply, error and late entries): the server answered with the
+    stored outcome of the key's earlier execution.
     """
 
+    at: float
     next: str
     workflow: str
     run: str
     inputs: dict[str, Json]
+    workflow_text: str
+    workflow_file: str
+    servers: dict[str, str]
+    options: dict[str, Json]
+    started: float
     server: str | None
     command: str | None
     method: str | None
@@ -72,6 +85,8 @@ class JournalEntry(_EntryHead, total=False):
     key: str
     replayed: bool
     attempt: int
+    visit: int
+    deadline: float
     result: Json
     error: ErrorJson
     retry_in: float
@@ -82,6 +97,14 @@ class JournalEntry(_EntryHead, total=False):
     message: str
     final: str
     reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Ending:
+    """How a run that entered ``on_abort`` will end, whatever final state it reaches."""
+
+    outcome: str
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,8 +173,18 @@ _clock: tuple[int, str] = (-1, "")
 
 def now() -> str:
     """ISO-8601 UTC with milliseconds, e.g. ``2025-01-31T12:00:00.123Z``."""
-    global _clock
+    return _iso(time.time())
+
+
+def timestamp() -> tuple[str, float]:
+    """The current instant as an entry's ``time`` (:func:`now`'s form) and ``at`` (epoch
+    seconds, rounded to the millisecond)."""
     t = time.time()
+    return _iso(t), math.floor(t * 1000) / 1000
+
+
+def _iso(t: float) -> str:
+    global _clock
     sec = int(t)
     cached_sec, text = _clock
     if cached_sec != sec:

@@ -19,7 +19,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ..expressions import ExpressionError, compile_template
-from ..source import ConfigErrors, load_yaml, parse_yaml, yaml_bool_hint
+from ..source import ConfigErrors, parse_yaml, read_source, yaml_bool_hint
 from .model import FINAL_OUTCOMES, StateSpec, WorkflowSpec, json_problem, normal_address
 from .reader import Reader, line_at, suggest
 
@@ -66,25 +66,26 @@ _STATE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
 def load_workflow(path: str | Path) -> WorkflowSpec:
-    """Read, parse and validate a workflow file; raise ConfigErrors listing every problem."""
-    return _Loader(str(path)).load(load_yaml(path))
+    """Read, parse and validate a workflow file; raise ConfigErrors listing every problem.
+    The spec's ``source_text`` is the file's text."""
+    return parse_workflow(read_source(path), str(path))
 
 
 def parse_workflow(text: str, file: str = "<string>") -> WorkflowSpec:
-    """Parse and validate workflow YAML text; raise ConfigErrors listing every problem."""
-    return _Loader(file).load(parse_yaml(text, file))
+    """Parse and validate workflow YAML text; raise ConfigErrors listing every problem.
+    The spec's ``source_text`` is ``text``."""
+    return _Loader(file, text).load(parse_yaml(text, file))
 
 
 class _Loader(Reader):
     """Builds one WorkflowSpec, collecting every problem instead of stopping at the first."""
 
-    def __init__(self, file: str) -> None:
+    def __init__(self, file: str, text: str) -> None:
         super().__init__(file)
+        self.text = text
         self.servers: dict[str, str] = {}
         self.default_server: str | None = None
         self.command_timeout: float | None = None
-
-    # top level
 
     # top level
 
@@ -141,6 +142,7 @@ class _Loader(Reader):
             saved_names=frozenset(self.saved),
             line=line_at(root),
             inputs=MappingProxyType(dict(self.inputs)),
+            source_text=self.text,
         )
 
     def _servers(self, root: Any) -> None:

@@ -37,8 +37,7 @@ from transitions import Machine
 from ..durations import format_duration
 from ..expressions import Expression
 from .model import RetrySpec, StateSpec, WorkflowSpec
-from .run import (
-    NEW_STATE,
+from .prepare import (
     T_ABORT,
     T_BEGIN,
     T_DECIDE,
@@ -48,10 +47,9 @@ from .run import (
     T_OK,
     T_TIMER,
     TOKEN_TRIGGERS,
-    Effects,
-    WorkflowRun,
     preparers_for,
 )
+from .run import NEW_STATE, Effects, WorkflowRun
 
 __all__ = ["CompiledWorkflow", "GraphEdge"]
 

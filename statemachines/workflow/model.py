@@ -166,6 +166,9 @@ class WorkflowSpec:
     line: int = 1
     #: name -> default value; set per run with ``--set NAME=VALUE`` or ``start(context=...)``
     inputs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    #: the YAML text the spec was loaded from (a run's journal keeps it: a resume rebuilds
+    #: the workflow from it); None for a spec built otherwise
+    source_text: str | None = field(default=None, repr=False)
 
     def run_context(self, values: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The context a run starts with: ``result`` (None) and every input, its default

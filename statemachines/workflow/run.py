@@ -5,19 +5,19 @@ Runners drive a run through its event methods (``start``, ``on_reply``, ``on_err
 ``on_timer``, ``on_notification``, ``abort``) from one thread. The compiled machine
 (:mod:`.machine`) moves it through the engine methods below them (``prepare``,
 ``record_pending``, ``enter``, ...); nothing outside the run writes its private fields.
+How each event is taken (its preparers) is :mod:`.prepare`'s; the bounded history is
+:mod:`.history`'s.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..durations import format_duration
-from ..errorkinds import TIMEOUT
 from ..expressions import ExpressionError
 from .events import (
+    Ending,
     ErrorInfo,
     Failure,
     JournalEntry,
@@ -28,10 +28,27 @@ from .events import (
     next_token,
     now,
 )
+from .history import HISTORY_BYTES, HISTORY_ENTRY_BYTES, HISTORY_LIMIT, History
 from .model import StateSpec, WorkflowSpec
+from .prepare import (
+    NEW_PREPARERS,
+    T_ABORT,
+    T_BEGIN,
+    T_DECIDE,
+    T_EXPIRE,
+    T_FAIL,
+    T_NOTIFIED,
+    T_OK,
+    T_TIMER,
+    Preparer,
+    Preparing,
+    preparers_for,
+)
 from .sent import SentCommands
 
 __all__ = [
+    "HISTORY_BYTES",
+    "HISTORY_ENTRY_BYTES",
     "HISTORY_LIMIT",
     "NEW_STATE",
     "Effects",
@@ -46,19 +63,6 @@ _LOG = logging.getLogger("statemachines.workflow")
 
 #: The state of a run before :meth:`WorkflowRun.start` (never a valid workflow state name).
 NEW_STATE = "_new"
-#: :attr:`WorkflowRun.history` keeps the newest entries: at most twice this, trimmed to this.
-HISTORY_LIMIT = 1000
-
-T_BEGIN = "ev_begin"
-T_OK = "ev_ok"
-T_FAIL = "ev_fail"
-T_TIMER = "ev_timer"
-T_NOTIFIED = "ev_notified"
-T_DECIDE = "ev_decide"
-T_ABORT = "ev_abort"
-T_EXPIRE = "ev_expire"
-#: The triggers whose event carries an action token (and may be stale).
-TOKEN_TRIGGERS = (T_OK, T_FAIL, T_TIMER, T_NOTIFIED, T_DECIDE)
 
 
 class Effects(Protocol):
@@ -107,19 +111,7 @@ class RunHost(Protocol):
         """The run finished: drop it from the shared machine."""
 
 
-@dataclass(frozen=True, slots=True)
-class Ending:
-    """How a run that entered ``on_abort`` will end, whatever final state it reaches."""
-
-    outcome: str
-    reason: str
-
-
-#: Classifies one event for a run in one state (see :meth:`WorkflowRun.prepare`).
-Preparer = Callable[["WorkflowRun", Any], None]
-
-
-class WorkflowRun:
+class WorkflowRun(Preparing):
     """One run of a workflow (the ``transitions`` model). Drive it from one thread only.
 
     Public state: ``run_id``, ``state`` (current state name), ``context`` (``result``, the
@@ -146,8 +138,10 @@ class WorkflowRun:
         self.outcome: str | None = None
         self.done = False
         self.reason: str | None = None
-        self.history: list[JournalEntry] = []
+        self._history = History()  #: bounded (see HISTORY_BYTES)
+        self.history: list[JournalEntry] = self._history.entries
         self.ignored = 0
+        self._abort_reason: str | None = None  #: abort(reason): the run fails with it
         self._trigger = compiled.triggers
         self._started = False
         self._token = 0
@@ -162,7 +156,9 @@ class WorkflowRun:
         self._fresh = False
         self._ending: Ending | None = None
         self._st: StateSpec | None = None
-        self._prep: Mapping[str, Preparer] = _NEW_PREPARERS
+        self._prep: Mapping[str, Preparer] = NEW_PREPARERS
+        self._awaiting: tuple[str, str] | None = None
+        self.on_await_change: Callable[[WorkflowRun], None] | None = None  #: see awaiting
 
     def __repr__(self) -> str:
         return (
@@ -239,9 +235,13 @@ class WorkflowRun:
         if st.awaits == method and st.server == server:
             self._trigger[T_NOTIFIED](self, Notified(self._token, server, method, params))
 
-    def abort(self) -> None:
-        """Go to ``on_abort`` (final outcome "aborted"); without it, or again, finish now."""
+    def abort(self, reason: str | None = None) -> None:
+        """Go to ``on_abort`` (final outcome "aborted"); without it, or again, finish now.
+        With ``reason`` (e.g. "journal write failed: ..."), the same path but the outcome is
+        "failure" with that reason, and the ``abort`` entry says it."""
         if not self.done:
+            if reason is not None and self._abort_reason is None:
+                self._abort_reason = reason
             self._trigger[T_ABORT](self)
 
     @property
@@ -254,6 +254,12 @@ class WorkflowRun:
         """The idempotency key of the current state visit: ``f"{run_id}:{visit}"``. Every
         try of one visit's command sends it, so the device acts at most once per visit."""
         return f"{self.run_id}:{self._visit}"
+
+    @property
+    def awaiting(self) -> tuple[str, str] | None:
+        """``(server, method)`` of the notification the run awaits now, else None; each change
+        calls ``on_await_change(run)`` (if set; on the thread driving the run; must not raise)."""
+        return self._awaiting
 
     def expects(self, token: int) -> bool:
         """True while the event ``token`` (of a command sent or a timer started by this run)
@@ -329,6 +335,7 @@ class WorkflowRun:
         self._visit += 1
         self._command = 0
         kind = st.kind
+        self._set_awaiting((st.server, st.awaits) if st.server and st.awaits else None)
         if kind == "command":
             self._attempt = 1
             self._params = None if st.params is None else st.params.render(self.context)
@@ -374,12 +381,17 @@ class WorkflowRun:
 
     def begin_ending(self, outcome: str, reason: str) -> None:
         """The run moves into ``on_abort``: it ends with ``outcome`` whatever happens there."""
+        if outcome == "aborted" and self._abort_reason is not None:
+            outcome, reason = "failure", self._abort_reason
         self._ending = Ending(outcome, reason)
 
     def abort_now(self) -> None:
         """Finish as aborted (no ``on_abort``, or aborted again inside it)."""
         if self._ending is None:
-            self._finish("aborted", "aborted")
+            if self._abort_reason is not None:
+                self._finish("failure", self._abort_reason)
+            else:
+                self._finish("aborted", "aborted")
         else:
             ending = self._ending
             self._finish(ending.outcome, f"{ending.reason}; aborted again in the on_abort path")
@@ -428,10 +440,7 @@ class WorkflowRun:
     # --- internals -----------------------------------------------------------------------
 
     def _record(self, entry: JournalEntry) -> None:
-        history = self.history
-        history.append(entry)
-        if len(history) > 2 * HISTORY_LIMIT:
-            del history[:-HISTORY_LIMIT]
+        self._history.add(entry)
         self.effects.record(self, entry)
 
     def _send(self, st: StateSpec) -> None:
@@ -439,6 +448,12 @@ class WorkflowRun:
         assert st.server is not None and st.command is not None and st.timeout is not None
         self._sent.add(token, st.name, st.server, st.command, self.command_key, self._attempt)
         self.effects.send_command(self, token, st.server, st.command, self._params, st.timeout)
+
+    def _set_awaiting(self, awaiting: tuple[str, str] | None) -> None:
+        if awaiting != self._awaiting:
+            self._awaiting = awaiting
+            if self.on_await_change is not None:
+                self.on_await_change(self)
 
     def _late(self, entry: JournalEntry | None) -> None:
         """Journal a command's outcome that came after the run stopped waiting for it."""
@@ -456,6 +471,7 @@ class WorkflowRun:
         self.outcome = outcome
         self.reason = reason
         self._token = -1
+        self._set_awaiting(None)
         self._record(
             {
                 "time": now(),
@@ -467,171 +483,3 @@ class WorkflowRun:
         )
         self.compiled.release(self)
         self.effects.finished(self)
-
-    # preparers: one per (state kind, trigger); see preparers_for
-
-    def _stale(self) -> None:
-        self._fresh = False
-        self.ignored += 1
-
-    def _prep_begin(self, event: None) -> None:
-        self._fresh = True
-        spec = self.spec
-        entry: JournalEntry = {
-            "time": now(),
-            "state": spec.initial,
-            "event": "start",
-            "workflow": spec.name,
-            "run": self.run_id,
-        }
-        if spec.inputs:
-            entry["inputs"] = {name: self.context[name] for name in spec.inputs}
-        self._entry = entry
-
-    def _prep_reply(self, event: Reply) -> None:
-        if event.token != self._token:
-            return self._stale()
-        st = self._st
-        assert st is not None
-        self._fresh = True
-        self._sent.answered(event.token)
-        result = event.result
-        context = self.context
-        context["result"] = result
-        if st.save is not None:
-            context[st.save] = result
-        entry: JournalEntry = {
-            "time": now(),
-            "state": st.name,
-            "event": "reply",
-            "server": st.server,
-            "command": st.command,
-            "params": self._params,
-            "key": self.command_key,
-            "attempt": self._attempt,
-            "result": result,
-        }
-        if event.replayed:
-            entry["replayed"] = True
-        self._entry = entry
-
-    def _prep_error(self, event: Failure) -> None:
-        if event.token != self._token:
-            return self._stale()
-        st = self._st
-        assert st is not None
-        self._fresh = True
-        error = self._error = event.error
-        entry: JournalEntry = {
-            "time": now(),
-            "state": st.name,
-            "event": "error",
-            "server": st.server,
-            "command": st.command,
-            "params": self._params,
-            "key": self.command_key,
-            "attempt": self._attempt,
-            "error": error.as_dict(),
-        }
-        if event.replayed:
-            entry["replayed"] = True
-        self._entry = entry
-
-    def _prep_retry_timer(self, event: Tick) -> None:
-        if event.token != self._token:
-            return self._stale()
-        self._fresh = True
-        self._entry = {
-            "time": now(),
-            "state": self.state,
-            "event": "retry",
-            "attempt": self._attempt + 1,
-        }
-
-    def _prep_wait_timer(self, event: Tick) -> None:
-        if event.token != self._token:
-            return self._stale()
-        self._fresh = True
-        self._entry = {"time": now(), "state": self.state, "event": "waited"}
-
-    def _prep_await_timer(self, event: Tick) -> None:
-        if event.token != self._token:
-            return self._stale()
-        st = self._st
-        assert st is not None and st.timeout is not None
-        self._fresh = True
-        error = self._error = ErrorInfo(
-            "timeout",
-            TIMEOUT,
-            f"no {st.awaits} notification within {format_duration(st.timeout)}",
-        )
-        self._entry = {
-            "time": now(),
-            "state": st.name,
-            "event": "await_timeout",
-            "server": st.server,
-            "method": st.awaits,
-            "error": error.as_dict(),
-        }
-
-    def _prep_notification(self, event: Notified) -> None:
-        if event.token != self._token:
-            return self._stale()
-        self._fresh = True
-        self._entry = {
-            "time": now(),
-            "state": self.state,
-            "event": "notification",
-            "server": event.server,
-            "method": event.method,
-            "params": event.params,
-        }
-
-    def _prep_decide(self, event: Tick) -> None:
-        if event.token != self._token:
-            return self._stale()
-        self._fresh = True
-        self._entry = {"time": now(), "state": self.state, "event": "choice"}
-
-    def _prep_abort(self, event: None) -> None:
-        self._fresh = True
-        self.abandon_open()
-        self._entry = {"time": now(), "state": self.state, "event": "abort"}
-
-    def _prep_expire(self, event: None) -> None:
-        self._fresh = True
-        self.abandon_open()
-        self._entry = {
-            "time": now(),
-            "state": self.state,
-            "event": "workflow_timeout",
-            "timeout": self.spec.timeout,
-        }
-
-
-_NEW_PREPARERS: Mapping[str, Preparer] = {
-    T_BEGIN: WorkflowRun._prep_begin,
-    T_ABORT: WorkflowRun._prep_abort,
-    T_EXPIRE: WorkflowRun._prep_expire,
-}
-
-
-def preparers_for(st: StateSpec) -> dict[str, Preparer]:
-    """The events a run in state ``st`` reacts to, each with its preparer."""
-    prep: dict[str, Preparer] = {
-        T_ABORT: WorkflowRun._prep_abort,
-        T_EXPIRE: WorkflowRun._prep_expire,
-    }
-    if st.kind == "command":
-        prep.update({T_OK: WorkflowRun._prep_reply, T_FAIL: WorkflowRun._prep_error})
-        if st.retry is not None:
-            prep[T_TIMER] = WorkflowRun._prep_retry_timer
-    elif st.kind == "wait":
-        prep[T_TIMER] = WorkflowRun._prep_wait_timer
-    elif st.kind == "await":
-        prep.update(
-            {T_TIMER: WorkflowRun._prep_await_timer, T_NOTIFIED: WorkflowRun._prep_notification}
-        )
-    elif st.kind == "choice":
-        prep[T_DECIDE] = WorkflowRun._prep_decide
-    return prep
