@@ -54,6 +54,8 @@ from .statedir import default_state_dir
 from .tcp_sender import TcpSender
 
 log = logging.getLogger("statelink.runner")
+#: the warning for a server not reachable at a run's start (the live view shows it its own way)
+CONNECT_LATER = "cannot connect to %s yet: %s"
 
 #: ``journal=`` of :meth:`WorkflowRunner.start`: None the state directory's, False none
 JournalOption = str | os.PathLike[str] | Literal[False] | None
@@ -290,7 +292,7 @@ class WorkflowRunner:
             try:
                 sender.connect()
             except (OSError, RpcError) as exc:
-                log.warning("cannot connect to %s yet: %s", format_address(sender.address), exc)
+                log.warning(CONNECT_LATER, format_address(sender.address), exc)
 
     def compile(self, workflow: WorkflowSpec | CompiledWorkflow) -> CompiledWorkflow:
         """The compiled machine of a spec, built once per spec object and reused."""

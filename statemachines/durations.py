@@ -3,6 +3,7 @@ and format)."""
 
 from __future__ import annotations
 
+import math
 import re
 
 #: seconds per unit; ms divides (700ms is 0.7, not 700 * 0.001 = 0.7000000000000001)
@@ -19,6 +20,8 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError(f"expected a duration like 500ms, 2s or 1m, got {value!r}")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"a duration must be a finite number, got {value!r}")
         if value < 0:
             raise ValueError(f"a duration cannot be negative, got {value!r}")
         return float(value)

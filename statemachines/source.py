@@ -6,6 +6,7 @@ line to fix. Loading uses ``yaml.SafeLoader`` only: no Python objects are ever c
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -159,3 +160,11 @@ def describe_type(value: Any) -> str:
     if isinstance(value, dict):
         return "a mapping"
     return type(value).__name__
+
+
+def suggest(word: Any, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` (same letters first), or ``""``."""
+    options = [str(c) for c in choices]
+    same = [c for c in options if c.lower() == str(word).lower()]
+    close = same or difflib.get_close_matches(str(word), options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from support import WAIT, ServeProcess, statelink, wait_until
@@ -237,3 +239,69 @@ def test_run_journals_by_default_and_runs_lists_them(
     assert "interrupted" in lines[2] and "success" in lines[3]
     empty = statelink("runs", "--state-dir", str(tmp_path / "none"))
     assert empty.returncode == 0 and empty.stdout.startswith("no runs in ")
+
+
+def test_run_against_a_stopped_server_says_so_and_exits_1(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = statelink(
+        "run",
+        "config/workflows/demo.yaml",
+        "--server",
+        f"127.0.0.1:{port}",
+        "--plain",
+        "--state-dir",
+        str(tmp_path),
+        timeout=WAIT,
+    )
+    assert result.returncode == 1, result.stderr
+    hint = f"cannot reach 127.0.0.1:{port} (is `statelink serve` running?)"
+    assert hint in result.stdout
+    assert "failure" in result.stdout
+    # the view says it: no log line of the runner mixed into the output
+    assert "WARNING" not in result.stderr and "statelink.runner" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [
+        line for line in result.stderr.splitlines() if line.startswith("run ")
+    ]
+
+
+def test_check_counts_in_good_english(tmp_path: Path) -> None:
+    device = tmp_path / "lamp.yaml"
+    device.write_text(
+        "device: lamp\nstates: [dark, lit]\ninitial: dark\n"
+        "commands:\n  light: {from: [dark], to: lit, handler: hw:light}\n"
+    )
+    result = statelink("check", str(device), timeout=WAIT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{device}: ok (device lamp, 1 command)\n"
+
+
+def test_a_result_that_is_not_json_names_method_and_type_and_is_logged(
+    server: Any, raw: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    @server.command("tags")
+    def tags() -> object:
+        return {"tags": {"a", "b"}}
+
+    conn = raw()
+    with caplog.at_level(logging.ERROR, logger="statelink.server"):
+        reply = conn.call("tags")
+    error = reply["error"]
+    assert ek.kind_of(error["code"]) == "internal_error"
+    assert error["message"] == "Internal error: the result of tags is not JSON (set)"
+    assert error["data"]["method"] == "tags" and error["data"]["type"] == "set"
+    logged = [r.getMessage() for r in caplog.records if r.name == "statelink.server"]
+    assert any("the result of tags is not JSON (set)" in line for line in logged), logged
+    assert conn.call("rpc.ping")["result"] == "pong"  # the connection carries on
+
+
+def test_serve_insecure_logs_a_warning() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "STATELINK_SECRET"}
+    with mock.patch.dict(os.environ, env, clear=True):
+        served = ServeProcess("--host", "0.0.0.0", "--insecure")
+    try:
+        line = served.lines.get(timeout=WAIT)
+        assert "WARNING" in line and "--insecure" in line and "without a secret" in line, line
+    finally:
+        assert served.stop() == 0

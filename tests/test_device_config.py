@@ -774,3 +774,19 @@ def test_a_broken_gpio_object_is_reported_once_not_at_every_command(tmp_path: Pa
     found = errors(tmp_path, edit(GPIO, "kind: led, pin: 17", "kind: lamp, pin: 17"), hw=None)
     [(_, message)] = found  # not also "command 'light': gpio object 'led' is not declared"
     assert message.startswith("gpio 'led': unknown kind 'lamp'")
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("initial: closed", "initail: closed", "unknown key 'initail' (allowed: "),
+        ("    timeout: 10s", "    timout: 10s", "command 'open': unknown key 'timout' (allowed: "),
+    ],
+)
+def test_unknown_device_keys_say_did_you_mean(old: str, new: str, message: str) -> None:
+    with pytest.raises(ConfigErrors) as info:
+        parse_device(BASE.replace(old, new, 1), "door.yaml")
+    text = str(info.value)
+    assert message in text
+    right = old.strip().split(":")[0]
+    assert f"(did you mean {right!r}?)" in text

@@ -875,3 +875,78 @@ def test_bad_inputs(tmp_path: Path, inputs: str, fragment: str) -> None:
     found = problems(tmp_path, text)
     assert [e.line for e in found] == [2], [str(e) for e in found]
     assert fragment in found[0].message, found[0].message
+
+
+# --- templated durations --------------------------------------------------------------------
+
+DURATIONS = """
+name: t
+servers: {device: "127.0.0.1:15769"}
+inputs: {pause: 2, limit: 1m, unit: ms}
+timeout: "{{ limit }}"
+command_timeout: "{{ pause * 3 }}"
+initial: a
+states:
+  a:
+    command: demo.read_sensor
+    save: reading
+    retry: {attempts: 2, interval: "{{ 100 if result is None else result.delay }}{{ unit }}"}
+    next: b
+  b: {wait: "{{ pause }}", next: c}
+  c: {command: demo.led_on, timeout: 5s, next: done}
+  done: {final: success}
+"""
+
+
+def test_durations_take_templates_of_inputs_and_context(tmp_path: Path) -> None:
+    spec = load(tmp_path, DURATIONS)
+    a, b, c = spec.states["a"], spec.states["b"], spec.states["c"]
+    assert spec.timeout is None and spec.timeout_template is not None
+    assert spec.timeout_template.render({"limit": "1m"}) == 60.0
+    assert spec.command_timeout is None  # templated: every state without a timeout has it
+    assert a.timeout is None and [(d.field, d.key) for d in a.durations] == [
+        ("timeout", "command_timeout"),
+        ("retry.interval", "interval"),
+    ]
+    names = {"pause": 2, "unit": "ms", "result": None}
+    live = a.resolved(names)
+    assert live.timeout == 6.0 and live.retry is not None and live.retry.interval == 0.1
+    assert b.wait is None and b.resolved({"pause": "500ms"}).wait == 0.5
+    assert b.targets() == [("after {{ pause }}", "c")]
+    # static durations stay plain values, and nothing is rendered for them
+    assert c.timeout == 5.0 and c.durations == () and c.resolved({}) is c
+    assert CompiledWorkflow(spec).graph_edges()[2] == ("b", "c", "after {{ pause }}")
+
+
+def test_templated_durations_are_checked_at_load(tmp_path: Path) -> None:
+    text = (
+        DURATIONS.replace('"{{ limit }}"', '"{{ reading }}"')
+        .replace("{{ pause }}", "{{ pasue }}")
+        .replace("{{ pause * 3 }}", "{{ pause * }}")
+    )
+    errors = problems(tmp_path, text)
+    assert [e.line for e in errors] == [4, 5, 13], [str(e) for e in errors]
+    assert "'reading' has no value when timeout '{{ reading }}' is read" in errors[0].message
+    assert "use an input (inputs: limit, pause, unit)" in errors[0].message
+    assert "bad expression" in errors[1].message
+    assert "'pasue' is never defined" in errors[2].message
+    assert "did you mean 'pause'" in errors[2].message
+
+
+def test_max_delay_takes_no_template(tmp_path: Path) -> None:
+    only(
+        tmp_path,
+        HEAD + "  a:\n    command: x.y\n    next: b\n"
+        '    retry: {attempts: 2, max_delay: "{{ result }}"}\n'
+        "  b: {final: success}\n",
+        10,
+        "bad duration for max_delay",
+        "takes no {{ }} template",
+    )
+
+
+@pytest.mark.parametrize("value", [".inf", ".nan"])
+def test_a_duration_is_finite(tmp_path: Path, value: str) -> None:
+    only(
+        tmp_path, HEAD + f"  a: {{wait: {value}, next: b}}\n  b: {{final: success}}\n", 7, "finite"
+    )

@@ -780,3 +780,99 @@ def test_engine_cost_stays_close_to_a_bare_transitions_machine(tmp_path: Path) -
 
     ratio = min(time_engine() for _ in range(3)) / min(time_bare() for _ in range(3))
     assert ratio < 5, f"engine costs {ratio:.1f}x a bare transition (target: about 3x)"
+
+
+# --- templated durations ----------------------------------------------------------------------
+
+TEMPLATED = """
+inputs: {pause: 1.5, limit: 40s}
+timeout: "{{ limit }}"
+initial: read
+states:
+  read:
+    command: demo.read_sensor
+    timeout: "{{ pause * 2 }}"
+    save: reading
+    retry: {attempts: 2, interval: "{{ int(pause * 1000) }}ms", on: [busy]}
+    next: pause
+  pause: {wait: "{{ pause }}", next: done}
+  done: {final: success}
+"""
+
+
+def test_templated_durations_render_when_the_state_is_entered(tmp_path: Path) -> None:
+    run, fx = start(tmp_path, TEMPLATED, pause=0.25, limit="9s")
+    assert fx.timers[0].delay == 9.0  # the workflow timeout, from an input
+    assert fx.sent[-1].timeout == 0.5  # the command's, from an input
+    fx.fail("busy", -32003)
+    assert fx.timers[-1].delay == 0.25 and fx.entries[-1]["retry_in"] == 0.25
+    fx.fire()
+    fx.reply({"level": 80})
+    assert run.state == "pause" and fx.timers[-1].delay == 0.25  # waits `pause` seconds
+    fx.fire()
+    assert run.outcome == "success"
+    assert fx.events() == ["start", "error", "retry", "reply", "waited", "finished"]
+
+
+def test_a_wait_from_an_input_waits_that_long(tmp_path: Path) -> None:
+    text = "inputs: {pause: null}\ninitial: w\nstates:\n"
+    text += '  w: {wait: "{{ pause }}", next: ok}\n  ok: {final: success}\n'
+    for value, seconds in ((2, 2.0), ("750ms", 0.75), (0, 0.0), ("1m", 60.0)):
+        run, fx = start(tmp_path, text, pause=value)
+        assert run.state == "w" and [t.delay for t in fx.timers] == [seconds]
+        fx.fire()
+        assert run.outcome == "success"
+
+
+@pytest.mark.parametrize(
+    ("pause", "message"),
+    [
+        ("soon", "wait '{{ pause }}' is not a duration: expected a duration like 500ms"),
+        (-1, "a duration cannot be negative, got -1"),
+        ([1], "expected a duration like 500ms, 2s or 1m, got [1]"),
+    ],
+)
+def test_a_bad_rendered_duration_is_an_expression_error(
+    tmp_path: Path, pause: Any, message: str
+) -> None:
+    text = "inputs: {pause: null}\ninitial: w\nstates:\n"
+    text += '  w: {wait: "{{ pause }}", next: ok}\n  ok: {final: success}\n'
+    run, fx = start(tmp_path, text, pause=pause)
+    assert run.outcome == "failure" and fx.timers == [] and fx.done == [run]
+    assert fx.events() == ["start", "expression_error", "finished"]
+    err = fx.entries[1]
+    assert err["state"] == "w" and err["expression"] == "{{ pause }}"
+    assert message in err["message"], err["message"]
+    assert run.reason is not None and run.reason.startswith("expression failed in state 'w'")
+
+
+def test_a_templated_timeout_must_be_more_than_zero(tmp_path: Path) -> None:
+    run, fx = start(tmp_path, TEMPLATED, pause=0)
+    assert run.outcome == "failure" and fx.sent == []
+    assert fx.events() == ["start", "expression_error", "finished"]
+    assert "timeout '{{ pause * 2 }}' must be more than 0, got 0" in fx.entries[1]["message"]
+
+
+def test_a_templated_workflow_timeout_expires_with_its_value(tmp_path: Path) -> None:
+    run, fx = start(tmp_path, TEMPLATED, limit="2m")
+    assert fx.timers[0].delay == 120.0
+    run.on_timer(fx.timers[0].token)
+    assert run.outcome == "failure" and run.reason == "workflow timeout (2m) expired"
+    assert fx.entries[1]["event"] == "workflow_timeout" and fx.entries[1]["timeout"] == 120.0
+    run, fx = start(tmp_path, TEMPLATED, limit="later")
+    assert run.outcome == "failure" and fx.sent == [] and fx.timers == []
+    assert fx.events() == ["start", "expression_error", "finished"]
+
+
+def test_a_templated_wait_replays_to_the_same_timer(tmp_path: Path) -> None:
+    from statemachines.workflow.replay import replay
+
+    wf = compiled(tmp_path, TEMPLATED)
+    fx = Recorder()
+    run = wf.new_run(fx, "r1", {"pause": 3})
+    run.start()
+    fx.reply({"delay": 1})
+    assert run.state == "pause" and fx.timers[-1].delay == 3.0
+    plan = replay(compiled(tmp_path, TEMPLATED), fx.entries)
+    assert plan.run.state == "pause" and plan.run.context["pause"] == 3
+    assert [(t.kind, t.delay) for t in plan.timers] == [("wait", 3.0), ("timeout", 40.0)]

@@ -52,7 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_logging_args(parser, defaults=True)
     parser.add_argument("--version", action="version", version=f"statelink {_version()}")
-    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="cmd",
+        required=True,
+        metavar="COMMAND",
+        help="`statelink COMMAND --help` shows its options and examples",
+    )
     for register in (
         serve.register,
         call.register,

@@ -7,7 +7,6 @@ message says whether it was. On a terminal, the command's progress shows on stde
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import signal
 import sys
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from statemachines import errorkinds as ek
 from statemachines.addresses import DEFAULT_PORT, format_address
+from statemachines.source import suggest
 
 from .common import (
     EXIT_FAILED,
@@ -26,6 +26,7 @@ from .common import (
     add_secret_args,
     address_option,
     client_ssl,
+    examples,
     read_secret,
     seconds,
     signal_exit_code,
@@ -40,7 +41,10 @@ def register(sub: Subparsers) -> None:
         "call",
         help="call one method and print its result as JSON",
         description="Call one method and print its result as JSON.",
-        epilog="example: statelink call demo.calibrate '{\"steps\": 3}' --timeout 30",
+        **examples(
+            "statelink call demo.calibrate '{\"steps\": 3}' --timeout 30",
+            "statelink call --server 192.168.1.20:15769 rpc.discover",
+        ),
     )
     call.set_defaults(handler=cmd_call)
     call.add_argument(
@@ -182,5 +186,4 @@ def _did_you_mean(client: Any, method: str) -> str:
     except Exception:
         return listing
     names = [m.get("name") for m in described.get("methods", []) if isinstance(m, dict)]
-    close = difflib.get_close_matches(method, [n for n in names if isinstance(n, str)], n=1)
-    return f" (did you mean {close[0]!r}?)" if close else listing
+    return suggest(method, [n for n in names if isinstance(n, str)]) or listing

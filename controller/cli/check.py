@@ -15,7 +15,9 @@ from .common import (
     add_client_tls_args,
     add_secret_args,
     client_ssl,
+    examples,
     load_devices,
+    plural,
     read_secret,
     server_options,
 )
@@ -30,9 +32,19 @@ if TYPE_CHECKING:
 
 
 def register(sub: Subparsers) -> None:
-    check = sub.add_parser("check", help="validate workflow and device configs")
+    check = sub.add_parser(
+        "check",
+        help="validate workflow and device configs",
+        **examples(
+            "statelink check config/devices/demo.yaml config/workflows/demo.yaml",
+            "statelink check config/workflows/demo.yaml --device config/devices/demo.yaml",
+            "statelink check config/workflows/demo.yaml --server 127.0.0.1:15769",
+        ),
+    )
     check.set_defaults(handler=cmd_check)
-    check.add_argument("files", nargs="+", metavar="FILE")
+    check.add_argument(
+        "files", nargs="+", metavar="FILE", help="workflow and device configs to validate"
+    )
     check.add_argument(
         "--device",
         action="append",
@@ -63,13 +75,15 @@ def cmd_check(args: argparse.Namespace) -> int:
         try:
             if config_kind(file) == "device":
                 device = load_device(file)
-                print(f"{file}: ok (device {device.name}, {len(device.commands)} commands)")
+                commands = plural(len(device.commands), "command")
+                print(f"{file}: ok (device {device.name}, {commands})")
             else:
                 workflow = load_workflow(file)
                 found = check_against(workflow, catalogs) if catalogs else []
                 if found:
                     raise ConfigErrors(found)
-                ok = f"{file}: ok (workflow {workflow.name}, {len(workflow.states)} states)"
+                states = plural(len(workflow.states), "state")
+                ok = f"{file}: ok (workflow {workflow.name}, {states})"
                 print(ok + skipped_note(workflow, catalogs))
         except ConfigErrors as exc:
             errors.extend(exc.errors)

@@ -87,8 +87,22 @@ def say(text: str, stream: Any = None) -> None:
         pass
 
 
+def plural(count: int, noun: str) -> str:
+    """``"1 command"``, ``"3 commands"``."""
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 class UsageError(Exception):
     """A problem with the command line or a config: exit 2 with this message."""
+
+
+def examples(*commands: str) -> dict[str, Any]:
+    """``add_parser`` keywords: an epilog listing example command lines, kept as written."""
+    head = "example:" if len(commands) == 1 else "examples:"
+    return {
+        "epilog": head + "".join(f"\n  {command}" for command in commands),
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+    }
 
 
 def seconds(text: str) -> float:

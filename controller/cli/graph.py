@@ -5,17 +5,29 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from .common import EXIT_OK
+from .common import EXIT_OK, examples
 
 if TYPE_CHECKING:
     from .common import Subparsers
 
 
 def register(sub: Subparsers) -> None:
-    graph = sub.add_parser("graph", help="draw a workflow or device machine")
+    graph = sub.add_parser(
+        "graph",
+        help="draw a workflow or device machine",
+        **examples(
+            "statelink graph config/workflows/demo.yaml",
+            "statelink graph config/devices/demo.yaml --format dot | dot -Tsvg -o demo.svg",
+        ),
+    )
     graph.set_defaults(handler=cmd_graph)
-    graph.add_argument("file", metavar="FILE")
-    graph.add_argument("--format", choices=["mermaid", "dot"], default="mermaid")
+    graph.add_argument("file", metavar="FILE", help="a workflow or device config")
+    graph.add_argument(
+        "--format",
+        choices=["mermaid", "dot"],
+        default="mermaid",
+        help="mermaid (default; renders on GitHub) or Graphviz dot",
+    )
 
 
 def cmd_graph(args: argparse.Namespace) -> int:

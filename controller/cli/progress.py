@@ -1,10 +1,15 @@
 """The live view of one workflow run: current state, step, elapsed time, the last result and
 the progress a running command reports; rich on a terminal, one plain line per event otherwise.
+
+While the live view is up, log lines go through it (above the display), never straight to the
+terminal: a line written past rich would shift the screen and leave old frames behind. The
+runner's own "cannot connect" warning is dropped: the view says it, with a hint.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
 import time
@@ -18,6 +23,32 @@ if TYPE_CHECKING:
     from statemachines.workflow import JournalEntry
 
     from ..runner import RunHandle
+
+#: said when a server of the run cannot be reached (connection refused, no route, ...)
+UNREACHABLE_HINT = "cannot reach {address} (is `statelink serve` running?)"
+
+
+def unreachable_hint(handle: RunHandle, entry: JournalEntry) -> str | None:
+    """The hint for an ``error`` entry that says a server could not be reached, else None."""
+    from statemachines import errorkinds as ek
+    from statemachines.addresses import format_address
+
+    error = entry.get("error")
+    if not error or error.get("kind") != ek.kind_of(ek.CONNECTION_LOST):
+        return None
+    if not str(error.get("message", "")).startswith("cannot reach"):
+        return None  # a connection that dropped mid-command: the error says so itself
+    address = handle.servers.get(str(entry.get("server")))
+    return UNREACHABLE_HINT.format(address=format_address(address)) if address else None
+
+
+class _DropRunnerConnectWarning(logging.Filter):
+    """Drops the runner's "cannot connect to HOST:PORT yet" warning: the view reports it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from ..runner import CONNECT_LATER  # the runner is loaded: it is what logs this
+
+        return record.msg != CONNECT_LATER
 
 
 def short(value: object, limit: int = 60) -> str:
@@ -40,18 +71,32 @@ class ProgressView:
         self.step = 0
         self.last = ""
         self.progress: tuple[float, str] | None = None
+        self.hint = ""
         self._lock = threading.Lock()
         self._live: Live | None = None
+        self._filter = _DropRunnerConnectWarning()
+        self._log_streams: list[tuple[logging.StreamHandler[Any], Any]] = []
 
     def __enter__(self) -> ProgressView:
+        logging.getLogger("statelink.runner").addFilter(self._filter)
         if not self.plain:
             from rich.live import Live
 
+            terminal = sys.stderr
             self._live = Live(self._render(), refresh_per_second=8, transient=False)
             self._live.__enter__()
+            self._log_through(sys.stderr, terminal)  # sys.stderr: now rich's proxy
         else:
             print(f"workflow {self.title}", flush=True)
         return self
+
+    def _log_through(self, proxy: Any, terminal: Any) -> None:
+        """Point the log handlers that write to ``terminal`` at ``proxy`` until exit."""
+        if proxy is terminal:
+            return
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is terminal:
+                self._log_streams.append((handler, handler.setStream(proxy)))
 
     def __exit__(
         self,
@@ -59,9 +104,15 @@ class ProgressView:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if self._live is not None:
-            self._live.update(self._render())
-            self._live.__exit__(exc_type, exc, traceback)
+        try:
+            if self._live is not None:
+                self._live.update(self._render())
+                self._live.__exit__(exc_type, exc, traceback)
+        finally:
+            for handler, stream in self._log_streams:  # after the live view stopped
+                handler.setStream(stream)
+            self._log_streams.clear()
+            logging.getLogger("statelink.runner").removeFilter(self._filter)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -85,8 +136,13 @@ class ProgressView:
                 self.progress = None
             elif event == "finished":
                 self.state = f"{entry.get('state', self.state)} ({entry.get('final')})"
+            hint = unreachable_hint(handle, entry) if event == "error" else None
+            if hint:
+                self.hint = hint
             if self.plain:
                 self._print(entry)
+                if hint:
+                    print(f"  {hint}", flush=True)
         if self._live is not None:
             self._live.update(self._render())
 
@@ -140,6 +196,8 @@ class ProgressView:
         table.add_row("step", str(self.step))
         table.add_row("elapsed", f"{self.elapsed():.1f} s")
         table.add_row("last", self.last or "-")
+        if self.hint:
+            table.add_row("hint", self.hint)
         if self.progress is not None:
             fraction, message = self.progress
             bar = Table.grid(padding=(0, 1))

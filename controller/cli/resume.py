@@ -17,6 +17,7 @@ from .common import (
     add_secret_args,
     add_state_dir_arg,
     client_ssl,
+    examples,
     read_secret,
     say,
     state_dir_option,
@@ -31,7 +32,12 @@ if TYPE_CHECKING:
 
 def register(sub: Subparsers) -> None:
     resume = sub.add_parser(
-        "resume", help="continue an interrupted run (its process died) where it stopped"
+        "resume",
+        help="continue an interrupted run (its process died) where it stopped",
+        **examples(
+            "statelink runs --unfinished",
+            "statelink resume demo-20250101T120000Z-1a2b3c4d",
+        ),
     )
     resume.set_defaults(handler=cmd_resume)
     resume.add_argument(

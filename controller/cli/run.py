@@ -27,6 +27,7 @@ from .common import (
     add_secret_args,
     add_state_dir_arg,
     client_ssl,
+    examples,
     read_secret,
     say,
     server_options,
@@ -46,9 +47,16 @@ EXIT_BY_OUTCOME = {"success": EXIT_OK, "failure": EXIT_FAILED, "aborted": EXIT_A
 
 
 def register(sub: Subparsers) -> None:
-    run = sub.add_parser("run", help="run a workflow with live progress")
+    run = sub.add_parser(
+        "run",
+        help="run a workflow with live progress",
+        **examples(
+            "statelink run config/workflows/demo.yaml",
+            "statelink run config/workflows/demo.yaml --server device=192.168.1.20:15769 --plain",
+        ),
+    )
     run.set_defaults(handler=cmd_run)
-    run.add_argument("workflow", metavar="WORKFLOW.yaml")
+    run.add_argument("workflow", metavar="WORKFLOW.yaml", help="the workflow config to run")
     run.add_argument(
         "--server",
         action="append",
@@ -71,7 +79,11 @@ def register(sub: Subparsers) -> None:
 
 
 def register_demo(sub: Subparsers) -> None:
-    demo = sub.add_parser("demo", help="run the demo workflow on a simulated device, in-process")
+    demo = sub.add_parser(
+        "demo",
+        help="run the demo workflow on a simulated device, in-process",
+        **examples("statelink demo", "statelink demo --plain"),
+    )
     demo.set_defaults(handler=cmd_demo)
     add_journal_args(demo)
     demo.add_argument("--plain", action="store_true", help="plain log lines, no live display")
@@ -198,10 +210,18 @@ def drive(
 
     handle: RunHandle | None = None
     signals: list[int] = []  #: the abort signals received, in order
+    deferred: list[int] | None = None  #: signals that came while begin() started the run
 
     def on_signal(signum: int) -> None:
-        if handle is None:  # nothing started yet: stop here
-            raise Interrupted(signum)
+        if handle is None:
+            if deferred is None:  # nothing started yet: stop here
+                raise Interrupted(signum)
+            deferred.append(signum)  # the run may have started: abort it once we hold it
+            return
+        abort(signum)
+
+    def abort(signum: int) -> None:
+        assert handle is not None
         signals.append(signum)
         if len(signals) == 1:
             say(
@@ -213,7 +233,10 @@ def drive(
         handle.abort()
 
     with abort_signals(on_signal), runner, ProgressView(spec.name, plain) as view:
+        deferred = []
         handle = begin(view)
+        for signum in deferred:
+            abort(signum)
         for address in set(handle.servers.values()):
             try:
                 runner.sender(address).subscribe("rpc.progress", view.on_progress)

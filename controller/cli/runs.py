@@ -11,7 +11,7 @@ import argparse
 import json
 from typing import TYPE_CHECKING, Any
 
-from .common import EXIT_OK, add_state_dir_arg, state_dir_option
+from .common import EXIT_OK, add_state_dir_arg, examples, state_dir_option
 
 if TYPE_CHECKING:
     from ..journal import RunSummary
@@ -23,7 +23,11 @@ _COLUMNS = ("RUN", "WORKFLOW", "STATE", "OUTCOME", "STARTED", "LAST EVENT")
 
 
 def register(sub: Subparsers) -> None:
-    runs = sub.add_parser("runs", help="list the runs of the state directory, newest first")
+    runs = sub.add_parser(
+        "runs",
+        help="list the runs of the state directory, newest first",
+        **examples("statelink runs --unfinished", "statelink runs --json"),
+    )
     runs.set_defaults(handler=cmd_runs)
     add_state_dir_arg(runs, "whose runs/ to list")
     runs.add_argument(

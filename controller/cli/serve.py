@@ -22,6 +22,7 @@ from .common import (
     EXIT_OK,
     UsageError,
     add_secret_args,
+    examples,
     is_loopback,
     load_devices,
     read_secret,
@@ -35,7 +36,14 @@ if TYPE_CHECKING:
 
 
 def register(sub: Subparsers) -> None:
-    serve = sub.add_parser("serve", help="run the command server in the foreground")
+    serve = sub.add_parser(
+        "serve",
+        help="run the command server in the foreground",
+        **examples(
+            "statelink serve --device config/devices/demo.yaml --simulate",
+            "statelink serve --host 0.0.0.0 --secret-file /etc/statelink/secret --device door.yaml",
+        ),
+    )
     serve.set_defaults(handler=cmd_serve)
     serve.add_argument(
         "--host",
@@ -68,13 +76,20 @@ def register(sub: Subparsers) -> None:
     serve.add_argument(
         "--insecure", action="store_true", help="allow a non-loopback address without a secret"
     )
-    serve.add_argument("--max-connections", type=int, default=1024)
+    serve.add_argument(
+        "--max-connections", type=int, default=1024, help="open connections (default 1024)"
+    )
     serve.add_argument(
         "--max-inflight", type=int, default=256, help="requests in flight per connection"
     )
     serve.add_argument("--max-queue", type=int, default=1024, help="jobs waiting for a worker")
     serve.add_argument("--max-frame", type=int, default=DEFAULT_MAX_FRAME, help="bytes per line")
-    serve.add_argument("--idle-timeout", type=seconds, default=300.0)
+    serve.add_argument(
+        "--idle-timeout",
+        type=seconds,
+        default=300.0,
+        help="seconds a connection may stay silent before it is closed (default 300)",
+    )
     serve.add_argument(
         "--frame-timeout",
         type=seconds,
@@ -246,6 +261,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         " [simulated GPIO]" if args.simulate else "",
         state_dir,
     )
+    if args.insecure and secret is None and not is_loopback(args.host):
+        log.warning(
+            "--insecure: listening on %s without a secret; anyone who can reach port %s can "
+            "drive the devices (set STATELINK_SECRET or --secret-file to require one)",
+            host,
+            port,
+        )
     while not stop.wait(1.0):
         pass
     server.stop()

@@ -263,7 +263,7 @@ class Session:
             return
         if call.is_notification:
             return
-        data = self.encode_reply(message)
+        data = self.encode_reply(message, call.method)
         # rpc.hello is answered on the request connection: the client reads that reply there
         # (its handshake runs before any callback delivery can be relied on).
         link = self.callback
@@ -297,9 +297,11 @@ class Session:
             self.peer,
         )
 
-    def encode_reply(self, message: Message) -> bytes:
+    def encode_reply(self, message: Message, method: str | None = None) -> bytes:
         """Encode one reply; a result that is not JSON, or too large for a frame, becomes an
-        internal error for its id (the connection carries on)."""
+        internal error for its id (the connection carries on). The error names ``method``
+        (the call's, when known) and the type that is not JSON, and is logged here too: it
+        is a handler's bug, which the server's operator must see."""
         try:
             data = encode(message)
         except (TypeError, ValueError) as exc:
@@ -307,12 +309,18 @@ class Session:
             msg_id = getattr(message, "id", None)
             if isinstance(msg_id, float) and not math.isfinite(msg_id):
                 msg_id = None  # e.g. "id": 1e400 decodes to inf, which has no JSON form
+            culprit = _not_json(getattr(message, "result", None))
+            of = f"the result of {method}" if method else f"the result for id {msg_id!r}"
+            log.error("%s is not JSON (%s): %s; peer %s", of, culprit, exc, self.peer)
+            data_: dict[str, Any] = {"reason": str(exc), "type": culprit}
+            if method:
+                data_["method"] = method
             return encode(
                 ErrorResponse(
                     msg_id,
                     ek.INTERNAL_ERROR,
-                    "Internal error: the result is not JSON",
-                    {"reason": str(exc)},
+                    f"Internal error: {of} is not JSON ({culprit})",
+                    data_,
                 )
             )
         if len(data) > self.limits.max_frame + 1:
@@ -361,3 +369,28 @@ class Session:
 
 def _no_hangup(reason: str) -> None:
     pass
+
+
+_JSON_SCALARS = (str, int, bool, type(None))
+
+
+def _not_json(value: Any, depth: int = 0) -> str:
+    """What in ``value`` has no JSON form: a type name (``set``, ``bytes``, ``float nan``), or
+    the type of ``value`` itself when nothing (within 64 levels) is found."""
+    if depth > 64:  # e.g. a list that contains itself
+        return f"{type(value).__name__} nested too deep or circular"
+    if isinstance(value, float):
+        return "" if math.isfinite(value) else f"float {value!r}"
+    if isinstance(value, _JSON_SCALARS):
+        return ""
+    if isinstance(value, dict):
+        items = [*value.values(), *value.keys()]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        return type(value).__name__
+    for item in items:
+        found = _not_json(item, depth + 1)
+        if found:
+            return found
+    return "" if depth else type(value).__name__

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..durations import parse_duration
-from ..source import ConfigError, describe_type
+from ..source import ConfigError, describe_type, suggest
 from ..source import line_of as _line_of
 
 #: A gpio object or command name: an identifier.
@@ -35,7 +35,8 @@ class Checker:
             if key not in allowed:
                 self.err(
                     _line_of(node, key),
-                    f"{where}unknown key {key!r} (allowed: {', '.join(allowed)})",
+                    f"{where}unknown key {key!r} (allowed: {', '.join(allowed)})"
+                    f"{suggest(key, allowed)}",
                 )
 
     def duration(self, node: Mapping[Any, Any], key: str, where: str) -> float | None:

@@ -12,9 +12,9 @@ from typing import Any
 from ..catalog import Catalog, CommandInfo
 from ..expressions import has_template
 from ..params import ParamError, ParamSpec, check_value, specs_from_json
-from ..source import ConfigError
+from ..source import ConfigError, suggest
 from .model import StateSpec, WorkflowSpec
-from .reader import line_at, suggest
+from .reader import line_at
 
 __all__ = ["check_against"]
 

@@ -19,9 +19,16 @@ from types import MappingProxyType
 from typing import Any
 
 from ..expressions import ExpressionError, compile_template
-from ..source import ConfigErrors, parse_yaml, read_source, yaml_bool_hint
-from .model import FINAL_OUTCOMES, StateSpec, WorkflowSpec, json_problem, normal_address
-from .reader import Reader, line_at, suggest
+from ..source import ConfigErrors, parse_yaml, read_source, suggest, yaml_bool_hint
+from .model import (
+    FINAL_OUTCOMES,
+    DurationTemplate,
+    StateSpec,
+    WorkflowSpec,
+    json_problem,
+    normal_address,
+)
+from .reader import Reader, line_at
 
 __all__ = ["STATE_KEYS", "TOP_KEYS", "load_workflow", "parse_workflow"]
 
@@ -85,7 +92,8 @@ class _Loader(Reader):
         self.text = text
         self.servers: dict[str, str] = {}
         self.default_server: str | None = None
-        self.command_timeout: float | None = None
+        self.command_timeout: float | DurationTemplate | None = None
+        self.has_command_timeout = False  # written, even if wrong (reported once, there)
 
     # top level
 
@@ -103,18 +111,30 @@ class _Loader(Reader):
         name = self._text(root, "name", "the workflow's name") or Path(self.file).stem
         description = self._text(root, "description", "a description") or ""
         self._servers(root)
-        timeout = self._duration(root, "timeout", "the whole run's timeout")
-        self.command_timeout = self._duration(root, "command_timeout", "the command timeout")
         self._inputs(root)
 
         raw_states = root.get("states")
+        kinds: dict[str, str] = {}
         if not isinstance(raw_states, dict) or not raw_states:
             self.err(
                 line_at(root, "states"),
                 "states must be a mapping of state names to states, e.g. states: {start: ...}",
             )
+        else:
+            kinds = self._first_pass(raw_states)  # the saved names, for duration templates
+        timeout = self._timed(
+            root,
+            "timeout",
+            "the whole run's timeout, set at the start",
+            field="timeout",
+            names=set(self.inputs),
+        )
+        self.has_command_timeout = "command_timeout" in root
+        self.command_timeout = self._timed(
+            root, "command_timeout", "the command timeout", field="timeout"
+        )
+        if not isinstance(raw_states, dict) or not raw_states:
             raise ConfigErrors(self.errors)
-        kinds = self._first_pass(raw_states)
         states: dict[str, StateSpec] = {}
         for sname, kind in kinds.items():
             built = self._state(sname, raw_states[sname], kind, line_at(raw_states, sname))
@@ -135,8 +155,13 @@ class _Loader(Reader):
             states=MappingProxyType(states),
             servers=MappingProxyType(self.servers),
             default_server=self.default_server,
-            timeout=timeout,
-            command_timeout=self.command_timeout,
+            timeout=timeout if not isinstance(timeout, DurationTemplate) else None,
+            timeout_template=timeout if isinstance(timeout, DurationTemplate) else None,
+            command_timeout=(
+                self.command_timeout
+                if not isinstance(self.command_timeout, DurationTemplate)
+                else None
+            ),
             on_abort=on_abort,
             description=description,
             saved_names=frozenset(self.saved),
@@ -274,6 +299,7 @@ class _Loader(Reader):
     def _state(self, name: str, body: Any, kind: str, line: int) -> StateSpec | None:
         before = len(self.errors)
         self.cur_line = line
+        self.templated = []
         key_lines = {k: line_at(body, k) for k in body if isinstance(k, str)}
         spec: dict[str, Any] = {"description": self._text(body, "description", "a note") or ""}
         if kind == "command":
@@ -281,7 +307,8 @@ class _Loader(Reader):
         elif kind == "choice":
             spec["choices"] = self._choices(name, body, required=True)
         elif kind == "wait":
-            spec["wait"] = self._duration(body, "wait", "how long to wait", positive=False)
+            wait = self._timed(body, "wait", "how long to wait", field="wait", positive=False)
+            spec["wait"] = self._static(wait)
             spec["next"] = self._way_out(name, body, "wait")
         elif kind == "await":
             spec.update(self._await(name, body))
@@ -295,6 +322,7 @@ class _Loader(Reader):
             spec["final"] = final
         if len(self.errors) > before:
             return None
+        spec["durations"] = tuple(self.templated)
         return StateSpec(name=name, kind=kind, line=line, key_lines=key_lines, **spec)
 
     def _way_out(self, name: str, body: Any, kind: str) -> str | None:
@@ -333,14 +361,14 @@ class _Loader(Reader):
         return str(server)
 
     def _timeout(self, name: str, body: Any, kind: str) -> float | None:
-        own = self._duration(body, "timeout", f"how long the {kind} may take")
-        if own is None and "timeout" not in body and self.command_timeout is None:
+        own = self._timed(body, "timeout", f"how long the {kind} may take", field="timeout")
+        if own is None and "timeout" not in body and not self.has_command_timeout:
             self.err(
                 self.cur_line,
                 f"{kind} state {name!r} has no timeout: add timeout: 5s to the state, "
                 "or command_timeout: 5s at the top",
             )
-        return own if own is not None else self.command_timeout
+        return self._static(own if own is not None else self.command_timeout)
 
     def _command(self, name: str, body: Any) -> dict[str, Any]:
         out: dict[str, Any] = {}

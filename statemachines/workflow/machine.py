@@ -178,11 +178,11 @@ class _Retry:
 
     def record(self, ev: _Ev) -> None:
         run: WorkflowRun = ev.model
-        run.record_pending(retry_in=self.spec.delay(run.attempt))
+        run.record_pending(retry_in=run.retry_delay())
 
     def schedule(self, ev: _Ev) -> None:
         run: WorkflowRun = ev.model
-        run.schedule_retry(self.spec.delay(run.attempt))
+        run.schedule_retry(run.retry_delay())
 
 
 def _start_deadline(ev: _Ev) -> None:
@@ -222,7 +222,7 @@ class _BeginEnding:
 
     __slots__ = ("outcome", "reason")
 
-    def __init__(self, outcome: str, reason: str) -> None:
+    def __init__(self, outcome: str, reason: str | None) -> None:
         self.outcome = outcome
         self.reason = reason
 
@@ -407,7 +407,7 @@ class CompiledWorkflow:
         on_abort = self.spec.on_abort
         for trigger, reason, now in (
             (T_ABORT, "aborted", _abort_now),
-            (T_EXPIRE, self.timeout_reason, _expire_now),
+            (T_EXPIRE, None, _expire_now),  # None: the run's timeout reason
         ):
             outcome = "aborted" if trigger == T_ABORT else "failure"
             if on_abort is not None:

@@ -12,9 +12,9 @@ from types import MappingProxyType
 from typing import Any
 
 from ..addresses import format_address, parse_address
-from ..durations import format_duration
+from ..durations import format_duration, parse_duration
 from ..errorkinds import ERROR_KINDS
-from ..expressions import Expression, Template
+from ..expressions import Expression, ExpressionError, Template
 from ..source import describe_type
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "FINAL_OUTCOMES",
     "ROUTABLE_KINDS",
     "Choice",
+    "DurationTemplate",
     "ErrorRoutes",
     "RawParams",
     "RetrySpec",
@@ -101,12 +102,42 @@ class Choice:
 
 
 @dataclass(frozen=True)
+class DurationTemplate:
+    """A duration written with ``{{ }}``: rendered over a run's context, then read as a
+    duration (a number of seconds or ``"500ms"``, ``"2s"``...). ``field`` is what it sets
+    (``wait``, ``timeout``, ``retry.interval``), ``key`` the key it was written under."""
+
+    field: str
+    key: str
+    template: Template
+    text: str
+    positive: bool = True
+
+    def render(self, names: Mapping[str, Any]) -> float:
+        """Seconds; raises :class:`ExpressionError` when the value is not a duration."""
+        value = self.template.render(names)
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            raise ExpressionError(
+                self.text, f"{self.key} {self.text!r} is not a duration: {exc}"
+            ) from None
+        if self.positive and seconds <= 0:
+            raise ExpressionError(
+                self.text, f"{self.key} {self.text!r} must be more than 0, got {value!r}"
+            )
+        return seconds
+
+
+@dataclass(frozen=True)
 class StateSpec:
     """One validated state. ``kind`` is command, choice, wait, await or final.
 
     ``server`` and ``timeout`` are resolved (the default server, ``command_timeout``).
     ``awaits`` is the notification method of an await state, ``condition`` its ``if``.
     ``params`` is the compiled template, ``raw_params`` the params as written (for the check).
+    ``durations`` are the templated ones (``wait``, ``timeout``, ``retry.interval``): their
+    fields hold nothing usable until :meth:`resolved` renders them as the state is entered.
     """
 
     name: str
@@ -128,6 +159,27 @@ class StateSpec:
     condition: Expression | None = None
     final: str | None = None
     key_lines: Mapping[str, int] = field(default_factory=dict)
+    durations: tuple[DurationTemplate, ...] = ()
+
+    def resolved(self, names: Mapping[str, Any]) -> StateSpec:
+        """This state with its templated durations rendered over ``names`` (raises
+        :class:`ExpressionError`); itself when none is templated."""
+        if not self.durations:
+            return self
+        values = {d.field: d.render(names) for d in self.durations}
+        retry = self.retry
+        if retry is not None and "retry.interval" in values:
+            retry = replace(retry, interval=values["retry.interval"])
+        return replace(
+            self,
+            wait=values.get("wait", self.wait),
+            timeout=values.get("timeout", self.timeout),
+            retry=retry,
+        )
+
+    def templated(self, field_name: str) -> DurationTemplate | None:
+        """The template of a duration field, or None when it is static."""
+        return next((d for d in self.durations if d.field == field_name), None)
 
     def line_of(self, key: str) -> int:
         """The line of one of the state's keys (the state's line if absent)."""
@@ -137,7 +189,9 @@ class StateSpec:
         """``(label, target)`` of every way out of the state, in the order they are tried."""
         out: list[tuple[str, str]] = []
         if self.kind == "wait" and self.next is not None:
-            out.append((f"after {format_duration(self.wait or 0.0)}", self.next))
+            template = self.templated("wait")
+            after = template.text if template is not None else format_duration(self.wait or 0.0)
+            out.append((f"after {after}", self.next))
         elif self.kind == "await" and self.next is not None:
             cond = f" if {self.condition.text}" if self.condition is not None else ""
             out.append((f"{self.awaits}{cond}", self.next))
@@ -169,6 +223,9 @@ class WorkflowSpec:
     #: the YAML text the spec was loaded from (a run's journal keeps it: a resume rebuilds
     #: the workflow from it); None for a spec built otherwise
     source_text: str | None = field(default=None, repr=False)
+    #: a ``timeout`` written with ``{{ }}`` (of inputs), rendered as a run starts; then
+    #: ``timeout`` is None
+    timeout_template: DurationTemplate | None = None
 
     def run_context(self, values: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The context a run starts with: ``result`` (None) and every input, its default

@@ -55,6 +55,7 @@ class Preparing:
     _st: StateSpec | None
     _sent: SentCommands
     _abort_reason: str | None
+    _timeout: float | None
     _ending: Ending | None
 
     @property
@@ -194,7 +195,7 @@ class Preparing:
             "time": now(),
             "state": self.state,
             "event": "workflow_timeout",
-            "timeout": self.spec.timeout,
+            "timeout": self._timeout,
         }
 
 

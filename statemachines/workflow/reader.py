@@ -5,7 +5,6 @@ references, expressions and templates, and the ways out of a state (choices, ``o
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 from collections.abc import Iterable
@@ -20,21 +19,20 @@ from ..expressions import (
     constant_hint,
     has_template,
 )
-from ..source import ConfigError, line_of, yaml_bool_hint
-from .model import DEFAULT_RETRY_ON, ROUTABLE_KINDS, Choice, ErrorRoutes, RetrySpec
+from ..source import ConfigError, line_of, suggest, yaml_bool_hint
+from .model import (
+    DEFAULT_RETRY_ON,
+    ROUTABLE_KINDS,
+    Choice,
+    DurationTemplate,
+    ErrorRoutes,
+    RetrySpec,
+)
 
-__all__ = ["CHOICE_KEYS", "RETRY_KEYS", "Reader", "line_at", "suggest"]
+__all__ = ["CHOICE_KEYS", "RETRY_KEYS", "Reader", "line_at"]
 
 RETRY_KEYS: tuple[str, ...] = ("attempts", "interval", "backoff", "max_delay", "on")
 CHOICE_KEYS: tuple[str, ...] = ("if", "next")
-
-
-def suggest(word: Any, choices: Iterable[str]) -> str:
-    """`` (did you mean 'x'?)`` for the closest of ``choices`` (same letters first), or ``""``."""
-    options = [str(c) for c in choices]
-    same = [c for c in options if c.lower() == str(word).lower()]
-    close = same or difflib.get_close_matches(str(word), options, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def line_at(node: Any, key: Any = None) -> int:
@@ -52,6 +50,7 @@ class Reader:
         self.saved: set[str] = set()
         self.inputs: dict[str, Any] = {}
         self.cur_line = 1  # line of the state being built
+        self.templated: list[DurationTemplate] = []  # of the state being built
 
     def err(self, line: int, message: str) -> None:
         self.errors.append(ConfigError(self.file, line or 1, message))
@@ -66,17 +65,59 @@ class Reader:
         return value
 
     def _duration(self, node: Any, key: str, what: str, *, positive: bool = True) -> float | None:
+        """A duration that must be written as one (no ``{{ }}``)."""
         if key not in node:
             return None
+        value = node[key]
         try:
-            seconds = parse_duration(node[key])
+            seconds = parse_duration(value)
         except ValueError as exc:
-            self.err(line_at(node, key), f"bad duration for {key} ({what}): {exc}")
+            hint = " (this key takes no {{ }} template)" if has_template(value) else ""
+            self.err(line_at(node, key), f"bad duration for {key} ({what}){hint}: {exc}")
             return None
         if positive and seconds <= 0:
             self.err(line_at(node, key), f"{key} must be more than 0, like 500ms, 2s or 1m")
             return None
         return seconds
+
+    def _timed(
+        self,
+        node: Any,
+        key: str,
+        what: str,
+        *,
+        field: str,
+        positive: bool = True,
+        names: set[str] | None = None,
+    ) -> float | DurationTemplate | None:
+        """A duration, or a ``{{ }}`` template of one (rendered when ``field`` is used).
+        ``names``: the only names the template may read (default: every name)."""
+        value = node.get(key)
+        if not isinstance(value, str) or not has_template(value):
+            return self._duration(node, key, what, positive=positive)
+        line = line_at(node, key)
+        try:
+            template = compile_template(value)
+        except ExpressionError as exc:
+            self.err(line, exc.message)
+            return None
+        if names is None:
+            self._check_names(template.names, line, value, set())
+        else:
+            for unknown in sorted(template.names - names):
+                self.err(
+                    line,
+                    f"{unknown!r} has no value when {key} {value!r} is read ({what}): "
+                    f"use an input (inputs: {', '.join(sorted(names)) or 'none'})",
+                )
+        return DurationTemplate(field, key, template, value.strip(), positive)
+
+    def _static(self, value: float | DurationTemplate | None) -> float | None:
+        """A static duration as is; a template is kept for the state being built (None)."""
+        if isinstance(value, DurationTemplate):
+            self.templated.append(value)
+            return None
+        return value
 
     def _target(self, node: Any, key: Any, what: str, *, required: bool = False) -> str | None:
         """A reference to a state; reports missing/unknown ones."""
@@ -250,7 +291,9 @@ class Reader:
                 f"retry.attempts must be a whole number >= 1 (every try, the first included), "
                 f"got {attempts!r}",
             )
-        interval = self._duration(raw, "interval", "the first retry delay", positive=False)
+        interval = self._timed(
+            raw, "interval", "the first retry delay", field="retry.interval", positive=False
+        )
         backoff = raw.get("backoff", 2.0)
         if isinstance(backoff, bool) or not isinstance(backoff, (int, float)) or backoff < 1:
             self.err(
@@ -270,9 +313,10 @@ class Reader:
         if len(self.errors) > before:
             return None
         assert isinstance(attempts, int)
+        first = self._static(interval)
         return RetrySpec(
             attempts=attempts,
-            interval=1.0 if interval is None else interval,
+            interval=1.0 if first is None else first,
             backoff=float(backoff),
             max_delay=max_delay,
             on=frozenset(on),

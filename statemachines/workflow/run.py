@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+from ..durations import format_duration
 from ..expressions import ExpressionError
 from .events import (
     Ending,
@@ -142,6 +143,8 @@ class WorkflowRun(Preparing):
         self.history: list[JournalEntry] = self._history.entries
         self.ignored = 0
         self._abort_reason: str | None = None  #: abort(reason): the run fails with it
+        self._timeout = self.spec.timeout  #: the workflow timeout (rendered at the start)
+        self._timeout_reason = compiled.timeout_reason
         self._trigger = compiled.triggers
         self._started = False
         self._token = 0
@@ -323,13 +326,20 @@ class WorkflowRun(Preparing):
 
     def start_deadline(self) -> None:
         """Start the workflow ``timeout`` (if any): from the start on."""
-        timeout = self.spec.timeout
+        template = self.spec.timeout_template
+        if template is not None:  # raises ExpressionError: the run fails (crash)
+            self._timeout = template.render(self.context)
+            self._timeout_reason = f"workflow timeout ({format_duration(self._timeout)}) expired"
+        timeout = self._timeout
         if timeout is not None:
             self._deadline = next_token()
             self.effects.start_timer(self, self._deadline, timeout)
 
     def enter(self, st: StateSpec, preparers: Mapping[str, Preparer]) -> None:
-        """The state's action (``on_enter``): send, start a timer, decide or finish."""
+        """The state's action (``on_enter``): send, start a timer, decide or finish.
+        Templated durations are rendered first (an ExpressionError fails the run)."""
+        if st.durations:
+            st = st.resolved(self.context)
         self._st = st
         self._prep = preparers
         self._visit += 1
@@ -362,6 +372,12 @@ class WorkflowRun(Preparing):
         self._attempt += 1
         self._send(self._st)
 
+    def retry_delay(self) -> float:
+        """Seconds to wait before the next try of the current command (its ``retry``)."""
+        st = self._st
+        assert st is not None and st.retry is not None
+        return st.retry.delay(self._attempt)
+
     def schedule_retry(self, delay: float) -> None:
         """Start the timer after which the current command is tried again."""
         self._timer(delay)
@@ -379,8 +395,11 @@ class WorkflowRun(Preparing):
         """Store ``value`` under ``name`` in the context (``save:`` of an await state)."""
         self.context[name] = value
 
-    def begin_ending(self, outcome: str, reason: str) -> None:
-        """The run moves into ``on_abort``: it ends with ``outcome`` whatever happens there."""
+    def begin_ending(self, outcome: str, reason: str | None) -> None:
+        """The run moves into ``on_abort``: it ends with ``outcome`` whatever happens there
+        (``reason`` None: the workflow timeout expired)."""
+        if reason is None:
+            reason = self._timeout_reason
         if outcome == "aborted" and self._abort_reason is not None:
             outcome, reason = "failure", self._abort_reason
         self._ending = Ending(outcome, reason)
@@ -398,7 +417,7 @@ class WorkflowRun(Preparing):
 
     def expire_now(self) -> None:
         """Finish because the workflow ``timeout`` expired."""
-        reason = self.compiled.timeout_reason
+        reason = self._timeout_reason
         if self._ending is None:
             self._finish("failure", reason)
         else:
