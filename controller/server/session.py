@@ -111,6 +111,32 @@ class Session:
     notifications always go on the request connection.
     """
 
+    __slots__ = (  # one per connection: no instance dict (S5 memory per idle connection)
+        "_started",
+        "auth_failures",
+        "authenticated",
+        "callback",
+        "callback_port",
+        "calls",
+        "challenge",
+        "client_name",
+        "client_nonce",
+        "closed",
+        "connect_back",
+        "core",
+        "deadlines",
+        "draining",
+        "hangup",
+        "inflight",
+        "limits",
+        "log_calls",
+        "notified",
+        "peer",
+        "send",
+        "stats",
+        "subscriptions",
+    )
+
     def __init__(
         self,
         core: Core,

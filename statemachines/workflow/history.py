@@ -18,7 +18,24 @@ HISTORY_BYTES = 1 << 20
 #: by a note of their size (the journal has them whole).
 HISTORY_ENTRY_BYTES = 64 << 10
 _BIG_FIELDS = ("result", "params", "error", "inputs", "workflow_text")
-_json_size = json.JSONEncoder(default=str).encode  # len() of it: an entry's size
+_json_size = json.JSONEncoder(default=str).encode  # len() of it: a value's size
+_SMALL_FIELDS = 256  #: what an entry's other fields (names, times, numbers) take, at most
+
+
+def _size(entry: JournalEntry) -> int:
+    """An entry's size as JSON, near enough for the bound: its fields that can be large
+    measured, the others counted as :data:`_SMALL_FIELDS` (no encoding of a whole entry on
+    every step)."""
+    size = _SMALL_FIELDS
+    for name in _BIG_FIELDS:
+        value = entry.get(name)
+        if value is None or isinstance(value, (bool, int, float)):
+            size += 8
+        elif isinstance(value, str):
+            size += len(value) + 2
+        else:
+            size += len(_json_size(value))
+    return size
 
 
 class History:
@@ -33,7 +50,7 @@ class History:
 
     def add(self, entry: JournalEntry) -> None:
         """Add ``entry`` (slimmed if large), dropping the oldest entries over the bounds."""
-        size = len(_json_size(entry))
+        size = _size(entry)
         if size > HISTORY_ENTRY_BYTES:
             entry, size = _slim(entry)
         history, sizes = self.entries, self._sizes
@@ -62,4 +79,4 @@ def _slim(entry: JournalEntry) -> tuple[JournalEntry, int]:
             size = len(_json_size(slim[name]))
             if size > 1024:
                 slim[name] = f"({size} bytes: in the journal)"
-    return slim, len(_json_size(slim))  # type: ignore[return-value]
+    return slim, _size(slim)  # type: ignore[arg-type,return-value]
