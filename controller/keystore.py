@@ -508,10 +508,13 @@ class KeyStore:
                     created,
                     finished,
                 )
-            dropped = self._expired_keys(now) + self._over_bound()
-            for key in dropped:
+            dropped = self._expired_keys(now)
+            for key in dropped:  # expired first: the bound counts only what remains
                 self._index.pop(key, None)
-            return dropped
+            over = self._over_bound()
+            for key in over:
+                self._index.pop(key, None)
+            return dropped + over
 
         try:
             running = self._file.recover_and_load(now, load)

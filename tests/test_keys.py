@@ -35,7 +35,7 @@ gate = threading.Event()  # set by the tests that hold the handler
 LOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs.log")
 
 
-def work(ctx, tag="", hold=False, seconds=0, report=False, pad=0):
+def work(ctx, tag="", hold=False, seconds=0, report=False, pad=0, depth=0):
     with open(LOG, "a") as log:
         log.write(json.dumps({"tag": tag}) + "\\n")
     if hold:
@@ -48,6 +48,11 @@ def work(ctx, tag="", hold=False, seconds=0, report=False, pad=0):
         ctx.progress(1.0, "done")
     if pad:
         return {"tag": tag, "pad": "x" * pad}
+    if depth:
+        nested = []
+        for _ in range(depth):
+            nested = [nested]
+        return nested
     return {"tag": tag}
 
 
@@ -79,6 +84,7 @@ commands:
       seconds: {{type: number, min: 0, max: 60, default: 0}}
       report: {{type: boolean, default: false}}
       pad: {{type: integer, min: 0, max: 100000000, default: 0}}
+      depth: {{type: integer, min: 0, max: 100000, default: 0}}
   boom:
     from: [idle]
     handler: {name}_hw:boom
@@ -461,3 +467,46 @@ def test_a_state_notification_carries_the_interrupted_reason(tmp_path: Path) -> 
         assert change["method"] == "device.state"
         assert change["params"]["state"] == "idle" and "reason" not in change["params"]
         assert reply["id"] == "reset" and reply["result"] == "reset"
+
+
+def test_a_result_nested_too_deep_to_encode_is_answered_and_replayed(served: Served) -> None:
+    with served.raw() as raw:
+        first = keyed(raw, "keyed.work", {"tag": "d", "depth": 5000}, "k-deep", id=1)
+        assert kind(first) == "internal_error", first
+        again = keyed(raw, "keyed.work", {"tag": "d", "depth": 5000}, "k-deep", id=2)
+        assert kind(again) == "internal_error" and again["replayed"] is True
+        assert "not JSON" in first["error"]["message"] and "not JSON" in again["error"]["message"]
+        send(raw, "keyed.work", {"tag": "plain", "depth": 5000}, None, 3)  # no key: answered too
+        assert kind(raw.json()) == "internal_error"
+        assert keyed(raw, "keyed.work", {"tag": "next"}, "k-next", id=4)["result"] == {
+            "tag": "next"
+        }, "the device's lane goes on"
+    assert runs(served.directory) == ["d", "plain", "next"]
+
+
+def test_a_command_cancelled_by_a_graceful_stop_faults_its_device_at_restart(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    spec = load_device(write_device(tmp_path))
+    server = CommandServer(port=0, state_dir=state, grace=0.2)
+    runtime = add_device(server, spec)
+    server.start()
+    try:
+        raw = RawConnection(server.address)
+        send(raw, "keyed.work", {"tag": "s", "hold": True}, "k-stop", 1)
+        wait_until(lambda: runs(tmp_path) == ["s"], what="the handler to start")
+    finally:
+        server.stop()  # the handler sees ctx.cancelled and returns halfway
+    raw.close()
+    assert runtime.state != "busy"
+    server = CommandServer(port=0, state_dir=state)
+    runtime = add_device(server, spec)
+    with server, RawConnection(server.address) as raw:
+        assert runtime.state == "fault"
+        state_reply = raw.call("keyed.state")["result"]
+        assert state_reply["state"] == "fault" and state_reply["reason"] == "interrupted"
+        assert kind(keyed(raw, "keyed.work", {"tag": "s", "hold": True}, "k-stop", id=2)) == (
+            "interrupted"
+        )
+    assert runs(tmp_path) == ["s"]

@@ -234,17 +234,22 @@ class Keys:
             if not execution.call.started:
                 store.forget(key)
                 return message
-            outcome = _outcome(message, self.stopping)
+            cancelled = isinstance(message, ErrorResponse) and message.code == ek.CANCELLED
+            if self.stopping and cancelled:
+                # cancelled halfway by the server's stop: the row stays `running`, so the next
+                # start reads it as interrupted and starts the device in its fault state
+                return message
+            outcome = _outcome(message)
             try:
                 text = outcome.to_json()
-            except (TypeError, ValueError):  # a result that is not JSON: answered as such
+            except (TypeError, ValueError, RecursionError):  # not JSON: answered as such
                 outcome, text = _NOT_JSON, _NOT_JSON.to_json()
             else:
                 if isinstance(message, Response) and len(text) > execution.frame_room:
                     too_large = execution.too_large(message)
                     if too_large is not None:
                         message = too_large
-                        outcome = _outcome(message, False)
+                        outcome = _outcome(message)
                         text = outcome.to_json()
             store.finish(key, outcome, encoded=text)
         except KeyStoreClosed:
@@ -255,8 +260,9 @@ class Keys:
 
     def shutdown(self) -> None:
         """The server stops (loop thread): every execution is told to stop; those that have not
-        started never will (their keys are forgotten). A handler cancelled by the stop records
-        ``interrupted``: its device was stopped halfway."""
+        started never will (their keys are forgotten). A handler cancelled by the stop leaves its
+        key ``running`` on disk: the next start reads it as interrupted (the device was stopped
+        halfway) and starts that device in its fault state."""
         self.stopping = True
         for execution in list(self.live.values()):
             call = execution.call
@@ -273,18 +279,11 @@ class Keys:
 _NOT_JSON = Outcome.failure(ek.INTERNAL_ERROR, "Internal error: the result is not JSON")
 
 
-def _outcome(message: Message, stopping: bool) -> Outcome:
-    """The stored form of an execution's reply. A command cancelled by the server's stop is
-    recorded as interrupted (its device was stopped halfway)."""
+def _outcome(message: Message) -> Outcome:
+    """The stored form of an execution's reply."""
     if isinstance(message, Response):
         return Outcome.success(message.result)
     assert isinstance(message, ErrorResponse)
-    if stopping and message.code == ek.CANCELLED:
-        return Outcome.failure(
-            ek.INTERRUPTED,
-            "the command was running when its server stopped; it may have acted halfway",
-            {"reason": "shutdown"},
-        )
     return Outcome.failure(message.code, message.message, message.data)
 
 
@@ -351,14 +350,17 @@ class Execution:
         first = self.members[0]
         try:
             size = len(encode(Response(first.id, response.result))) - 1
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             return None  # not JSON: each reply says so
         if size <= self.max_frame:
             return None
         return reply_too_large(response.id, size, self.max_frame)
 
     def reply(self, call: Call, message: Message) -> None:
-        message = self.keys.ended(self, message)
+        try:
+            message = self.keys.ended(self, message)
+        except Exception:  # recording failed: every request is answered all the same
+            log.exception("key %r: recording its outcome failed", self.key)
         error: RpcError | None = None
         if isinstance(message, ErrorResponse):
             error = error_for(message.code, message.message, message.data)

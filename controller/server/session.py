@@ -330,7 +330,7 @@ class Session:
         is a handler's bug, which the server's operator must see."""
         try:
             data = encode(message)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:  # Recursion: nested too deep
             self.stats.count_error(ek.INTERNAL_ERROR)
             msg_id = getattr(message, "id", None)
             if isinstance(msg_id, float) and not math.isfinite(msg_id):
