@@ -131,6 +131,11 @@ def add_client_tls_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_plain_arg(parser: argparse.ArgumentParser) -> None:
+    """``--plain``: the run's progress as log lines instead of the live display."""
+    parser.add_argument("--plain", action="store_true", help="plain log lines, no live display")
+
+
 def add_state_dir_arg(parser: argparse.ArgumentParser, what: str) -> None:
     """``--state-dir DIR`` (``what``: what the subcommand keeps there)."""
     parser.add_argument(

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from .common import (
     UsageError,
     add_client_tls_args,
+    add_plain_arg,
     add_secret_args,
     add_state_dir_arg,
     client_ssl,
@@ -52,7 +53,7 @@ def register(sub: Subparsers) -> None:
         help="a server's new address (repeatable; default: the addresses the run used); "
         "without NAME= it stands for every server of the workflow",
     )
-    resume.add_argument("--plain", action="store_true", help="plain log lines, no live display")
+    add_plain_arg(resume)
     add_secret_args(resume)
     add_client_tls_args(resume)
 

@@ -24,6 +24,7 @@ from .common import (
     UsageError,
     abort_signals,
     add_client_tls_args,
+    add_plain_arg,
     add_secret_args,
     add_state_dir_arg,
     client_ssl,
@@ -73,7 +74,7 @@ def register(sub: Subparsers) -> None:
         help="set one of the workflow's inputs (VALUE is read as YAML: 25, 0.5, fast, [1, 2])",
     )
     add_journal_args(run)
-    run.add_argument("--plain", action="store_true", help="plain log lines, no live display")
+    add_plain_arg(run)
     add_secret_args(run)
     add_client_tls_args(run)
 
@@ -86,7 +87,7 @@ def register_demo(sub: Subparsers) -> None:
     )
     demo.set_defaults(handler=cmd_demo)
     add_journal_args(demo)
-    demo.add_argument("--plain", action="store_true", help="plain log lines, no live display")
+    add_plain_arg(demo)
 
 
 def add_journal_args(parser: argparse.ArgumentParser) -> None:
