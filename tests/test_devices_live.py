@@ -220,9 +220,25 @@ def test_gpio_pin_levels_follow_commands_over_sockets(demo: Any) -> None:
     reading = client.call("demo.read_sensor")
     assert 0 <= reading["distance"] <= 2
     assert isinstance(client.call("demo.read_button")["pressed"], bool)
-    button = server.devices["demo"].board.objects["button"]
-    button.pin.drive_low()  # pressed (pull-up wiring)
-    assert client.call("demo.read_button") == {"pressed": True}
+
+
+def test_button_reads_its_pin_level(tmp_path: Path) -> None:
+    # the shipped demo simulates presses on its own thread; a copy without that block leaves the
+    # button's mock pin to the test alone
+    simulated = "    simulate: {pressed: false, every: 5s, hold: 500ms}"
+    text = DEMO.read_text()
+    assert simulated in text
+    (tmp_path / "demo.yaml").write_text(text.replace(simulated, "    # no simulation"))
+    (tmp_path / "demo_hw.py").write_text((DEMO.parent / "demo_hw.py").read_text())
+    server = CommandServer(port=0, grace=0.5)
+    add_device(server, load_device(tmp_path / "demo.yaml"), simulate=True)
+    with server, Client(server.address) as client:
+        button = server.devices["demo"].board.objects["button"]
+        assert client.call("demo.read_button") == {"pressed": False}
+        button.pin.drive_low()  # pressed (pull-up wiring)
+        assert client.call("demo.read_button") == {"pressed": True}
+        button.pin.drive_high()
+        assert client.call("demo.read_button") == {"pressed": False}
 
 
 def test_discover_describes_devices(demo: Any) -> None:
