@@ -115,6 +115,15 @@ class ConnectionLostError(RpcError, ConnectionError):
     default_message = "Connection lost before the reply arrived"
 
 
+class NodeOfflineError(RpcError, ConnectionError):
+    """The fleet node is offline: its retained status says so (or it was never seen), or its
+    Last Will arrived while the command was in flight. The command may have run there if the
+    node went away mid-command: retry with the same key once the node is back."""
+
+    code = ek.OFFLINE
+    default_message = "The node is offline"
+
+
 _BY_CODE: dict[int, type[RpcError]] = {
     cls.code: cls
     for cls in (
@@ -132,6 +141,7 @@ _BY_CODE: dict[int, type[RpcError]] = {
         KeyConflictError,
         CommandInterruptedError,
         ConnectionLostError,
+        NodeOfflineError,
     )
 }
 

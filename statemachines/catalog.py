@@ -44,8 +44,8 @@ ParamRules = Mapping[str, Mapping[str, Any]]
 #: The command every device answers itself (``statemachines.device.spec.STATE_COMMAND``).
 _STATE = "state"
 
-#: Every error kind a server answers with (not ``connection_lost``: client side only), and
-#: what it means: ``components.errors`` of ``rpc.discover``, keyed by kind.
+#: Every error kind a server answers with (not ``connection_lost`` or ``offline``: client side
+#: only), and what it means: ``components.errors`` of ``rpc.discover``, keyed by kind.
 _ERROR_MEANINGS: dict[str, str] = {
     "parse_error": "The line is not JSON, not UTF-8, or nests too deep.",
     "invalid_request": "Valid JSON but not a valid request (or a batch or line too big).",

@@ -22,6 +22,7 @@ DEVICE_FAULT = -32006  #: the handler raised; the device moved to its fault stat
 KEY_CONFLICT = -32007  #: the idempotency key was used with another method or other params
 INTERRUPTED = -32008  #: the keyed command was running when its server stopped or crashed
 CONNECTION_LOST = -32010  #: client side only: the connection closed before the reply
+OFFLINE = -32011  #: client side only: the fleet node is offline (its status, or its Last Will)
 
 #: code -> kind name, as used in workflow ``on_error`` and ``retry.on``.
 KIND_BY_CODE: dict[int, str] = {
@@ -39,6 +40,7 @@ KIND_BY_CODE: dict[int, str] = {
     KEY_CONFLICT: "key_conflict",
     INTERRUPTED: "interrupted",
     CONNECTION_LOST: "connection_lost",
+    OFFLINE: "offline",
 }
 
 CODE_BY_KIND: dict[str, int] = {kind: code for code, kind in KIND_BY_CODE.items()}

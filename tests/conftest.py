@@ -95,3 +95,28 @@ def raw(request: pytest.FixtureRequest) -> Iterator[Callable[..., RawConnection]
     yield open_raw
     for conn in conns:
         conn.close()
+
+
+# -- the MQTT broker of the fleet tests (tests/mosquitto.py) ---------------------------------
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One real Mosquitto for the whole test session (anonymous, TCP_NODELAY, loopback, a free
+    port). Tests that stop, restart or kill a broker start their own ``Mosquitto``."""
+    from mosquitto import Mosquitto
+
+    with Mosquitto(tmp_path_factory.mktemp("mosquitto")) as running:
+        yield running
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    from mosquitto import MISSING, mosquitto_binary
+
+    binary = mosquitto_binary()
+    return f"mosquitto: {binary}" if binary else f"!!! {MISSING} !!!"
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    from mosquitto import MISSING, mosquitto_binary
+
+    if mosquitto_binary() is None:
+        terminalreporter.write_sep("!", MISSING, red=True, bold=True)

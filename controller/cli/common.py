@@ -19,13 +19,15 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from statemachines.addresses import Address, parse_address, split_named
+from statemachines.addresses import DEFAULT_TOPIC_PREFIX, Address, parse_address, split_named
 from statemachines.source import ConfigErrors
 
 from .. import auth
 
 if TYPE_CHECKING:
     from statemachines.device import DeviceSpec
+
+    from ..mqtt.options import MqttOptions
 
     #: what ``add_subparsers()`` returns: each subcommand module adds its parser to it
     Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -129,6 +131,46 @@ def add_client_tls_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tls-ca", metavar="FILE", help="CA bundle to verify the server (implies --tls)"
     )
+
+
+def add_mqtt_args(parser: argparse.ArgumentParser, *, tls_ca: bool = False) -> None:
+    """The broker options of every subcommand that may use MQTT (``mqtt://`` addresses,
+    ``--broker``); ``tls_ca`` adds ``--tls-ca`` (commands that have no TCP ``--tls-ca``)."""
+    group = parser.add_argument_group("MQTT broker (fleet; docs/fleet.md)")
+    group.add_argument("--mqtt-user", metavar="USER", help="broker user name")
+    group.add_argument(
+        "--mqtt-password-file",
+        metavar="PATH",
+        help="file holding the broker password (default: $STATELINK_MQTT_PASSWORD)",
+    )
+    group.add_argument(
+        "--topic-prefix",
+        default=DEFAULT_TOPIC_PREFIX,
+        metavar="PREFIX",
+        help=f"first topic level(s) of every statelink topic (default {DEFAULT_TOPIC_PREFIX})",
+    )
+    if tls_ca:
+        group.add_argument(
+            "--tls-ca", metavar="FILE", help="CA bundle to verify an mqtts:// broker"
+        )
+
+
+def mqtt_options(args: argparse.Namespace) -> MqttOptions:
+    """The :class:`MqttOptions` of :func:`add_mqtt_args`'s flags (and ``--tls-ca``);
+    UsageError for an unreadable password file, a password without user, a bad prefix."""
+    from ..mqtt.options import MqttOptions, read_password
+
+    try:
+        return MqttOptions(
+            user=getattr(args, "mqtt_user", None),
+            password=read_password(getattr(args, "mqtt_password_file", None))
+            if getattr(args, "mqtt_user", None)
+            else None,
+            tls_ca=getattr(args, "tls_ca", None),
+            topic_prefix=getattr(args, "topic_prefix", DEFAULT_TOPIC_PREFIX),
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc))
 
 
 def add_plain_arg(parser: argparse.ArgumentParser) -> None:
