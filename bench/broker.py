@@ -66,7 +66,10 @@ class Mosquitto:
             f"persistence_location {self.directory}/\n"
             "max_queued_messages 10000\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
-            f"log_dest file {self.log}\n" + extra
+            f"log_dest file {self.log}\n"
+            # as root, mosquitto drops to the user "mosquitto", who cannot read or write this
+            # private directory (log, persistence, password and ACL files): stay root
+            f"{'user root' if os.geteuid() == 0 else ''}\n" + extra
         )
         self.process: subprocess.Popen[bytes] | None = None
 

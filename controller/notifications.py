@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from statemachines.addresses import Address, format_address
+from statemachines.addresses import ServerAddress, format_address
 from statemachines.workflow import CompiledWorkflow, WorkflowRun
 
 from .errors import RpcError
@@ -36,7 +36,7 @@ log = logging.getLogger("statelink.runner")
 MAX_QUEUED_NOTIFICATIONS = 1000  #: notifications waiting for the dispatcher; more are dropped
 UNSUBSCRIBE_AFTER = 2.0  #: seconds nothing awaits a method before the runner unsubscribes
 
-_Key = tuple[Address, str]  #: (server address, method)
+_Key = tuple[ServerAddress, str]  #: (server address, method)
 
 
 class Notifications:
@@ -50,7 +50,7 @@ class Notifications:
 
     def __init__(
         self,
-        senders: Mapping[Address, Sender],
+        senders: Mapping[ServerAddress, Sender],
         scheduler: Scheduler,
         post: Post,
         wake: Callable[[], None],
@@ -66,7 +66,7 @@ class Notifications:
         self._wake = wake
         self._on_dispatcher = on_dispatcher
         self._closed = closed
-        self._notes: deque[tuple[Address, str, Any]] = deque()  #: one wake per note
+        self._notes: deque[tuple[ServerAddress, str, Any]] = deque()  #: one wake per note
         self._lock = threading.Lock()  #: guards _notes and dropped
         #: dispatcher only: (address, method) -> the runs awaiting it now (with the server name)
         self._awaiting: dict[_Key, dict[RunHandle, str]] = {}
@@ -77,7 +77,9 @@ class Notifications:
         """Notifications queued for the dispatcher (at most ``max_queued``)."""
         return len(self._notes)
 
-    def subscribe_awaited(self, compiled: CompiledWorkflow, addresses: dict[str, Address]) -> None:
+    def subscribe_awaited(
+        self, compiled: CompiledWorkflow, addresses: dict[str, ServerAddress]
+    ) -> None:
         """Caller's thread, before a run starts: subscribe to what its workflow awaits, so
         that its first await misses nothing (a sender keeps a subscription it has)."""
         for server, method in compiled.awaited():
@@ -93,7 +95,7 @@ class Notifications:
             else:  # unsubscribed again if no run awaits it after a while
                 self._unsubscribe_later((address, method))
 
-    def post(self, address: Address, method: str, params: Any) -> None:
+    def post(self, address: ServerAddress, method: str, params: Any) -> None:
         """A transport thread: queue a notification in order, or drop it when full."""
         with self._lock:
             if len(self._notes) >= self.max_queued:
@@ -123,7 +125,7 @@ class Notifications:
         else:
             self._post(self._reindex, handle)
 
-    def _handler(self, address: Address, method: str) -> Callable[[Any], None]:
+    def _handler(self, address: ServerAddress, method: str) -> Callable[[Any], None]:
         return functools.partial(self.post, address, method)
 
     def _reindex(self, handle: RunHandle) -> None:

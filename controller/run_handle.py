@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from statemachines import errorkinds as ek
-from statemachines.addresses import Address
+from statemachines.addresses import ServerAddress
 from statemachines.workflow import CompiledWorkflow, JournalEntry, WorkflowRun
 from statemachines.workflow.events import timestamp
 
@@ -69,7 +69,7 @@ class RunHandle:
         runner: HandleHost,
         compiled: CompiledWorkflow,
         run_id: str,
-        servers: dict[str, Address],
+        servers: dict[str, ServerAddress],
         senders: dict[str, Sender],
         context: Mapping[str, Any] | None,
         journal: JournalFile | None,

@@ -37,12 +37,20 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from statemachines.addresses import Address, format_address, parse_address
+from statemachines.addresses import (
+    BrokerUrl,
+    NodeAddress,
+    ServerAddress,
+    format_address,
+    parse_server,
+)
 from statemachines.workflow import CompiledWorkflow, WorkflowSpec
 
 from .client import Client
+from .client_base import BaseClient
+from .client_sender import ClientSender
 from .errors import ConnectionLostError, RpcError
 from .journal import RUNS_DIR, JournalFile, JournalWriter, check_new_journal_path
 from .notifications import MAX_QUEUED_NOTIFICATIONS, UNSUBSCRIBE_AFTER, Notifications
@@ -51,7 +59,10 @@ from .run_handle import Observer, RunHandle, describe_os_error
 from .scheduler import Scheduler
 from .senders import Sender
 from .statedir import default_state_dir
-from .tcp_sender import TcpSender
+
+if TYPE_CHECKING:
+    from .mqtt.broker_link import BrokerLink
+    from .mqtt.options import MqttOptions
 
 log = logging.getLogger("statelink.runner")
 #: the warning for a server not reachable at a run's start (the live view shows it its own way)
@@ -72,20 +83,21 @@ def new_run_id(name: str) -> str:
 
 
 def resolve_servers(
-    spec: WorkflowSpec, servers: Mapping[str, str | Address] | None = None
-) -> dict[str, Address]:
-    """The workflow's server addresses with ``servers`` overriding some of them.
+    spec: WorkflowSpec, servers: Mapping[str, str | ServerAddress] | None = None
+) -> dict[str, ServerAddress]:
+    """The workflow's server addresses (``HOST:PORT`` or ``mqtt://BROKER/NODE``) with
+    ``servers`` overriding some of them.
 
     Raises ValueError for a name the workflow does not have or a bad address.
     """
-    addresses = {name: parse_address(addr) for name, addr in spec.servers.items()}
+    addresses = {name: parse_server(addr) for name, addr in spec.servers.items()}
     for name, addr in (servers or {}).items():
         if name not in addresses:
             raise ValueError(
                 f"workflow {spec.name} has no server named {name!r} "
                 f"(servers: {', '.join(sorted(addresses)) or 'none'})"
             )
-        addresses[name] = parse_address(addr)
+        addresses[name] = parse_server(addr)
     return addresses
 
 
@@ -112,19 +124,24 @@ class WorkflowRunner:
         client_name: str = "statelink-runner",
         state_dir: str | os.PathLike[str] | None = None,
         journal_sync: str = "wal",
+        mqtt: MqttOptions | None = None,
     ) -> None:
         """``state_dir`` (default :func:`~controller.statedir.default_state_dir`) holds the
         runs' journals in ``runs/``; ``journal_sync``: the journal writer's ``sync`` mode.
+        ``secret``/``ssl``: for TCP servers; ``mqtt``: how to reach the brokers of
+        ``mqtt://`` servers (one connection per broker, shared by its nodes).
         Raises OSError if the state directory cannot be used."""
         self.secret = secret
         self.ssl = ssl
+        self.mqtt = mqtt
         self.client_name = client_name
         self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
         #: the one journal writer of every run of this runner (closed by close())
         self.journals = JournalWriter(self.state_dir / RUNS_DIR, sync=journal_sync).start()
         self.scheduler = Scheduler("statelink-runner-timers")
-        self._senders: dict[Address, TcpSender] = {}
-        self._lock = threading.Lock()  #: guards _senders and _closed
+        self._senders: dict[ServerAddress, ClientSender] = {}
+        self._links: dict[BrokerUrl, BrokerLink] = {}  #: one per broker, for every node
+        self._lock = threading.Lock()  #: guards _senders, _links and _closed
         self._events: queue.SimpleQueue[_Event | None] = queue.SimpleQueue()  # None: stop
         self._timers: deque[_Event] = deque()  #: run before any queued event (_WAKE)
         #: the await index, the bounded notification queue, the subscriptions
@@ -151,7 +168,7 @@ class WorkflowRunner:
         self,
         workflow: WorkflowSpec | CompiledWorkflow,
         *,
-        servers: Mapping[str, str | Address] | None = None,
+        servers: Mapping[str, str | ServerAddress] | None = None,
         run_id: str | None = None,
         journal: JournalOption = None,
         observer: Observer | None = None,
@@ -215,7 +232,7 @@ class WorkflowRunner:
         self,
         path: str | os.PathLike[str],
         *,
-        servers: Mapping[str, str | Address] | None = None,
+        servers: Mapping[str, str | ServerAddress] | None = None,
         observer: Observer | None = None,
     ) -> RunHandle:
         """Continue the interrupted run of the journal at ``path`` (see :mod:`.resume`);
@@ -269,7 +286,7 @@ class WorkflowRunner:
         self,
         compiled: CompiledWorkflow,
         run_id: str,
-        servers: dict[str, Address],
+        servers: dict[str, ServerAddress],
         senders: dict[str, Sender],
         context: Mapping[str, Any] | None,
         journal: JournalFile | None,
@@ -344,7 +361,7 @@ class WorkflowRunner:
     def unsubscribe_after(self, value: float) -> None:
         self.notifications.unsubscribe_after = value
 
-    def sender(self, address: Address) -> TcpSender:
+    def sender(self, address: ServerAddress) -> ClientSender:
         """The sender of one server address (created on first use, not connected yet).
         Raises :class:`ConnectionLostError` once the runner is closed."""
         with self._lock:
@@ -352,24 +369,47 @@ class WorkflowRunner:
                 raise ConnectionLostError("the workflow runner is closed")
             sender = self._senders.get(address)
             if sender is None:
-                sender = self._senders[address] = TcpSender(
-                    address,
-                    self.post,
-                    name=self.client_name,
-                    secret=self.secret,
-                    ssl=self.ssl,
-                    scheduler=self.scheduler,
-                )
+                connect = functools.partial(self._new_client, address)
+                sender = self._senders[address] = ClientSender(address, self.post, connect)
             return sender
 
-    def client(self, address: Address) -> Client:
-        """The shared client of one server address, connected on first use.
+    def _new_client(self, address: ServerAddress) -> BaseClient:
+        """A connected client of ``address`` (a sender's connect thread; blocks)."""
+        if isinstance(address, NodeAddress):
+            from .mqtt.client import MqttClient
+
+            return MqttClient(
+                address, link=self._link(address), scheduler=self.scheduler, name=self.client_name
+            )
+        return Client(
+            address,
+            name=self.client_name,
+            secret=self.secret,
+            ssl=self.ssl,
+            scheduler=self.scheduler,
+        )
+
+    def _link(self, address: NodeAddress) -> BrokerLink:
+        """The one broker connection of ``address``'s broker (connected by its first client)."""
+        from .mqtt.broker_link import BrokerLink
+
+        with self._lock:
+            if self._closed:
+                raise ConnectionLostError("the workflow runner is closed")
+            link = self._links.get(address.broker)
+            if link is None:
+                link = self._links[address.broker] = BrokerLink(address.broker, self.mqtt)
+            return link
+
+    def client(self, address: ServerAddress | str) -> BaseClient:
+        """The shared client of one server address (``HOST:PORT`` or
+        ``mqtt://BROKER/NODE``), connected on first use.
 
         Raises ``OSError``/:class:`RpcError` when the server cannot be reached, and
         :class:`ConnectionLostError` once the runner is closed. Connects to different
         addresses run in parallel.
         """
-        return self.sender(address).client()
+        return self.sender(parse_server(address)).client()
 
     def close(self) -> None:
         """Abort nothing; stop the dispatcher, write out the journals, stop the senders and
@@ -381,6 +421,7 @@ class WorkflowRunner:
                 return
             self._closed = True
             senders = list(self._senders.values())
+            links = list(self._links.values())
         self._events.put(None)
         self._dispatcher.join(timeout=10)
         self.journals.close()  # everything queued is written; never raises
@@ -388,6 +429,8 @@ class WorkflowRunner:
             handle._end()  # wait() returns (outcome None: it never finished)
         for sender in senders:
             sender.close()
+        for link in links:
+            link.close()
         self.scheduler.close()
 
     def __enter__(self) -> WorkflowRunner:

@@ -2,8 +2,9 @@
 
 The runner (:mod:`controller.runner`) only dispatches events to runs. Everything that depends
 on how commands reach a server (connecting, the server's in-flight bound, sending, cancelling)
-sits behind this interface; :class:`controller.tcp_sender.TcpSender` implements it for the
-line-delimited JSON-RPC connection, and a second transport implements the same protocol.
+sits behind this interface; :class:`controller.client_sender.ClientSender` implements it over
+any client (TCP :class:`~controller.client.Client`, MQTT
+:class:`~controller.mqtt.client.MqttClient`).
 
 Threads: ``send`` and ``cancel`` are called on the runner's dispatcher thread and never block;
 a sender hands every outcome back through the runner's :class:`Post`, so that the run sees
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from statemachines.addresses import Address
+from statemachines.addresses import ServerAddress
 from statemachines.workflow import WorkflowRun
 
 #: a notification handler: ``handler(params)``, on a transport thread (post, do not block)
@@ -50,7 +51,7 @@ class Sender(Protocol):
     """The runner's link to one server address."""
 
     @property
-    def address(self) -> Address: ...
+    def address(self) -> ServerAddress: ...
 
     def connect(self) -> None:
         """Connect now if not connected (blocks; never on the dispatcher thread). Raises

@@ -33,19 +33,26 @@ def journal_entries(path: Path, sends: bool = False) -> list[dict[str, Any]]:
 
 
 class ServeProcess:
-    """``statelink serve --port PORT ...`` in the background (PORT 0: a free one).
+    """``statelink serve --port PORT ...`` in the background (PORT 0: a free one; None: no
+    ``--port``, for a node that serves MQTT only: ``args`` then give ``--broker``).
+
+    Ready once the server logs its address: ``address`` (``--port``) and, with ``--broker``,
+    ``node`` and ``broker`` (from ``serving node NODE on URL``; None without ``--broker``).
 
     Without ``--state-dir`` in ``args`` the server gets a fresh temporary state dir (removed
     when it stops), never the user's default one, which another server may hold."""
 
-    def __init__(self, *args: str, port: int = 0):
+    def __init__(self, *args: str, port: int | None = 0):
         self._state_dir: tempfile.TemporaryDirectory[str] | None = None
         if not any(a == "--state-dir" or a.startswith("--state-dir=") for a in args):
             self._state_dir = tempfile.TemporaryDirectory(prefix="statelink-state-")
             args = (*args, "--state-dir", self._state_dir.name)
         self.args = args
+        self.node: str | None = None
+        self.broker: str | None = None
+        port_args = () if port is None else ("--port", str(port))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "controller", "serve", "--port", str(port), *args],
+            [sys.executable, "-m", "controller", "serve", *port_args, *args],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
@@ -54,7 +61,11 @@ class ServeProcess:
         self.lines: queue.Queue[str] = queue.Queue()
         self._pump_thread = threading.Thread(target=self._pump, daemon=True)
         self._pump_thread.start()
-        self.address = self._wait_for_address()
+        self.address: tuple[str, int] = ("", 0)
+        self._wait_until_serving(
+            tcp=port is not None,
+            mqtt=any(a == "--broker" or a.startswith("--broker=") for a in args),
+        )
 
     def _pump(self) -> None:
         assert self.proc.stderr is not None
@@ -62,14 +73,17 @@ class ServeProcess:
             self.lines.put(line)
         self.lines.put("")
 
-    def _wait_for_address(self) -> tuple[str, int]:
-        while True:
+    def _wait_until_serving(self, *, tcp: bool, mqtt: bool) -> None:
+        while (tcp and not self.address[1]) or (mqtt and self.node is None):
             line = self.lines.get(timeout=WAIT)
             if not line:
                 raise AssertionError(f"statelink serve exited with {self.proc.wait(5)}")
             match = re.search(r"serving on ([\d.]+):(\d+)", line)
             if match:
-                return match.group(1), int(match.group(2))
+                self.address = (match.group(1), int(match.group(2)))
+            match = re.search(r"serving node (\S+) on (\S+) \(prefix", line)
+            if match:
+                self.node, self.broker = match.group(1), match.group(2)
 
     @property
     def server(self) -> str:

@@ -27,7 +27,7 @@ def undocumented(parser: argparse.ArgumentParser) -> list[str]:
 
 
 def test_the_walk_finds_every_subcommand() -> None:
-    names = "serve call run resume runs check graph demo"
+    names = "serve call run resume runs check fleet graph demo"
     assert set(subcommands()) == set(names.split())
 
 

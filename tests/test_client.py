@@ -819,9 +819,9 @@ def test_a_reply_after_the_client_timeout_goes_to_on_late(clients):
 
 
 def test_timed_out_requests_are_remembered_up_to_a_bound(clients, monkeypatch):
-    import controller.client as client_module
+    import controller.client_base as client_base
 
-    monkeypatch.setattr(client_module, "MAX_LATE", 2)
+    monkeypatch.setattr(client_base, "MAX_LATE", 2)
 
     def script(conn, lines, send):
         for _ in range(3):

@@ -1,14 +1,16 @@
-"""``statelink``: serve devices, call commands, run/resume/list/check/draw workflows, run the
-demo.
+"""``statelink``: serve devices, call commands, run/resume/list/check/draw workflows, list a
+fleet, run the demo.
 
 Exit codes: 0 success; 1 a command error, a failed workflow, or the server could not start;
-2 an invalid config or usage; 3 the server is unreachable; 130 interrupted by Ctrl-C
-(SIGINT), 143 by SIGTERM, 129 by SIGHUP (``run``, ``demo`` and ``call``: a workflow runs its
-on_abort state first, a call asks the server to cancel its command).
+2 an invalid config or usage; 3 the server (or the MQTT broker) is unreachable; 130
+interrupted by Ctrl-C (SIGINT), 143 by SIGTERM, 129 by SIGHUP (``run``, ``demo`` and
+``call``: a workflow runs its on_abort state first, a call asks the server to cancel its
+command).
 
-One module per subcommand (``serve``, ``call``, ``check``, ``graph``, ``run`` with ``demo``,
-``resume``, ``runs``), each adding its parser with ``register(subparsers)``; what they share
-is in :mod:`controller.cli.common`. This module only assembles the parser and dispatches.
+One module per subcommand (``serve``, ``call``, ``check``, ``fleet``, ``graph``, ``run`` with
+``demo``, ``resume``, ``runs``), each adding its parser with ``register(subparsers)``; what
+they share is in :mod:`controller.cli.common`. This module only assembles the parser and
+dispatches.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Sequence
 
 from statemachines.source import ConfigErrors
 
-from . import call, check, graph, resume, run, runs, serve
+from . import call, check, fleet, graph, resume, run, runs, serve
 from .common import (
     EXIT_ABORTED,
     EXIT_FAILED,
@@ -65,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         resume.register,
         runs.register,
         check.register,
+        fleet.register,
         graph.register,
         run.register_demo,
     ):  # in the order of --help

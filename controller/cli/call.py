@@ -13,7 +13,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from statemachines import errorkinds as ek
-from statemachines.addresses import DEFAULT_PORT, format_address
+from statemachines.addresses import DEFAULT_PORT, NodeAddress, ServerAddress, format_address
 from statemachines.source import suggest
 
 from .common import (
@@ -23,16 +23,19 @@ from .common import (
     UsageError,
     abort_signals,
     add_client_tls_args,
+    add_mqtt_args,
     add_secret_args,
     address_option,
     client_ssl,
     examples,
+    mqtt_options,
     read_secret,
     seconds,
     signal_exit_code,
 )
 
 if TYPE_CHECKING:
+    from ..client_base import BaseClient
     from .common import Subparsers
 
 
@@ -44,14 +47,17 @@ def register(sub: Subparsers) -> None:
         **examples(
             "statelink call demo.calibrate '{\"steps\": 3}' --timeout 30",
             "statelink call --server 192.168.1.20:15769 rpc.discover",
+            "statelink call --server mqtt://broker.lan/pi-1 demo.state",
         ),
     )
     call.set_defaults(handler=cmd_call)
     call.add_argument(
         "--server",
+        "-s",
         default=f"127.0.0.1:{DEFAULT_PORT}",
-        metavar="HOST:PORT",
-        help=f"the server to call (default 127.0.0.1:{DEFAULT_PORT})",
+        metavar="HOST:PORT|mqtt://BROKER/NODE",
+        help=f"the server to call, or a fleet node behind an MQTT broker (default "
+        f"127.0.0.1:{DEFAULT_PORT})",
     )
     call.add_argument(
         "--timeout",
@@ -61,6 +67,7 @@ def register(sub: Subparsers) -> None:
     )
     add_secret_args(call)
     add_client_tls_args(call)
+    add_mqtt_args(call)
     call.add_argument("method", help="e.g. demo.state, rpc.discover")
     call.add_argument(
         "params",
@@ -89,30 +96,29 @@ def cmd_call(args: argparse.Namespace) -> int:
 
 
 def _call(args: argparse.Namespace) -> int:
-    from ..client import Client
-    from ..errors import ClientTimeoutError, ConnectionLostError, RpcError, UnauthorizedError
+    from ..errors import (
+        ClientTimeoutError,
+        ConnectionLostError,
+        NodeOfflineError,
+        RpcError,
+        UnauthorizedError,
+    )
 
     params = json_params(args.params)
     address = address_option("--server", args.server)
     where = format_address(address)
     try:
-        client = Client(
-            address,
-            name="statelink-call",
-            secret=read_secret(args),
-            ssl=client_ssl(args),
-            reconnect=False,
-            connect_timeout=min(args.timeout, 10.0),
-        )
+        client = _connect(address, args)
     except UnauthorizedError as exc:
         print(f"error {exc.code}: {exc.message}", file=sys.stderr)
         return EXIT_FAILED
     except (OSError, ConnectionLostError) as exc:
-        print(
-            f"cannot reach {where}: {exc} "
-            "(is `statelink serve` running there? --server HOST:PORT picks another)",
-            file=sys.stderr,
+        hint = (
+            ""
+            if isinstance(address, NodeAddress)
+            else " (is `statelink serve` running there? --server HOST:PORT picks another)"
         )
+        print(f"cannot reach {where}: {exc}{hint}", file=sys.stderr)
         return EXIT_UNREACHABLE
     with client:
         if sys.stderr.isatty():
@@ -135,7 +141,7 @@ def _call(args: argparse.Namespace) -> int:
             except OSError:  # the terminal is gone (SIGHUP)
                 pass
             return signal_exit_code(getattr(interrupt, "signum", signal.SIGINT))
-        except ConnectionLostError as exc:
+        except (ConnectionLostError, NodeOfflineError) as exc:
             print(f"cannot reach {where}: {exc.message}", file=sys.stderr)
             return EXIT_UNREACHABLE
         except ClientTimeoutError as exc:
@@ -152,6 +158,28 @@ def _call(args: argparse.Namespace) -> int:
             return EXIT_FAILED
     print(json.dumps(result, indent=2, ensure_ascii=False))
     return EXIT_OK
+
+
+def _connect(address: ServerAddress, args: argparse.Namespace) -> BaseClient:
+    """The connected client of ``--server``: TCP, or a fleet node through its broker."""
+    connect_timeout = min(args.timeout, 10.0)
+    if isinstance(address, NodeAddress):
+        import dataclasses
+
+        from ..mqtt.client import MqttClient
+
+        options = dataclasses.replace(mqtt_options(args), connect_timeout=connect_timeout)
+        return MqttClient(address, options=options, name="statelink-call")
+    from ..client import Client
+
+    return Client(
+        address,
+        name="statelink-call",
+        secret=read_secret(args),
+        ssl=client_ssl(args),
+        reconnect=False,
+        connect_timeout=connect_timeout,
+    )
 
 
 def _progress_printer(client: Any) -> Any:

@@ -4,19 +4,21 @@ configs (``--device``) or live servers (``--server``, by ``rpc.discover``)."""
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from statemachines.addresses import format_address
+from statemachines.addresses import NodeAddress, ServerAddress, format_address
 from statemachines.source import ConfigError, ConfigErrors
 
 from .common import (
     EXIT_OK,
     UsageError,
     add_client_tls_args,
+    add_mqtt_args,
     add_secret_args,
     client_ssl,
     examples,
     load_devices,
+    mqtt_options,
     plural,
     read_secret,
     server_options,
@@ -39,6 +41,7 @@ def register(sub: Subparsers) -> None:
             "statelink check config/devices/demo.yaml config/workflows/demo.yaml",
             "statelink check config/workflows/demo.yaml --device config/devices/demo.yaml",
             "statelink check config/workflows/demo.yaml --server 127.0.0.1:15769",
+            "statelink check config/workflows/demo.yaml --server device=mqtt://broker.lan/pi-1",
         ),
     )
     check.set_defaults(handler=cmd_check)
@@ -56,12 +59,14 @@ def register(sub: Subparsers) -> None:
         "--server",
         action="append",
         default=[],
-        metavar="[NAME=]HOST:PORT",
-        help="check workflows against a live server (rpc.discover); without NAME= it stands "
+        metavar="[NAME=]ADDRESS",
+        help="check workflows against a live server (rpc.discover) or a fleet node "
+        "(mqtt://BROKER/NODE: its retained discover document); without NAME= it stands "
         "for every server of the workflow",
     )
     add_secret_args(check)
     add_client_tls_args(check)
+    add_mqtt_args(check)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -122,9 +127,6 @@ def catalogs_of(args: argparse.Namespace) -> dict[str, Catalog]:
     server)."""
     from statemachines.device import catalog_from_discover
 
-    from ..client import Client
-    from ..errors import RpcError
-
     catalogs: dict[str, Catalog] = {}
     if args.device:
         merged: dict[str, CommandInfo] = {}
@@ -132,16 +134,35 @@ def catalogs_of(args: argparse.Namespace) -> dict[str, Catalog]:
             merged.update(spec.catalog())
         catalogs["*"] = merged
     for name, address in server_options(args.server):
-        try:
-            with Client(
-                address,
-                name="statelink-check",
-                reconnect=False,
-                secret=read_secret(args),
-                ssl=client_ssl(args),
-            ) as client:
-                described = client.call("rpc.discover", timeout=10.0)
-        except (OSError, ValueError, RpcError) as exc:
-            raise UsageError(f"cannot discover {format_address(address)}: {exc}")
-        catalogs[name or "*"] = catalog_from_discover(described)
+        catalogs[name or "*"] = catalog_from_discover(discover(address, args))
     return catalogs
+
+
+def discover(address: ServerAddress, args: argparse.Namespace) -> Any:
+    """The ``rpc.discover`` document of a server, or of a fleet node (its retained
+    ``P/NODE/discover``: works while the node is offline). UsageError when there is none."""
+    from ..client import Client
+    from ..errors import RpcError
+
+    try:
+        if isinstance(address, NodeAddress):
+            from ..mqtt.broker_link import read_discover
+
+            described = read_discover(address, mqtt_options(args))
+            if described is None:
+                raise UsageError(
+                    f"no discover document for node {address.node} on {address.broker} "
+                    "(a node publishes it when it connects: has "
+                    f"`statelink serve --broker ... --node {address.node}` ever run?)"
+                )
+            return described
+        with Client(
+            address,
+            name="statelink-check",
+            reconnect=False,
+            secret=read_secret(args),
+            ssl=client_ssl(args),
+        ) as client:
+            return client.call("rpc.discover", timeout=10.0)
+    except (OSError, ValueError, RpcError) as exc:
+        raise UsageError(f"cannot discover {format_address(address)}: {exc}")

@@ -19,7 +19,12 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from statemachines.addresses import DEFAULT_TOPIC_PREFIX, Address, parse_address, split_named
+from statemachines.addresses import (
+    DEFAULT_TOPIC_PREFIX,
+    ServerAddress,
+    parse_server,
+    split_named,
+)
 from statemachines.source import ConfigErrors
 
 from .. import auth
@@ -222,17 +227,19 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def address_option(option: str, text: str) -> Address:
-    """``HOST:PORT`` of an option, or a UsageError saying what is wrong."""
+def address_option(option: str, text: str) -> ServerAddress:
+    """``HOST:PORT`` or ``mqtt://BROKER[:PORT]/NODE`` of an option, or a UsageError saying
+    what is wrong."""
     try:
-        return parse_address(text)
+        return parse_server(text)
     except ValueError as exc:
         raise UsageError(f"{option} {text!r}: {exc}")
 
 
-def server_options(items: Sequence[str]) -> list[tuple[str | None, Address]]:
-    """The ``--server [NAME=]HOST:PORT`` values of ``run`` and ``check``, in order (name None:
-    a bare address). UsageError for a malformed one."""
+def server_options(items: Sequence[str]) -> list[tuple[str | None, ServerAddress]]:
+    """The ``--server [NAME=]ADDRESS`` values of ``run``, ``resume`` and ``check``, in order
+    (name None: a bare address; ADDRESS ``HOST:PORT`` or ``mqtt://BROKER/NODE``). UsageError
+    for a malformed one."""
     servers = []
     for item in items:
         try:

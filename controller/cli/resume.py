@@ -11,14 +11,18 @@ import ssl as ssl_module
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from statemachines.addresses import DEFAULT_TOPIC_PREFIX
+
 from .common import (
     UsageError,
     add_client_tls_args,
+    add_mqtt_args,
     add_plain_arg,
     add_secret_args,
     add_state_dir_arg,
     client_ssl,
     examples,
+    mqtt_options,
     read_secret,
     say,
     state_dir_option,
@@ -26,6 +30,7 @@ from .common import (
 from .run import drive, server_overrides
 
 if TYPE_CHECKING:
+    from ..mqtt.options import MqttOptions
     from ..runner import RunHandle
     from .common import Subparsers
     from .progress import ProgressView
@@ -49,13 +54,15 @@ def register(sub: Subparsers) -> None:
         "--server",
         action="append",
         default=[],
-        metavar="[NAME=]HOST:PORT",
-        help="a server's new address (repeatable; default: the addresses the run used); "
-        "without NAME= it stands for every server of the workflow",
+        metavar="[NAME=]ADDRESS",
+        help="a server's new address, HOST:PORT or mqtt://BROKER[:PORT]/NODE (repeatable; "
+        "default: the addresses the run used); without NAME= it stands for every server of "
+        "the workflow",
     )
     add_plain_arg(resume)
     add_secret_args(resume)
     add_client_tls_args(resume)
+    add_mqtt_args(resume)
 
 
 def _recorded_options(path: Path) -> dict[str, Any]:
@@ -92,6 +99,22 @@ def _ssl(args: argparse.Namespace, options: dict[str, Any]) -> ssl_module.SSLCon
         raise UsageError(f"the run used the CA bundle {ca}: {exc}")
 
 
+def _mqtt(args: argparse.Namespace, options: dict[str, Any]) -> MqttOptions:
+    """The broker options: the command line's, else what the run used (user, password file,
+    topic prefix, CA bundle; the password itself is never recorded)."""
+    recorded = argparse.Namespace(**vars(args))
+    if not args.mqtt_user and isinstance(options.get("mqtt_user"), str):
+        recorded.mqtt_user = options["mqtt_user"]
+        if not args.mqtt_password_file and isinstance(options.get("mqtt_password_file"), str):
+            recorded.mqtt_password_file = options["mqtt_password_file"]
+    prefix = options.get("topic_prefix")
+    if args.topic_prefix == DEFAULT_TOPIC_PREFIX and isinstance(prefix, str):
+        recorded.topic_prefix = prefix
+    if not args.tls_ca and isinstance(options.get("tls_ca"), str):
+        recorded.tls_ca = options["tls_ca"]
+    return mqtt_options(recorded)
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     from ..journal import JournalBusy
     from ..resume import find_journal, load_interrupted
@@ -109,6 +132,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
             ssl=_ssl(args, options),
             client_name="statelink-resume",
             state_dir=directory,
+            mqtt=_mqtt(args, options),
         )
     except OSError as exc:
         raise UsageError(f"cannot use the state directory {directory}: {describe_os_error(exc)}")

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from statemachines.addresses import Address
+from statemachines.addresses import ServerAddress
 
 from .common import (
     EXIT_ABORTED,
@@ -24,11 +24,13 @@ from .common import (
     UsageError,
     abort_signals,
     add_client_tls_args,
+    add_mqtt_args,
     add_plain_arg,
     add_secret_args,
     add_state_dir_arg,
     client_ssl,
     examples,
+    mqtt_options,
     read_secret,
     say,
     server_options,
@@ -41,6 +43,7 @@ from .progress import ProgressView
 if TYPE_CHECKING:
     from statemachines.workflow import WorkflowSpec
 
+    from ..mqtt.options import MqttOptions
     from ..runner import RunHandle, WorkflowRunner
     from .common import Subparsers
 
@@ -54,6 +57,7 @@ def register(sub: Subparsers) -> None:
         **examples(
             "statelink run config/workflows/demo.yaml",
             "statelink run config/workflows/demo.yaml --server device=192.168.1.20:15769 --plain",
+            "statelink run config/workflows/demo.yaml --server device=mqtt://broker.lan/pi-1",
         ),
     )
     run.set_defaults(handler=cmd_run)
@@ -62,9 +66,10 @@ def register(sub: Subparsers) -> None:
         "--server",
         action="append",
         default=[],
-        metavar="[NAME=]HOST:PORT",
-        help="override a server address of the workflow (repeatable); without NAME= it "
-        "stands for every server of the workflow",
+        metavar="[NAME=]ADDRESS",
+        help="override a server address of the workflow (repeatable): HOST:PORT, or a fleet "
+        "node mqtt://BROKER[:PORT]/NODE; without NAME= it stands for every server of the "
+        "workflow",
     )
     run.add_argument(
         "--set",
@@ -77,6 +82,7 @@ def register(sub: Subparsers) -> None:
     add_plain_arg(run)
     add_secret_args(run)
     add_client_tls_args(run)
+    add_mqtt_args(run)
 
 
 def register_demo(sub: Subparsers) -> None:
@@ -112,9 +118,9 @@ def shipped_config_dir() -> Path:
     raise UsageError("cannot find the shipped config/ folder; reinstall statelink (pip install .)")
 
 
-def server_overrides(spec: WorkflowSpec, items: Sequence[str]) -> dict[str, Address]:
-    """``--server`` values: ``NAME=HOST:PORT`` for one server, a bare address for all."""
-    overrides: dict[str, Address] = {}
+def server_overrides(spec: WorkflowSpec, items: Sequence[str]) -> dict[str, ServerAddress]:
+    """``--server`` values: ``NAME=ADDRESS`` for one server, a bare address for all."""
+    overrides: dict[str, ServerAddress] = {}
     for name, address in server_options(items):
         for server in [name] if name is not None else list(spec.servers):
             overrides[server] = address
@@ -139,7 +145,7 @@ def input_values(items: Sequence[str]) -> dict[str, Any]:
 
 def execute(
     spec: WorkflowSpec,
-    servers: Mapping[str, str | Address],
+    servers: Mapping[str, str | ServerAddress],
     *,
     journal: str | None,
     plain: bool,
@@ -148,6 +154,7 @@ def execute(
     inputs: Mapping[str, Any] | None = None,
     state_dir: str | None = None,
     options: Mapping[str, Any] | None = None,
+    mqtt: MqttOptions | None = None,
 ) -> int:
     """Run one workflow to its end with a progress view (:func:`drive`); the exit code of its
     outcome.
@@ -168,7 +175,7 @@ def execute(
     directory = state_dir_option(state_dir)
     try:
         runner = WorkflowRunner(
-            secret=secret, ssl=ssl, client_name="statelink-run", state_dir=directory
+            secret=secret, ssl=ssl, client_name="statelink-run", state_dir=directory, mqtt=mqtt
         )
     except OSError as exc:
         raise UsageError(f"cannot use the state directory {directory}: {describe_os_error(exc)}")
@@ -275,12 +282,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         inputs=input_values(args.set),
         state_dir=args.state_dir,
         options=behaviour_options(args),
+        mqtt=mqtt_options(args),
     )
 
 
 def behaviour_options(args: argparse.Namespace) -> dict[str, Any]:
     """The options of a run that change its behaviour, for its ``start`` entry (a resume
-    uses them): paths made absolute; never the secret itself."""
+    uses them): paths made absolute; never a secret or a password itself."""
 
     def absolute(path: str | None) -> str | None:
         return os.path.abspath(path) if path else None
@@ -289,6 +297,9 @@ def behaviour_options(args: argparse.Namespace) -> dict[str, Any]:
         "secret_file": absolute(getattr(args, "secret_file", None)),
         "tls": bool(getattr(args, "tls", False) or getattr(args, "tls_ca", None)),
         "tls_ca": absolute(getattr(args, "tls_ca", None)),
+        "mqtt_user": getattr(args, "mqtt_user", None),
+        "mqtt_password_file": absolute(getattr(args, "mqtt_password_file", None)),
+        "topic_prefix": getattr(args, "topic_prefix", None),
     }
 
 

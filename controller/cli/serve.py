@@ -1,10 +1,12 @@
-"""``statelink serve``: the command server in the foreground, serving device configs."""
+"""``statelink serve``: the command server in the foreground, serving device configs over TCP
+(``--port``), through an MQTT broker as a fleet node (``--broker``, docs/fleet.md), or both."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import signal
+import socket
 import ssl
 import sys
 import threading
@@ -13,23 +15,27 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from statemachines.addresses import DEFAULT_PORT
+from statemachines.addresses import DEFAULT_PORT, check_node_name, parse_broker
 from statemachines.source import ConfigError, ConfigErrors
 
 from ..protocol import DEFAULT_MAX_BATCH, DEFAULT_MAX_DEPTH, DEFAULT_MAX_FRAME
 from .common import (
     EXIT_FAILED,
     EXIT_OK,
+    EXIT_UNREACHABLE,
     UsageError,
+    add_mqtt_args,
     add_secret_args,
     examples,
     is_loopback,
     load_devices,
+    mqtt_options,
     read_secret,
     seconds,
 )
 
 if TYPE_CHECKING:
+    from statemachines.addresses import BrokerUrl
     from statemachines.device import DeviceSpec
 
     from .common import Subparsers
@@ -42,6 +48,7 @@ def register(sub: Subparsers) -> None:
         **examples(
             "statelink serve --device config/devices/demo.yaml --simulate",
             "statelink serve --host 0.0.0.0 --secret-file /etc/statelink/secret --device door.yaml",
+            "statelink serve --broker mqtt://broker.lan --node pi-door --device door.yaml",
         ),
     )
     serve.set_defaults(handler=cmd_serve)
@@ -50,7 +57,23 @@ def register(sub: Subparsers) -> None:
         default="127.0.0.1",
         help="address to listen on (default 127.0.0.1; others need a secret)",
     )
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help=f"TCP port to listen on (default {DEFAULT_PORT}; with --broker: none unless given)",
+    )
+    serve.add_argument(
+        "--broker",
+        metavar="URL",
+        help="serve as a fleet node through this MQTT broker: mqtt://HOST[:PORT] or mqtts:// "
+        "(connects out; no TCP port unless --port is given too)",
+    )
+    serve.add_argument(
+        "--node",
+        metavar="NAME",
+        help="this node's name in the fleet (with --broker; default: the host name)",
+    )
     serve.add_argument("--workers", type=int, default=8, help="worker threads (default 8)")
     serve.add_argument(
         "--device",
@@ -126,6 +149,7 @@ def register(sub: Subparsers) -> None:
         default=4 << 20,
         help="bytes queued to a client that does not read, then it is closed",
     )
+    add_mqtt_args(serve, tls_ca=True)
 
 
 def _duration(text: str) -> float:
@@ -170,14 +194,40 @@ def check_handlers(specs: Sequence[DeviceSpec]) -> None:
         raise ConfigErrors(errors)
 
 
+def fleet_node(args: argparse.Namespace) -> tuple[BrokerUrl, str] | None:
+    """The broker and node name of ``--broker``/``--node`` (None: no ``--broker``)."""
+    if args.broker is None:
+        if args.node is not None:
+            raise UsageError("--node names this server in a fleet: give --broker too")
+        return None
+    try:
+        broker = parse_broker(args.broker)
+    except ValueError as exc:
+        raise UsageError(f"--broker: {exc}")
+    if args.node is None:
+        try:
+            return broker, check_node_name(socket.gethostname())
+        except ValueError as exc:
+            raise UsageError(f"the host name cannot name this node ({exc}): give --node NAME")
+    try:
+        return broker, check_node_name(args.node)
+    except ValueError as exc:
+        raise UsageError(f"--node: {exc}")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from ..devices import add_device
     from ..keystore import KeyStoreError, KeyStoreLocked
+    from ..mqtt.connection import BrokerError
+    from ..mqtt.node import MqttNode
     from ..server import CommandServer, Limits
     from ..statedir import default_state_dir
 
+    fleet = fleet_node(args)
+    options = mqtt_options(args) if fleet else None
+    tcp = fleet is None or args.port is not None  # --broker alone: no listening socket
     secret = read_secret(args)
-    if not is_loopback(args.host) and secret is None and not args.insecure:
+    if tcp and not is_loopback(args.host) and secret is None and not args.insecure:
         raise UsageError(
             f"refusing to listen on {args.host} without a secret: anyone on the network could "
             "drive your devices. Set STATELINK_SECRET or --secret-file, or pass --insecure if "
@@ -203,7 +253,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     server = CommandServer(
         args.host,
-        args.port,
+        (DEFAULT_PORT if args.port is None else args.port) if tcp else None,
         workers=args.workers,
         timeout=args.timeout,
         limits=limits,
@@ -212,6 +262,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         state_dir=state_dir,
         key_retention=args.key_retention,
     )
+    if fleet is not None:
+        MqttNode(server, fleet[0], fleet[1], options)
     try:
         for spec in specs:
             add_device(server, spec, simulate=args.simulate)
@@ -246,22 +298,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyStoreError as exc:
         print(f"statelink serve: cannot use state directory {state_dir}: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except BrokerError as exc:
+        print(f"statelink serve: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except OSError as exc:
         print(f"statelink serve: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_FAILED
-    host, port = server.address
     devices = ", ".join(f"{s.name} ({s.path})" for s in specs) or "none"
     if not specs:
         log.warning("no --device given: serving only the rpc.* methods")
-    log.info(
-        "serving on %s:%s; devices: %s%s; keys in %s",
-        host,
-        port,
-        devices,
-        " [simulated GPIO]" if args.simulate else "",
-        state_dir,
-    )
-    if args.insecure and secret is None and not is_loopback(args.host):
+    simulated = " [simulated GPIO]" if args.simulate else ""
+    served = f"devices: {devices}{simulated}; keys in {state_dir}"
+    if tcp:
+        host, port = server.address
+        log.info("serving on %s:%s; %s", host, port, served)
+    if fleet is not None:
+        assert options is not None
+        log.info("serving node %s on %s (prefix %s)", fleet[1], fleet[0], options.topic_prefix)
+        if not tcp:
+            log.info("no TCP port (give --port to serve TCP too); %s", served)
+    if tcp and args.insecure and secret is None and not is_loopback(args.host):
         log.warning(
             "--insecure: listening on %s without a secret; anyone who can reach port %s can "
             "drive the devices (set STATELINK_SECRET or --secret-file to require one)",

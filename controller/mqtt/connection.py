@@ -59,7 +59,13 @@ def new_client(
     if options.user is not None:
         client.username_pw_set(options.user, options.password)
     if broker.tls:
-        client.tls_set(ca_certs=options.tls_ca)
+        try:
+            client.tls_set(ca_certs=options.tls_ca)
+        except OSError as exc:  # a missing or unreadable CA file (ssl.SSLError too)
+            raise BrokerError(
+                f"cannot load the CA bundle {options.tls_ca} (--tls-ca) for the MQTT broker "
+                f"{broker}: {exc.strerror or exc}"
+            ) from exc
     if will is not None:
         client.will_set(will[0], will[1], qos=1, retain=True)
     return client
@@ -73,12 +79,16 @@ def start(
     *,
     clean_start: bool,
     session_expiry: int,
+    receive_maximum: int | None = None,
 ) -> None:
     """Connect ``client`` and start its network thread; return once the broker accepted the
     first connect (``on_connect`` has run by then). Later disconnects reconnect by themselves
     (with backoff) and call ``on_connect`` again. ``clean_start`` applies to the first connect
     only; ``session_expiry``: seconds the broker keeps the session (subscriptions, queued QoS 1
-    messages) while this client is away.
+    messages) while this client is away. ``receive_maximum`` (1..65535; None: the broker's
+    own limit, Mosquitto's ``max_inflight_messages``, 20 by default): QoS 1 messages the
+    broker may send this client unacknowledged; what it holds beyond waits in its queue,
+    which drops messages once ``max_queued_messages`` are waiting.
 
     Raises :class:`BrokerError` when the broker cannot be reached or refuses the connection
     within ``options.connect_timeout`` seconds (the client is stopped then)."""
@@ -97,9 +107,10 @@ def start(
         first.set()
 
     client.on_connect = connected
-    properties = Properties(PacketTypes.CONNECT)
-    properties.SessionExpiryInterval = session_expiry
-    clean = True if clean_start else mqtt.MQTT_CLEAN_START_FIRST_ONLY
+    properties = connect_properties(session_expiry, receive_maximum)
+    # clean_start: a fresh session at the first connect only (reconnects resume it); without
+    # it, never (a restarted node gets what was queued for it while it was away)
+    clean = mqtt.MQTT_CLEAN_START_FIRST_ONLY if clean_start else False
     try:
         client.connect(
             broker.host,
@@ -109,25 +120,46 @@ def start(
             properties=properties,
         )
     except (OSError, ValueError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        raise BrokerError(f"cannot reach the MQTT broker {broker}: {reason}") from exc
+        raise unreachable(broker, exc) from exc
     client.loop_start()
     if not first.wait(options.connect_timeout) or refused:
         client.loop_stop()
         client.disconnect()
-        if refused:
-            hint = (
-                " (check --mqtt-user and the password)"
-                if "authori" in refused[0].lower() or "password" in refused[0].lower()
-                else ""
-            )
-            raise BrokerError(
-                f"the MQTT broker {broker} refused the connection: {refused[0]}{hint}"
-            )
-        raise BrokerError(
-            f"the MQTT broker {broker} did not answer within {options.connect_timeout:g} s"
-        )
+        raise refusal(broker, refused[0]) if refused else no_answer(broker, options)
     # From here on the paho thread reconnects by itself; connected() keeps forwarding.
+
+
+def connect_properties(session_expiry: int, receive_maximum: int | None = None) -> Properties:
+    """CONNECT properties: Session Expiry Interval, and Receive Maximum when given."""
+    properties = Properties(PacketTypes.CONNECT)
+    properties.SessionExpiryInterval = session_expiry
+    if receive_maximum is not None:
+        properties.ReceiveMaximum = receive_maximum
+    return properties
+
+
+def unreachable(broker: BrokerUrl, exc: BaseException) -> BrokerError:
+    """The error of a connect that could not reach ``broker`` (``exc``: why)."""
+    reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return BrokerError(f"cannot reach the MQTT broker {broker}: {reason}")
+
+
+def refusal(broker: BrokerUrl, reason: str) -> BrokerError:
+    """The error of a connect that ``broker`` refused (its CONNACK's ``reason``)."""
+    lowered = reason.lower()
+    hint = (
+        " (check --mqtt-user and the password)"
+        if "authori" in lowered or "password" in lowered
+        else ""
+    )
+    return BrokerError(f"the MQTT broker {broker} refused the connection: {reason}{hint}")
+
+
+def no_answer(broker: BrokerUrl, options: MqttOptions) -> BrokerError:
+    """The error of a connect that got no CONNACK in time."""
+    return BrokerError(
+        f"the MQTT broker {broker} did not answer within {options.connect_timeout:g} s"
+    )
 
 
 def publish_properties(

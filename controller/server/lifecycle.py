@@ -1,5 +1,6 @@
-"""``CommandServer``: the TCP server's lifecycle (I/O thread, listening socket, worker pool,
-start and stop) around the dispatch core, and the registration of function commands."""
+"""``CommandServer``: the server's lifecycle (I/O thread, listening socket, worker pool, other
+transports, start and stop) around the dispatch core, and the registration of function
+commands."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import ssl as ssl_module
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import CancelledError
 from ..protocol import DEFAULT_PORT
@@ -28,10 +29,28 @@ log = logging.getLogger("statelink.server")
 SETTLE_AT_STOP = 1.0
 
 
+class Transport(Protocol):
+    """Another way in to the core besides the TCP socket (e.g. an MQTT fleet node:
+    :class:`~controller.mqtt.node.MqttNode`), started and stopped with the server
+    (:meth:`CommandServer.add_transport`).
+
+    ``start()`` runs in :meth:`CommandServer.start` once the I/O loop runs (on the calling
+    thread; blocking, bounded): an exception fails the start (the server stops again and
+    re-raises it). ``stop()`` runs in :meth:`CommandServer.stop` once every call was answered,
+    while the loop still runs (calling thread; blocking, bounded).
+    """
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 class CommandServer(Core):
     """A JSON-RPC 2.0 command server; see :mod:`controller.server` for the contracts.
 
-    ``host`` defaults to loopback; ``port=0`` picks a free port (read it from ``address``).
+    ``host`` defaults to loopback; ``port=0`` picks a free port (read it from ``address``);
+    ``port=None`` opens no TCP socket at all (the server is reached through its other
+    transports only, e.g. MQTT: :meth:`add_transport`).
 
     ``state_dir``: where the idempotency keys of device commands are kept (SQLite, opened at
     :meth:`start`, closed at :meth:`stop`); a key survives a restart for ``key_retention``
@@ -41,7 +60,7 @@ class CommandServer(Core):
     def __init__(
         self,
         host: str = "127.0.0.1",
-        port: int = DEFAULT_PORT,
+        port: int | None = DEFAULT_PORT,
         *,
         workers: int = 8,
         timeout: float = 30.0,
@@ -67,6 +86,8 @@ class CommandServer(Core):
         self.grace = grace
         self.ssl = ssl
         self.tcp = Connections(self)
+        self.transports: list[Transport] = []
+        self._started: list[Transport] = []  #: the transports started, in order
         self._thread: threading.Thread | None = None
         self._server: asyncio.base_events.Server | None = None
         self._address: tuple[str, int] | None = None
@@ -106,12 +127,27 @@ class CommandServer(Core):
             raise ValueError(f"method names starting with 'rpc.' are reserved: {name!r}")
         self.register(name, FunctionCommand(self, name, func, timeout, description))
 
+    def add_transport(self, transport: Transport) -> None:
+        """Serve through ``transport`` too, started and stopped with this server (at once if
+        it runs already); see :class:`Transport`."""
+        if transport in self.transports:
+            return
+        self.transports.append(transport)
+        if self._thread is not None and not self.stopping:
+            transport.start()
+            self._started.append(transport)
+
     # -- lifecycle --------------------------------------------------------------------------
     @property
     def address(self) -> tuple[str, int]:
-        """``(host, port)`` the server listens on; valid after :meth:`start`."""
+        """``(host, port)`` the server listens on; valid after :meth:`start` (never with
+        ``port=None``)."""
         if self._address is None:
-            raise RuntimeError("the server is not started; call start() first")
+            raise RuntimeError(
+                "the server has no TCP socket (port=None)"
+                if self.port is None
+                else "the server is not started; call start() first"
+            )
         return self._address
 
     @property
@@ -119,12 +155,14 @@ class CommandServer(Core):
         return self._thread is not None and self._thread.is_alive() and not self.stopping
 
     def start(self) -> CommandServer:
-        """Start listening; returns once the socket accepts connections.
+        """Start listening; returns once the socket accepts connections and every transport
+        started (:meth:`add_transport`).
 
         A stopped server can be started again (on a new port when ``port`` is 0); it keeps its
         commands, devices and ``rpc.stats`` counters.
 
-        Raises ``OSError`` with the reason when it cannot listen (e.g. the port is in use).
+        Raises ``OSError`` with the reason when it cannot listen (e.g. the port is in use), and
+        what a transport's ``start()`` raised (the server is stopped again then).
         """
         if self._thread is not None:
             raise RuntimeError("the server is already started")
@@ -174,6 +212,13 @@ class CommandServer(Core):
                     exc.errno, f"cannot listen on {self.host}:{self.port}: {reason}"
                 ) from exc
             raise exc
+        try:
+            for transport in self.transports:
+                transport.start()
+                self._started.append(transport)
+        except BaseException:
+            self.stop(grace=0)
+            raise
         return self
 
     async def _listen(self) -> None:
@@ -187,6 +232,10 @@ class CommandServer(Core):
         self.inflight = 0
         self.deadlines = Deadlines(self.loop)  # both belong to this loop: none from an old one
         self.pool = WorkerPool(self.loop, self.workers, self.limits.max_queue)
+        self._address = None
+        self.started_at = time.monotonic()
+        if self.port is None:  # no TCP: the transports are the only way in
+            return
         try:
             self._server = await self.loop.create_server(
                 self.tcp.new,
@@ -202,7 +251,6 @@ class CommandServer(Core):
             raise
         sockname = self._server.sockets[0].getsockname()
         self._address = (sockname[0], sockname[1])
-        self.started_at = time.monotonic()
         self.loop.create_task(self._sweep())
         log.info("listening on %s:%s%s", *self._address, " (TLS)" if self.ssl else "")
 
@@ -218,6 +266,12 @@ class CommandServer(Core):
             future.result(timeout=grace + 10)
         except Exception:
             log.exception("shutdown did not complete cleanly")
+        started, self._started = self._started, []
+        for transport in reversed(started):  # every call is answered: their last words
+            try:
+                transport.stop()
+            except Exception:
+                log.exception("stopping a transport failed")
         self.loop.call_soon_threadsafe(self.loop.stop)
         thread.join(timeout=10)
         self.pool.shutdown()
@@ -245,7 +299,10 @@ class CommandServer(Core):
         # answered with the cancelled error, and the jobs still waiting for a worker thread
         # are taken off the pool's queue, so they never run (their outcome is dropped as late).
         self.keys.shutdown()
-        leftover = [call for session in self.sessions for call in session.calls.values()]
+        # (a transport's peers may share one calls dict: each call is answered once)
+        leftover = list(
+            dict.fromkeys(call for session in self.sessions for call in session.calls.values())
+        )
         for call in leftover:
             call.mark_cancelled()
         for call in leftover:

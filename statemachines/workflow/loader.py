@@ -175,7 +175,10 @@ class _Loader(Reader):
         if raw is None:
             servers: dict[Any, Any] = {}
         elif not isinstance(raw, dict):
-            self.err(line_at(root, "servers"), 'servers must map names to "host:port"')
+            self.err(
+                line_at(root, "servers"),
+                'servers must map names to "host:port" or "mqtt://broker/node"',
+            )
             servers = {}
         else:
             servers = raw
@@ -186,7 +189,10 @@ class _Loader(Reader):
             try:
                 address = normal_address(address)
             except ValueError as exc:
-                self.err(line_at(raw, name), f"server {name!r}: {exc}, e.g. 127.0.0.1:15769")
+                self.err(
+                    line_at(raw, name),
+                    f"server {name!r}: {exc}, e.g. 127.0.0.1:15769 or mqtt://broker/pi-1",
+                )
                 continue
             self.servers[name] = address
         default = root.get("default_server")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
-from ..addresses import format_address, parse_address
+from ..addresses import format_address, parse_server
 from ..durations import format_duration, parse_duration
 from ..errorkinds import ERROR_KINDS
 from ..expressions import Expression, ExpressionError, Template
@@ -204,7 +204,8 @@ class StateSpec:
 
 @dataclass(frozen=True)
 class WorkflowSpec:
-    """A validated workflow. ``servers`` maps a name to ``"host:port"`` (port filled in)."""
+    """A validated workflow. ``servers`` maps a name to ``"host:port"`` or
+    ``"mqtt://broker:port/node"`` (port filled in)."""
 
     name: str
     path: str
@@ -256,7 +257,7 @@ class WorkflowSpec:
         return tuple(n for n, s in self.states.items() if s.kind == "final")
 
     def with_servers(self, overrides: Mapping[str, str]) -> WorkflowSpec:
-        """A copy with some server addresses replaced (``--server NAME=HOST:PORT``).
+        """A copy with some server addresses replaced (``--server NAME=ADDRESS``).
 
         Raises ValueError for a name the workflow does not use or a bad address.
         """
@@ -270,8 +271,9 @@ class WorkflowSpec:
 
 
 def normal_address(address: str) -> str:
-    """``"pi"`` -> ``"pi:15769"``: an address in the one parser's form (ValueError if bad)."""
-    return format_address(parse_address(address))
+    """``"pi"`` -> ``"pi:15769"``, ``"mqtt://broker/pi-1"`` -> ``"mqtt://broker:1883/pi-1"``: a
+    server address in the one parser's form (ValueError if bad)."""
+    return format_address(parse_server(address))
 
 
 def _kind_of(value: Any) -> str:

@@ -1,25 +1,30 @@
-"""The runner's :class:`~controller.senders.Sender` for one ``host:port``: a shared
-:class:`~controller.client.Client`, connected off the dispatcher, behind an in-flight gate.
+"""The runner's :class:`~controller.senders.Sender` for one server address, whatever its
+transport: a shared client (a TCP :class:`~controller.client.Client` or a fleet node's
+:class:`~controller.mqtt.client.MqttClient`, both :class:`~controller.client_base.BaseClient`),
+connected off the dispatcher, behind an in-flight gate. The sender is given how to make its
+client (``connect``); everything else is the same for every transport.
 
 - **Connect**: the first command finds the client connected (the runner connects when a run
   starts) or starts one short-lived thread that connects and posts the outcome back; commands
   sent meanwhile wait for it. An unreachable server never stalls the dispatcher.
 - **Gate**: the server bounds requests in flight per connection (``max_inflight`` in
-  ``rpc.hello``); commands beyond it wait here, in order, and go out as replies come back. A
-  few slots stay free for the runner's own calls (``rpc.subscribe``, ``rpc.cancel``).
+  ``rpc.hello``, or in a node's status); commands beyond it wait here, in order, and go out as
+  replies come back. A few slots stay free for the runner's own calls (``rpc.subscribe``,
+  ``rpc.cancel``).
 - **Outcomes**: a reply, an error or a client-side timeout is posted to the dispatcher once.
   After a client-side timeout (:class:`~controller.errors.ClientTimeoutError`) the command
   may still run on the server: it is *not* cancelled (a retry of the run sends the same key
   and joins it); it keeps its gate slot, its real outcome goes to ``run.on_late`` when it
-  comes, and it is cancelled only if the run abandons it (:meth:`TcpSender.cancel`: an error
+  comes, and it is cancelled only if the run abandons it (:meth:`ClientSender.cancel`: an error
   route, an abort, the workflow timeout).
+- A client that refuses a command at once (a fleet node that is offline: ``offline``) gives
+  its outcome through the same path as any error.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import ssl as ssl_module
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -28,12 +33,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from statemachines import errorkinds as ek
-from statemachines.addresses import Address, format_address
+from statemachines.addresses import ServerAddress, format_address
 from statemachines.workflow import ErrorInfo, WorkflowRun
 
-from .client import Client, CommandFuture, LateOutcome
+from .client_base import BaseClient, CommandFuture, LateOutcome
 from .errors import ClientTimeoutError, ConnectionLostError, RpcError
-from .scheduler import Scheduler
 from .senders import Command, NotificationHandler, Post
 
 log = logging.getLogger("statelink.runner")
@@ -58,26 +62,20 @@ class _Gate:
         return cls(max(1, bound - max(1, min(8, bound // 4))))
 
 
-class TcpSender:
-    """One server address over a :class:`Client`. ``send``/``cancel`` on the dispatcher only."""
+#: makes the sender's client, connected (blocks; raises ``OSError``/``RpcError`` when the
+#: server cannot be reached)
+ClientFactory = Callable[[], BaseClient]
 
-    def __init__(
-        self,
-        address: Address,
-        post: Post,
-        *,
-        name: str,
-        secret: bytes | str | None,
-        ssl: ssl_module.SSLContext | None,
-        scheduler: Scheduler,
-    ) -> None:
+
+class ClientSender:
+    """One server address over one shared client made by ``connect``. ``send``/``cancel`` on
+    the dispatcher only."""
+
+    def __init__(self, address: ServerAddress, post: Post, connect: ClientFactory) -> None:
         self._address = address
         self._post = post
-        self._name = name
-        self._secret = secret
-        self._ssl = ssl
-        self._scheduler = scheduler
-        self._client: Client | None = None
+        self._new_client = connect
+        self._client: BaseClient | None = None
         self._closed = False
         self._state_lock = threading.Lock()  #: guards _client and _closed
         self._connect_lock = threading.Lock()  #: one connect at a time (close() never waits)
@@ -96,11 +94,11 @@ class TcpSender:
         self._timed_out: dict[tuple[WorkflowRun, int], CommandFuture] = {}
 
     @property
-    def address(self) -> Address:
+    def address(self) -> ServerAddress:
         return self._address
 
     # -- blocking side (any thread but the dispatcher) --------------------------------------
-    def client(self) -> Client:
+    def client(self) -> BaseClient:
         """The connected client, connecting first if needed.
 
         Raises ``OSError``/:class:`RpcError` when the server cannot be reached, and
@@ -115,13 +113,7 @@ class TcpSender:
                     return self._client
                 if self._closed:
                     raise ConnectionLostError("the workflow runner is closed")
-            client = Client(
-                self._address,
-                name=self._name,
-                secret=self._secret,
-                ssl=self._ssl,
-                scheduler=self._scheduler,
-            )
+            client = self._new_client()
             with self._state_lock:
                 closed = self._closed
                 if not closed:
@@ -237,7 +229,7 @@ class TcpSender:
         else:
             self._post(self._connected, client, None)
 
-    def _connected(self, client: Client | None, error: BaseException | None) -> None:
+    def _connected(self, client: BaseClient | None, error: BaseException | None) -> None:
         waiting, self._awaiting_connect = self._awaiting_connect or [], None
         for command in waiting:
             if client is not None:
@@ -258,7 +250,7 @@ class TcpSender:
             {"server": command.server},
         )
 
-    def _admit(self, client: Client, command: Command) -> None:
+    def _admit(self, client: BaseClient, command: Command) -> None:
         if not command.run.expects(command.token):
             return  # the run moved on (aborted, timed out) while connecting
         gate = self._gate
@@ -269,7 +261,7 @@ class TcpSender:
             return
         self._send_now(client, gate, command)
 
-    def _send_now(self, client: Client, gate: _Gate, command: Command) -> None:
+    def _send_now(self, client: BaseClient, gate: _Gate, command: Command) -> None:
         gate.inflight += 1
         # both callbacks run on the reader (or timer) thread: they only post
         future = client.send_command(
@@ -282,7 +274,7 @@ class TcpSender:
         self._inflight[command.run, command.token] = future
         future.add_done_callback(functools.partial(self._post, self._settled, client, command))
 
-    def _settled(self, client: Client, command: Command, future: Future[Any]) -> None:
+    def _settled(self, client: BaseClient, command: Command, future: Future[Any]) -> None:
         assert isinstance(future, CommandFuture)
         run, token = command.run, command.token
         self._inflight.pop((run, token), None)
@@ -306,7 +298,7 @@ class TcpSender:
                 None,
             )
 
-    def _late(self, client: Client, command: Command, late: LateOutcome) -> None:
+    def _late(self, client: BaseClient, command: Command, late: LateOutcome) -> None:
         """The real outcome of a command after its client-side timeout (or ``lost``: it
         will never come): its slot is free; the run journals it."""
         if self._timed_out.pop((command.run, command.token), None) is None:
@@ -318,7 +310,7 @@ class TcpSender:
         info = None if error is None else ErrorInfo.of(None, error.code, error.message, error.data)
         command.run.on_late(command.token, late.result, info, late.replayed)
 
-    def _release(self, client: Client) -> None:
+    def _release(self, client: BaseClient) -> None:
         """A request was answered: send the commands waiting for its slot."""
         gate = self._gate
         assert gate is not None  # created by the send being answered
@@ -330,4 +322,4 @@ class TcpSender:
                 self._send_now(client, gate, command)
 
 
-__all__ = ["TcpSender"]
+__all__ = ["ClientFactory", "ClientSender"]
