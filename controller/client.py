@@ -273,19 +273,12 @@ class Client(BaseClient):
     def subscribe(self, method: str, handler: Handler) -> Callable[[], None]:
         """Call ``handler(params)`` for each notification ``method``; also asks the server to
         send it (``rpc.subscribe``), again after each reconnect. Returns an unsubscribe."""
-        first = method not in self._subscribers
-        self._subscribers.setdefault(method, []).append(handler)
-        if first and self.connected:
+        if self._add_handler(method, handler) and self.connected:
             self.call("rpc.subscribe", {"method": method}, timeout=self.connect_timeout)
 
         def unsubscribe() -> None:
-            handlers = self._subscribers.get(method, [])
-            if handler in handlers:
-                handlers.remove(handler)
-            if not handlers:
-                self._subscribers.pop(method, None)
-                if self.connected:
-                    self.send_command("rpc.unsubscribe", {"method": method})
+            if self._remove_handler(method, handler) and self.connected:
+                self.send_command("rpc.unsubscribe", {"method": method})
 
         return unsubscribe
 

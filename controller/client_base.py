@@ -161,6 +161,10 @@ class BaseClient:
     def _release(self, entry: Pending) -> None:
         """A request is done for good (settled, given up, cancelled): drop its tag."""
 
+    def _default_key(self, method: str) -> str | None:
+        """The idempotency key of a request of ``method`` sent without one (None: no key)."""
+        return None
+
     def connect(self) -> None:
         """Connect now (blocks); raises ``OSError`` or :class:`RpcError` when the server
         cannot be reached."""
@@ -201,6 +205,8 @@ class BaseClient:
         dropped when it comes); it does not stop the command on the server, for that call
         :meth:`cancel` (``rpc.cancel``) as well.
         """
+        if key is None:
+            key = self._default_key(method)
         request_id = self._new_id()
         future = CommandFuture(request_id, key)
         future.add_done_callback(functools.partial(self._forget_if_cancelled, request_id))
@@ -280,6 +286,24 @@ class BaseClient:
         elif isinstance(event, Batch):
             for item in event.items:
                 self.handle_event(item)
+
+    def _add_handler(self, method: str, handler: Handler) -> bool:
+        """Register ``handler`` for the notification ``method``; True when it is the first
+        (the transport subscribes then)."""
+        handlers = self._subscribers.setdefault(method, [])
+        handlers.append(handler)
+        return len(handlers) == 1
+
+    def _remove_handler(self, method: str, handler: Handler) -> bool:
+        """Unregister ``handler``; True when ``method`` has no handler left (the transport
+        unsubscribes then)."""
+        handlers = self._subscribers.get(method, [])
+        if handler in handlers:
+            handlers.remove(handler)
+        if handlers:
+            return False
+        self._subscribers.pop(method, None)
+        return True
 
     def _notify_subscribers(self, method: str, params: Any) -> None:
         for handler in self._subscribers.get(method, ()):

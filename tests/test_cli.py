@@ -118,6 +118,35 @@ def test_ctrl_c_on_call_cancels_the_command_and_exits_130(
         assert proc.returncode == code, err
         assert "interrupted" in err and "Traceback" not in err
         # the server was asked to cancel: the device is free again
+        wait_until(
+            lambda: probe.call("demo.state")["state"] == "idle",
+            what=f"demo to be idle (the call said {err.strip()!r})",
+        )
+
+
+def test_a_signal_right_after_the_call_is_sent_still_cancels_it(
+    served: ServeProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The window between sending the command and waiting for its reply (a process descheduled
+    under load): the signal is held until the request is out, then cancels it."""
+    from controller import Client
+    from controller.cli import main
+    from controller.client_base import BaseClient
+
+    send_command = BaseClient.send_command
+
+    def send_then_signal(self: BaseClient, *args: Any, **kwargs: Any) -> Any:
+        future = send_command(self, *args, **kwargs)
+        if args[0] == "demo.calibrate":  # not rpc.hello, not rpc.cancel
+            signal.raise_signal(signal.SIGTERM)  # its handler runs before this returns
+        return future
+
+    with mock.patch.object(BaseClient, "send_command", send_then_signal):
+        code = main(["call", "--server", served.server, "--timeout", "120",
+                     "demo.calibrate", '{"steps": 50, "delay": 2}'])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 143 and "interrupted: cancelled demo.calibrate on the server" in err, err
+    with Client(served.address) as probe:
         wait_until(lambda: probe.call("demo.state")["state"] == "idle", what="demo to be idle")
 
 

@@ -170,6 +170,7 @@ def test_an_unreadable_ca_bundle_exits_3_with_one_line(tmp_path: Path) -> None:
         (["--broker", "mqtt://x/node"], "no path expected"),
         (["--broker", "mqtt://x", "--topic-prefix", "a/+"], "prefix"),
         (["--broker", "mqtt://x", "--watch", "--json"], "not allowed with"),
+        (["--broker", "mqtt://x", "--mqtt-password-file", "pw"], "needs --mqtt-user"),
     ],
 )
 def test_bad_usage_exits_2(argv: list[str], says: str) -> None:

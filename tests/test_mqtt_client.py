@@ -57,7 +57,11 @@ def echo(request: dict[str, Any]) -> dict[str, Any]:
 class Responder:
     """A fake node on raw paho: answers ``P/N/rpc`` on each request's Response Topic with its
     Correlation Data (``reply(request)`` says what), keeps every request it got, publishes its
-    retained status (online at connect; its Will says offline ``lost``)."""
+    retained status (online at connect; its Will says offline ``lost``).
+
+    Ready once built: the broker confirmed the subscription to ``P/N/rpc`` (SUBACK) and holds
+    the retained status (PUBACK), as a real node is once started. A controller on another
+    connection may connect at once: nothing orders two connections' packets but this."""
 
     def __init__(
         self,
@@ -82,7 +86,11 @@ class Responder:
             MqttOptions(),
             will=(f"{self.topic}/status", lost) if will else None,
         )
+        self.client.manual_ack_set(True)  # PUBACK before the reply: see _on_message
         self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *_args: self._subscribed.set()
+        self._subscribed = threading.Event()  #: a SUBACK came
+        self._announced: mqtt.MQTTMessageInfo | None = None  #: the first online status
         connection.start(
             self.client,
             parse_broker(url),
@@ -90,13 +98,21 @@ class Responder:
             self._on_connect,
             clean_start=not persistent,
             session_expiry=3600 if persistent else 0,
-        )
+        )  # _on_connect has run
+        assert self._subscribed.wait(WAIT), f"no SUBACK for {self.topic}/rpc within {WAIT} s"
+        if self._announced is not None:
+            self._announced.wait_for_publish(WAIT)
+            assert self._announced.is_published(), f"status of {node} not acknowledged"
 
     def _on_connect(self, _session_present: bool) -> None:  # the paho thread: never wait here
         self.client.subscribe(f"{self.topic}/rpc", qos=1)
         if self.online:
             status = {"online": True, "node": self.node, "max_inflight": 64}
-            self.client.publish(f"{self.topic}/status", json.dumps(status), qos=1, retain=True)
+            info = self.client.publish(
+                f"{self.topic}/status", json.dumps(status), qos=1, retain=True
+            )
+            if self._announced is None:
+                self._announced = info
 
     def set_status(self, status: dict[str, Any] | None) -> None:
         payload = b"" if status is None else json.dumps(status).encode()
@@ -111,6 +127,10 @@ class Responder:
         )
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        # Acknowledged before it is answered (as MqttNode does): once a reply is out, the
+        # broker has the PUBACK (one connection's packets stay in order), so a broker stopped
+        # after a reply never redelivers its request.
+        self.client.ack(msg.mid, msg.qos)
         request = json.loads(msg.payload)
         self.seen.append(request)
         self.requests.put((request, msg.properties, msg.qos))
@@ -389,6 +409,7 @@ def test_a_broker_restart_delivers_fresh_requests_and_never_stale_ones(tmp_path,
         # no Will: Mosquitto publishes the Wills of its clients when it stops (a node would
         # be offline meanwhile, and its commands fail at once: test_mqtt_workflow.py)
         node = Responder(own.url, unique(), persistent=True, will=False)
+        client: MqttClient | None = None
         try:
             client = MqttClient(f"{own.url}/{node.node}", options=MqttOptions(keepalive=2))
             down = threading.Event()
@@ -401,7 +422,8 @@ def test_a_broker_restart_delivers_fresh_requests_and_never_stale_ones(tmp_path,
             late: queue.Queue[LateOutcome] = queue.Queue()
             client.late_wait = 1.0
             stale = client.send_command("dev.stale", timeout=0.5, on_late=late.put)
-            fresh = client.send_command("dev.fresh", "after", timeout=WAIT)
+            # its deadline leaves room for both reconnects (backoff 1, 2, 4, 8 s) under load
+            fresh = client.send_command("dev.fresh", "after", timeout=2 * WAIT)
             refused = client.send_command("dev.third", timeout=WAIT)  # over the bound of 2
             error = refused.exception(0)
             assert isinstance(error, ConnectionLostError) and "queued" in error.message
@@ -413,8 +435,9 @@ def test_a_broker_restart_delivers_fresh_requests_and_never_stale_ones(tmp_path,
             assert up.wait(WAIT) and client.connected
             assert late.get(timeout=WAIT).lost  # never answered: given up after late_wait
             assert [r["method"] for r in node.seen] == ["dev.a", "dev.fresh"]
-            client.close()
         finally:
+            if client is not None:
+                client.close()
             node.close()
 
 

@@ -163,7 +163,22 @@ def test_serve_with_a_wrong_password_exits_3_with_a_clear_line(
     assert result.returncode == 3, result.stderr
     assert f"the MQTT broker {secure.url} refused the connection" in result.stderr
     assert "check --mqtt-user and the password" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr  # one line, no log noise around it
+
+
+def test_run_with_a_wrong_password_names_the_broker_not_the_server(
+    secure: SecureBroker, tmp_path: Path
+) -> None:
+    wrong = password_file(tmp_path, "controller", "wrong")
+    result = statelink(
+        *("run", str(ROOT / "config" / "workflows" / "two_servers.yaml"), "--plain"),
+        *("--server", f"{secure.url}/pi1", "--state-dir", str(tmp_path / "state")),
+        *("--mqtt-user", "controller", "--mqtt-password-file", wrong),
+    )
+    assert result.returncode == 1, result.stderr
+    assert "connection_lost" in result.stdout
+    assert f"  the MQTT broker {secure.url} refused the login: check --mqtt-user" in result.stdout
+    assert "statelink serve" not in result.stdout + result.stderr
 
 
 # -- the per-node ACL -----------------------------------------------------------------------
@@ -330,6 +345,7 @@ def test_fleet_over_tls_verifies_the_broker_with_tls_ca(
         f"statelink fleet: cannot reach the MQTT broker {tls_broker.tls_url}: "
     )
     assert "CERTIFICATE_VERIFY_FAILED" in unverified.stderr.upper().replace(" ", "_")
+    assert "with --tls-ca FILE" in unverified.stderr  # what to do
     assert unverified.stderr.count("\n") == 1
 
 

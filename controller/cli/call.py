@@ -7,9 +7,11 @@ message says whether it was. On a terminal, the command's progress shows on stde
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from statemachines import errorkinds as ek
@@ -20,6 +22,7 @@ from .common import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_UNREACHABLE,
+    Interrupted,
     UsageError,
     abort_signals,
     add_client_tls_args,
@@ -35,7 +38,7 @@ from .common import (
 )
 
 if TYPE_CHECKING:
-    from ..client_base import BaseClient
+    from ..client_base import BaseClient, CommandFuture
     from .common import Subparsers
 
 
@@ -90,12 +93,40 @@ def json_params(text: str | None) -> list[object] | dict[str, object] | None:
     return params
 
 
+class _Abort:
+    """The abort signals' handler: raise :class:`Interrupted` (as Ctrl-C does), except while
+    the command is being sent (:meth:`held_back`): a signal then is held until the request is
+    out, and raised there, so that the command is cancelled on the server however soon the
+    signal comes."""
+
+    def __init__(self) -> None:
+        self._holding = False
+        self._held: int | None = None
+
+    def __call__(self, signum: int) -> None:
+        if not self._holding:
+            raise Interrupted(signum)
+        if self._held is None:
+            self._held = signum
+
+    @contextlib.contextmanager
+    def held_back(self) -> Iterator[None]:
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+        if self._held is not None:
+            raise Interrupted(self._held)
+
+
 def cmd_call(args: argparse.Namespace) -> int:
-    with abort_signals():  # SIGTERM and SIGHUP raise as Ctrl-C does
-        return _call(args)
+    abort = _Abort()
+    with abort_signals(abort):  # SIGTERM and SIGHUP abort as Ctrl-C does
+        return _call(args, abort)
 
 
-def _call(args: argparse.Namespace) -> int:
+def _call(args: argparse.Namespace, abort: _Abort) -> int:
     from ..errors import (
         ClientTimeoutError,
         ConnectionLostError,
@@ -123,10 +154,14 @@ def _call(args: argparse.Namespace) -> int:
     with client:
         if sys.stderr.isatty():
             client.subscribe("rpc.progress", _progress_printer(client))
-        future = client.send_command(args.method, params, timeout=args.timeout)
+        future: CommandFuture | None = None
         try:
+            with abort.held_back():  # a signal from here on finds the request sent
+                future = client.send_command(args.method, params, timeout=args.timeout)
             result = future.result(timeout=args.timeout + 5.0)
         except KeyboardInterrupt as interrupt:  # Ctrl-C, SIGTERM or SIGHUP (Interrupted)
+            if future is None:  # nothing was sent yet
+                raise
             try:  # best effort: leave the device free rather than running for nobody
                 answer = client.cancel(future).result(timeout=2.0)
                 outcome = (

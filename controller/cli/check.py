@@ -118,7 +118,7 @@ def skipped_note(workflow: WorkflowSpec, catalogs: Mapping[str, Catalog]) -> str
     names = ", ".join(repr(name) for name in unchecked)
     return (
         f"; device checks skipped (commands and params of server {names} not checked): "
-        "add --device DEVICE.yaml or --server [NAME=]HOST:PORT to run them"
+        "add --device DEVICE.yaml or --server [NAME=]HOST:PORT|mqtt://BROKER/NODE to run them"
     )
 
 

@@ -165,12 +165,16 @@ def mqtt_options(args: argparse.Namespace) -> MqttOptions:
     UsageError for an unreadable password file, a password without user, a bad prefix."""
     from ..mqtt.options import MqttOptions, read_password
 
+    user, password_file = (
+        getattr(args, "mqtt_user", None),
+        getattr(args, "mqtt_password_file", None),
+    )
+    if password_file is not None and not user:
+        raise UsageError("--mqtt-password-file needs --mqtt-user (the broker user it is for)")
     try:
         return MqttOptions(
-            user=getattr(args, "mqtt_user", None),
-            password=read_password(getattr(args, "mqtt_password_file", None))
-            if getattr(args, "mqtt_user", None)
-            else None,
+            user=user,
+            password=read_password(password_file) if user else None,
             tls_ca=getattr(args, "tls_ca", None),
             topic_prefix=getattr(args, "topic_prefix", DEFAULT_TOPIC_PREFIX),
         )

@@ -26,12 +26,23 @@ if TYPE_CHECKING:
 
 #: said when a server of the run cannot be reached (connection refused, no route, ...)
 UNREACHABLE_HINT = "cannot reach {address} (is `statelink serve` running?)"
+#: said instead for a fleet node (mqtt://BROKER/NODE): what is wrong with its broker, by a
+#: word of the error's message (controller/mqtt/connection.py); the last one otherwise
+BROKER_HINTS = (
+    (
+        "--mqtt-user",
+        "the MQTT broker {broker} refused the login: check --mqtt-user and the password "
+        "(--mqtt-password-file or $STATELINK_MQTT_PASSWORD)",
+    ),
+    ("--tls-ca", "the MQTT broker {broker} is not trusted: give its CA with --tls-ca FILE"),
+    ("", "cannot reach the MQTT broker {broker} (is it running? is the address right?)"),
+)
 
 
 def unreachable_hint(handle: RunHandle, entry: JournalEntry) -> str | None:
     """The hint for an ``error`` entry that says a server could not be reached, else None."""
     from statemachines import errorkinds as ek
-    from statemachines.addresses import format_address
+    from statemachines.addresses import NodeAddress, format_address
 
     error = entry.get("error")
     if not error or error.get("kind") != ek.kind_of(ek.CONNECTION_LOST):
@@ -39,6 +50,10 @@ def unreachable_hint(handle: RunHandle, entry: JournalEntry) -> str | None:
     if not str(error.get("message", "")).startswith("cannot reach"):
         return None  # a connection that dropped mid-command: the error says so itself
     address = handle.servers.get(str(entry.get("server")))
+    if isinstance(address, NodeAddress):  # the broker let us down, not the node
+        message = str(error.get("message"))
+        hint = next(text for word, text in BROKER_HINTS if word in message)
+        return hint.format(broker=address.broker)
     return UNREACHABLE_HINT.format(address=format_address(address)) if address else None
 
 

@@ -45,7 +45,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from statemachines.addresses import BrokerUrl, NodeAddress, parse_broker
 
-from .connection import BrokerError, new_client, start
+from .connection import RECEIVE_MAXIMUM, BrokerError, new_client, start
 from .options import MqttOptions
 from .packing import PackedProperties, packed
 from .topics import DISCOVER, EVENT, STATE, STATUS, Topics
@@ -56,11 +56,6 @@ log = logging.getLogger("statelink.mqtt")
 #: link is away; a closed link ends its session at once
 SESSION_EXPIRY = 300
 
-#: QoS 1 messages the broker may send the link unacknowledged (MQTT 5 Receive Maximum, the
-#: most there is; Mosquitto's default is 20): replies of many nodes, and the retained statuses
-#: of a (re)subscription, go out at once instead of waiting in the broker's queue, which drops
-#: messages beyond its ``max_queued_messages``
-RECEIVE_MAXIMUM = 65535
 _PROGRESS = [("progress", "1")]
 _QOS1 = SubscribeOptions(qos=1)
 _OK = (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN)  #: sent, or queued until reconnected

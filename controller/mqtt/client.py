@@ -36,7 +36,7 @@ from typing import Any
 
 from statemachines.addresses import NodeAddress, ServerAddress, parse_server
 
-from ..client_base import BaseClient, Callback, CommandFuture, Handler, LateCallback, Pending
+from ..client_base import BaseClient, Handler, Pending
 from ..client_reader import limits_of
 from ..errors import ConnectionLostError, NodeOfflineError, ParseError, RpcError, error_for
 from ..protocol import Decoder, ErrorResponse, Invalid, Notification, Response, encode
@@ -185,21 +185,10 @@ class MqttClient(BaseClient):
         self._notify_subscribers(method, params)
 
     # -- calls ------------------------------------------------------------------------------
-    def send_command(
-        self,
-        method: str,
-        params: Any = None,
-        callback: Callback | None = None,
-        timeout: float = 5.0,
-        *,
-        key: str | None = None,
-        on_late: LateCallback | None = None,
-    ) -> CommandFuture:
-        """As :meth:`BaseClient.send_command`; a device command without ``key`` gets one
-        (``"mqtt-" + random hex``), so that a redelivery never runs it twice."""
-        if key is None and not method.startswith("rpc."):
-            key = "mqtt-" + secrets.token_hex(12)
-        return super().send_command(method, params, callback, timeout, key=key, on_late=on_late)
+    def _default_key(self, method: str) -> str | None:
+        """A device command sent without a key gets one (``"mqtt-" + random hex``), so that a
+        QoS 1 redelivery never runs it twice; ``rpc.*`` methods get none."""
+        return None if method.startswith("rpc.") else "mqtt-" + secrets.token_hex(12)
 
     def _new_tag(self, request_id: Any) -> bytes:
         correlation = os.urandom(CORRELATION_BYTES)
@@ -277,9 +266,7 @@ class MqttClient(BaseClient):
         thread). ``device.state``: changes only; ``rpc.progress``: of this client's requests
         sent from now on. Blocks until the broker has the subscription (``BrokerError``
         after ``options.connect_timeout``). Returns an unsubscribe (never blocks)."""
-        first = method not in self._subscribers
-        self._subscribers.setdefault(method, []).append(handler)
-        if first:
+        if self._add_handler(method, handler):
             if method == "rpc.progress":
                 self._progress = True
             else:
@@ -292,11 +279,7 @@ class MqttClient(BaseClient):
                 self._topics[method] = topic
 
         def unsubscribe() -> None:
-            handlers = self._subscribers.get(method, [])
-            if handler in handlers:
-                handlers.remove(handler)
-            if not handlers:
-                self._subscribers.pop(method, None)
+            if self._remove_handler(method, handler):
                 if method == "rpc.progress":
                     self._progress = False
                 topic = self._topics.pop(method, None)

@@ -9,6 +9,7 @@ Nagle: request/response over MQTT stalls on delayed ACKs unless both the broker
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,11 @@ MAX_INFLIGHT = 1000
 MAX_QUEUED = 10000
 #: reconnect backoff, seconds (paho doubles from the first to the second)
 RECONNECT_MIN, RECONNECT_MAX = 1, 30
+#: the most QoS 1 messages a broker may send one client unacknowledged (MQTT 5 Receive
+#: Maximum; Mosquitto's default is 20): what a controller or a fleet watch asks for, so that
+#: replies of many nodes and the retained messages of a subscription go out at once instead
+#: of waiting in the broker's queue, which drops messages beyond ``max_queued_messages``
+RECEIVE_MAXIMUM = 65535
 
 #: ``on_connect(session_present)``: called on the paho thread after every successful connect
 OnConnect = Callable[[bool], None]
@@ -101,6 +107,9 @@ def start(
         if reason.is_failure:
             if not first.is_set():
                 refused.append(str(reason))
+                # no reconnect: paho would first sleep its backoff (1 s), and loop_stop()
+                # below waits for that sleep
+                _client.disconnect()
                 first.set()
             return
         on_connect(bool(getattr(flags, "session_present", False)))
@@ -141,6 +150,8 @@ def connect_properties(session_expiry: int, receive_maximum: int | None = None) 
 def unreachable(broker: BrokerUrl, exc: BaseException) -> BrokerError:
     """The error of a connect that could not reach ``broker`` (``exc``: why)."""
     reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        reason += " (give the CA that signed the broker's certificate with --tls-ca FILE)"
     return BrokerError(f"cannot reach the MQTT broker {broker}: {reason}")
 
 
@@ -157,8 +168,9 @@ def refusal(broker: BrokerUrl, reason: str) -> BrokerError:
 
 def no_answer(broker: BrokerUrl, options: MqttOptions) -> BrokerError:
     """The error of a connect that got no CONNACK in time."""
+    hint = "" if broker.tls else " (a TLS port? then mqtts://)"
     return BrokerError(
-        f"the MQTT broker {broker} did not answer within {options.connect_timeout:g} s"
+        f"the MQTT broker {broker} did not answer within {options.connect_timeout:g} s{hint}"
     )
 
 

@@ -27,7 +27,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from statemachines.addresses import BrokerUrl, parse_broker
 
-from .connection import BrokerError, new_client, start
+from .connection import RECEIVE_MAXIMUM, BrokerError, new_client, start
 from .options import MqttOptions
 from .topics import STATE, STATUS, Topics
 
@@ -39,10 +39,6 @@ MAX_DEVICES = 256
 MAX_PAYLOAD = 64 * 1024
 #: changes kept until :meth:`FleetWatch.changes` takes them; the oldest go first
 MAX_CHANGES = 10_000
-#: QoS 1 messages the broker may send a watch unacknowledged (MQTT 5 Receive Maximum, the
-#: most there is): the retained messages of a subscription go out at once instead of waiting
-#: in the broker's queue, which drops them beyond ``max_queued_messages`` (1000 by default)
-RECEIVE_MAXIMUM = 65535
 
 
 def utc_now() -> str:

@@ -239,8 +239,8 @@ class LoopDriver:
         self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any
     ) -> None:
         self.connected = False
-        if self.closing or not self._first.is_set():
-            return
+        if self.closing or not self._first.is_set() or self._refused is not None:
+            return  # connect() raises (the first connect's refusal): nothing to reconnect
         log.warning(
             "%s: lost the connection to %s (%s); reconnecting in %g s",
             self.name,

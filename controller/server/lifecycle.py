@@ -267,6 +267,7 @@ class CommandServer(Core):
         except Exception:
             log.exception("shutdown did not complete cleanly")
         started, self._started = self._started, []
+        served = bool(started) or self._address is not None  # else a start that failed
         for transport in reversed(started):  # every call is answered: their last words
             try:
                 transport.stop()
@@ -282,7 +283,7 @@ class CommandServer(Core):
                 log.exception("stop hook failed")
         self.keys.close()  # after the workers drained: every outcome recorded is written
         self._thread = None
-        log.info("stopped")
+        log.log(logging.INFO if served else logging.DEBUG, "stopped")
 
     async def _shutdown(self, grace: float) -> None:
         self.stopping = True
