@@ -16,6 +16,12 @@ in the state directory, or any ``--journal FILE``. One :class:`JournalWriter` pe
   (group commit), appends each journal's lines with one ``write`` (opened ``O_APPEND``, written,
   closed per batch: **no file descriptor is held per run**), makes the batch durable, then calls
   its callbacks in queue order, **on the writer thread** (be quick, hop to your own thread).
+  When: an idle writer takes the first entry at once, and what comes during a batch goes in
+  the next. With ``commit_delay`` (the runner's: 5 ms), an entry waits up to that long for
+  others to share its commit, unless :meth:`~JournalWriter.commit` is called (the runner's
+  dispatcher does when it goes idle: nothing more is coming) or ``batch_entries`` wait: under
+  load fewer, larger commits (each costs an fsync and a wake-up of the writer), and no delay
+  for a run alone.
   ``on_durable(error)``: None once written (and, if ``durable``, on disk), else an OSError
   naming the file. Bounded: beyond ``max_queue_bytes`` of queued entries ``append`` blocks until
   the writer catches up (never on the writer thread; an entry over the bound goes alone).
@@ -52,13 +58,11 @@ import logging
 import os
 import secrets
 import stat
-import struct
 import threading
-import zlib
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,14 +77,13 @@ from .journal_read import (
     list_runs,
     read_journal,
 )
+from .journal_wal import replay_wal, try_sync, wal_record
 from .statedir import ensure_private_dir
 
 log = logging.getLogger("statelink.journal")
 
 #: ``on_durable(error)``: None once written (and synced, if durable), else why not
 OnDurable = Callable[[OSError | None], None]
-
-_WAL_HEADER = struct.Struct("<IIQI")  # crc32, path length, offset in the journal, data length
 
 
 class JournalBusy(Exception):
@@ -96,32 +99,70 @@ class JournalClosed(RuntimeError):
     """The writer is closed (or not started)."""
 
 
-@dataclass(eq=False)
 class JournalFile:
-    """A journal the writer appends to (it holds no file descriptor)."""
+    """A journal the writer appends to (it holds no file descriptor). Small: one per run,
+    10,000 runs at a time (its path is kept as bytes, a :class:`Path` made on demand)."""
 
-    path: Path  #: absolute
-    error: OSError | None = None  #: set when a write failed: the journal is never written again
-    _new: bool = field(default=False, repr=False)  # its directory entry is not synced yet
+    __slots__ = ("_name", "_new", "_size", "error")
+
+    def __init__(self, path: str | os.PathLike[str], *, new: bool = False) -> None:
+        self._name = os.fsencode(os.path.abspath(path))
+        #: set when a write failed: the journal is never written again
+        self.error: OSError | None = None
+        self._new = new  # its directory entry is not synced yet
+        # the writer thread's: the file's size once known (the writer is its only writer,
+        # under the run's lock: no fstat per append)
+        self._size: int | None = None
+
+    @property
+    def path(self) -> Path:
+        """The journal's absolute path."""
+        return Path(os.fsdecode(self._name))
 
     @property
     def failed(self) -> bool:
         return self.error is not None
 
+    def __repr__(self) -> str:
+        return f"JournalFile({os.fsdecode(self._name)!r}, error={self.error!r})"
 
-@dataclass(eq=False, slots=True)
-class _Op:
-    journal: JournalFile | None  # None: a flush barrier
-    data: bytes
-    durable: bool
-    callback: OnDurable | None
+
+#: The writer's queue holds each entry as four items in a row, not as an object of its own
+#: (an object per entry that lives until its batch gets promoted by the garbage collector,
+#: and the full collections it then triggers cost the dispatcher more than the rest of
+#: ``append``): the journal (None: a flush barrier), the line, durable, the callback.
+_OP = 4
+
+
+_ENCODER = json.JSONEncoder(default=str, ensure_ascii=False)
+_ASCII_ENCODER = json.JSONEncoder(default=str)
+_c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+# ``_ENCODER``'s C encoder, built once (``json.dumps`` builds one per call): without the
+# circular-reference check (``markers``), so it keeps no state between calls; a circular
+# value still fails, as RecursionError, turned into the ValueError ``dumps`` raises.
+_encode_dict = (
+    None
+    if _c_make_encoder is None
+    else _c_make_encoder(
+        None, str, json.encoder.encode_basestring, None, ": ", ", ", False, False, True
+    )
+)
 
 
 def _encode(entry: Mapping[str, Any]) -> bytes:
+    """One journal line: ``json.dumps(entry, default=str, ensure_ascii=False)`` and a newline,
+    as UTF-8 (a lone surrogate is written escaped: still valid JSON, the same value). Entries
+    are encoded on the dispatcher thread, two per step of every run: this is its hot path."""
     try:
-        return (json.dumps(entry, default=str, ensure_ascii=False) + "\n").encode()
-    except UnicodeEncodeError:  # a lone surrogate: escaped JSON is still valid
-        return (json.dumps(entry, default=str) + "\n").encode()
+        if _encode_dict is None or type(entry) is not dict:
+            text = _ENCODER.encode(entry)
+        else:
+            text = "".join(_encode_dict(entry, 0))
+        return (text + "\n").encode()
+    except UnicodeEncodeError:
+        return (_ASCII_ENCODER.encode(entry) + "\n").encode()
+    except RecursionError:
+        raise ValueError("Circular reference detected (or a value nested too deep)") from None
 
 
 def _named(exc: OSError, path: Path) -> OSError:
@@ -137,28 +178,20 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _append(path: Path, data: bytes) -> int:
-    """Append ``data`` to ``path`` (open, write, close); the offset it was written at."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+def _append(journal: JournalFile, data: bytes) -> int:
+    """Append ``data`` to ``journal`` (open, write, close); the offset it was written at."""
+    fd = os.open(journal._name, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
     try:
-        offset = os.fstat(fd).st_size
-        _write_all(fd, data)
-        return offset
+        offset = journal._size
+        if offset is None:
+            offset = os.fstat(fd).st_size
+        written = os.write(fd, data)
+        if written < len(data):
+            _write_all(fd, data[written:])
     finally:
         os.close(fd)
-
-
-def _try_sync(path: Path, directory: bool = False) -> OSError | None:
-    """fsync a directory / fdatasync a file; the error, if any."""
-    try:
-        fd = os.open(path, (os.O_RDONLY if directory else os.O_WRONLY) | os.O_CLOEXEC)
-        try:
-            os.fsync(fd) if directory else os.fdatasync(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        return exc
-    return None
+    journal._size = offset + len(data)
+    return offset
 
 
 class JournalWriter:
@@ -176,6 +209,8 @@ class JournalWriter:
         max_queue_bytes: int = 64 << 20,
         wal_limit: int = 32 << 20,
         sync_threads: int = 8,
+        commit_delay: float = 0.0,
+        batch_entries: int = 1024,
     ):
         if sync not in ("wal", "files", "none"):
             raise ValueError(f"sync must be 'wal', 'files' or 'none', not {sync!r}")
@@ -184,9 +219,12 @@ class JournalWriter:
         self.max_queue_bytes = max_queue_bytes
         self.wal_limit = wal_limit
         self.sync_threads = max(1, sync_threads)
+        self.commit_delay = commit_delay
+        self.batch_entries = max(1, batch_entries)
         self.batches = self.fsyncs = self.entries = self.checkpoints = self.failures = 0
         self.owner: dict[str, Any] = {}  #: ``pid`` and ``lock``, added to start/resumed entries
-        self._queue: deque[_Op] = deque()
+        self._queue: deque[Any] = deque()  # _OP items per entry
+        self._ops = 0  # entries queued
         self._queued = 0  # bytes
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -197,7 +235,11 @@ class JournalWriter:
         self._lock_path: Path | None = None
         self._wal_fd: int | None = None
         self._wal_size = 0
-        self._dirty: dict[Path, JournalFile] = {}  # written since the last checkpoint
+        self._dirty: dict[JournalFile, None] = {}  # written since the last checkpoint (ordered)
+        self._waiting = False  # the writer waits (for entries, or for more to share a commit)
+        self._due = 0.0  # monotonic: by then the oldest queued entry is committed
+        self._kicked = False  # commit() was called: write what is queued without waiting
+        self._writer_ident: int | None = None
         self._pool: ThreadPoolExecutor | None = None
 
     # -- lifetime --------------------------------------------------------------------------------
@@ -219,7 +261,7 @@ class JournalWriter:
             if self.sync == "wal":
                 flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
                 self._wal_fd = os.open(lock.with_suffix(".wal"), flags, 0o600)
-                _try_sync(self.runs_dir, directory=True)  # the WAL must outlive a power loss
+                try_sync(self.runs_dir, directory=True)  # the WAL must outlive a power loss
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -255,7 +297,7 @@ class JournalWriter:
         """A new journal at ``path`` (``O_CREAT|O_EXCL``, 0600; an existing empty file is
         accepted). FileExistsError for a non-empty file, OSError if it cannot be created;
         :func:`check_new_journal_path` first gives the user's message."""
-        p = Path(os.path.abspath(path))
+        p = os.path.abspath(path)
         try:
             os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
         except FileExistsError:
@@ -264,7 +306,7 @@ class JournalWriter:
                 raise FileExistsError(
                     errno.EEXIST, f"journal exists; resume it: statelink resume {p}", str(p)
                 ) from None
-        return JournalFile(p, _new=True)
+        return JournalFile(p, new=True)
 
     def reopen(
         self, path: str | os.PathLike[str], resumed: Mapping[str, Any]
@@ -313,7 +355,13 @@ class JournalWriter:
             entry = {**entry, **self.owner}
         data = b"" if journal.error is not None else _encode(entry)
         with self._lock:
-            if self._thread is not threading.current_thread():
+            if (
+                self._queued + len(data) > self.max_queue_bytes
+                and self._queued
+                and threading.get_ident() != self._writer_ident  # never block the writer
+            ):
+                self._kicked = True  # full: write what is queued at once
+                self._wake.notify()
                 while (
                     self._accepting
                     and self._queued
@@ -322,9 +370,25 @@ class JournalWriter:
                     self._space.wait()
             if not self._accepting:
                 raise JournalClosed("the journal writer is closed")
-            self._queue.append(_Op(journal, data, durable, on_durable))
+            self._queue.extend((journal, data, durable, on_durable))
             self._queued += len(data)
-            self._wake.notify()
+            self._ops += 1
+            if self._ops == 1:
+                self._due = time.monotonic() + self.commit_delay
+                if self._waiting:
+                    self._wake.notify()
+            elif self._ops == self.batch_entries and self._waiting:
+                self._wake.notify()
+
+    def commit(self) -> None:
+        """Write what is queued now, without waiting ``commit_delay`` for more entries to share
+        its commit: a producer about to go idle calls this (nothing more is coming soon).
+        Cheap when nothing is queued; any thread."""
+        if self._queue and not self._kicked:  # unlocked peek: a stale one costs commit_delay
+            with self._lock:
+                self._kicked = True
+                if self._waiting:
+                    self._wake.notify()
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued so far is written and synced; False on timeout."""
@@ -332,63 +396,89 @@ class JournalWriter:
         with self._lock:
             if not self._accepting:
                 raise JournalClosed("the journal writer is closed")
-            self._queue.append(_Op(None, b"", True, lambda _error: done.set()))
-            self._wake.notify()
+            self._queue.extend((None, b"", True, lambda _error: done.set()))
+            self._ops += 1
+            self._kicked = True
+            if self._waiting:
+                self._wake.notify()
         return done.wait(timeout)
 
     # -- the writer thread ---------------------------------------------------------------------
 
     def _loop(self) -> None:
+        self._writer_ident = threading.get_ident()
+        wake = self._wake
         while True:
             with self._lock:
-                while not self._queue and self._accepting:
-                    self._wake.wait()
+                while self._accepting:
+                    wait: float | None = None
+                    if self._queue:
+                        if self._kicked or self._ops >= self.batch_entries:
+                            break
+                        wait = self._due - time.monotonic()
+                        if wait <= 0:
+                            break
+                    self._waiting = True
+                    wake.wait(wait)
+                    self._waiting = False
                 if not self._queue:
                     break
-                batch, self._queue, self._queued = self._queue, deque(), 0
+                batch, self._queue, self._queued, self._ops = self._queue, deque(), 0, 0
+                self._kicked = False
                 self._space.notify_all()
             try:
                 self._batch(batch)
             except Exception as exc:  # a bug: never leave a caller waiting
                 log.exception("journal writer batch failed")
-                for op in batch:
-                    if op.journal is not None and op.journal.error is None:
-                        op.journal.error = OSError(errno.EIO, f"journal writer: {exc}")
+                for journal in list(batch)[::_OP]:
+                    if journal is not None and journal.error is None:
+                        journal.error = OSError(errno.EIO, f"journal writer: {exc}")
             self._callbacks(batch)
         self._shutdown()
 
-    def _batch(self, batch: deque[_Op]) -> None:
-        groups: dict[JournalFile, list[_Op]] = {}
-        for op in batch:
-            if op.journal is not None:
-                groups.setdefault(op.journal, []).append(op)
-        written: list[tuple[JournalFile, int, bytes]] = []
-        durable = any(op.durable for op in batch)
-        for journal, ops in groups.items():
+    def _batch(self, batch: deque[Any]) -> None:
+        lines: dict[JournalFile, list[bytes]] = {}  # each journal's lines, in order
+        durable = False
+        to_sync: set[JournalFile] = set()  # sync="files": the journals with a durable entry
+        items = iter(batch)
+        for journal, data, op_durable, _callback in zip(items, items, items, items, strict=True):
+            if op_durable:
+                durable = True
+                if journal is not None and self.sync == "files":
+                    to_sync.add(journal)
+            if journal is not None:
+                have = lines.get(journal)
+                if have is None:
+                    lines[journal] = [data]
+                else:
+                    have.append(data)
+        wal = self.sync == "wal"
+        written: list[JournalFile] = []
+        records: list[bytes] = []  # the WAL's
+        entries = 0
+        for journal, chunks in lines.items():
             if journal.error is not None:
                 continue
-            data = b"".join(op.data for op in ops)
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             try:
-                written.append((journal, _append(journal.path, data), data))
+                offset = _append(journal, data)
             except OSError as exc:
                 self._fail(journal, exc)
                 continue
-            self.entries += len(ops)
+            entries += len(chunks)
+            written.append(journal)
+            if wal:
+                records += wal_record(journal._name, offset, data)
+        self.entries += entries
         self.batches += 1
-        if self.sync == "wal" and written:
-            self._write_wal(written, durable)
+        if wal and written:
+            self._write_wal(written, b"".join(records), durable)
         if self.sync == "files" and durable:
-            self._sync_files([j for j, _o, _d in written if any(op.durable for op in groups[j])])
+            self._sync_files([j for j in written if j in to_sync])
 
-    def _write_wal(self, written: list[tuple[JournalFile, int, bytes]], durable: bool) -> None:
-        records = []
-        for journal, offset, data in written:
-            name = os.fsencode(journal.path)
-            head = _WAL_HEADER.pack(0, len(name), offset, len(data))[4:]
-            records.append(struct.pack("<I", zlib.crc32(data, zlib.crc32(name, zlib.crc32(head)))))
-            records += (head, name, data)
-            self._dirty[journal.path] = journal
-        blob = b"".join(records)
+    def _write_wal(self, written: list[JournalFile], blob: bytes, durable: bool) -> None:
+        """Append ``blob`` (the records of ``written``) to the WAL; fsync it if ``durable``."""
+        self._dirty.update(dict.fromkeys(written))
         assert self._wal_fd is not None
         try:
             _write_all(self._wal_fd, blob)
@@ -398,7 +488,7 @@ class JournalWriter:
         except OSError as exc:
             log.error("journal WAL failed (%s): syncing each journal from now on", exc)
             self.sync = "files"
-            self._sync_files([journal for journal, _o, _d in written])
+            self._sync_files(written)
             return
         self._wal_size += len(blob)
         if self._wal_size > self.wal_limit:
@@ -412,12 +502,12 @@ class JournalWriter:
             self._pool = ThreadPoolExecutor(self.sync_threads, "statelink-journal-sync")
         dirs = {j.path.parent for j in journals if j._new}
         live = [j for j in journals if j.error is None]
-        errors = self._pool.map(_try_sync, [j.path for j in live])
+        errors = self._pool.map(try_sync, [j.path for j in live])
         for journal, error in zip(live, errors, strict=True):
             if error is not None:
                 self._fail(journal, error)
         for directory in dirs:
-            if _try_sync(directory, directory=True) is not None:
+            if try_sync(directory, directory=True) is not None:
                 log.error("journal directory %s: fsync failed", directory)
         for journal in journals:
             journal._new = False
@@ -425,7 +515,7 @@ class JournalWriter:
 
     def _checkpoint(self) -> None:
         """Sync every journal written since the last checkpoint, then empty the WAL."""
-        dirty, self._dirty = list(self._dirty.values()), {}
+        dirty, self._dirty = list(self._dirty), {}
         self._sync_files(dirty)
         self.checkpoints += 1
         if self._wal_fd is not None:
@@ -441,11 +531,12 @@ class JournalWriter:
         log.error("journal write failed: %s (no more entries go to it)", journal.error)
 
     @staticmethod
-    def _callbacks(batch: deque[_Op]) -> None:
-        for op in batch:
-            if op.callback is not None:
+    def _callbacks(batch: deque[Any]) -> None:
+        items = iter(batch)
+        for journal, _data, _durable, callback in zip(items, items, items, items, strict=True):
+            if callback is not None:
                 try:
-                    op.callback(op.journal.error if op.journal is not None else None)
+                    callback(journal.error if journal is not None else None)
                 except Exception:
                     log.exception("journal on_durable callback failed")
 
@@ -485,49 +576,13 @@ class JournalWriter:
                 wal = lock.with_suffix(".wal")
                 if wal.exists():
                     log.warning("journal: replaying %s (a controller died)", wal)
-                    _replay(wal)
+                    replay_wal(wal)
                     wal.unlink()
                 lock.unlink()
             except OSError:
                 pass  # alive (or removed meanwhile)
             finally:
                 os.close(fd)
-
-
-def _replay(wal: Path) -> int:
-    """Complete the journals from a dead process's WAL; the number of records applied."""
-    data = wal.read_bytes()
-    pos, applied, touched = 0, 0, set()
-    while pos + _WAL_HEADER.size <= len(data):
-        crc, name_len, offset, size = _WAL_HEADER.unpack_from(data, pos)
-        start = pos + _WAL_HEADER.size
-        end = start + name_len + size
-        head = data[pos + 4 : start]
-        name, payload = data[start : start + name_len], data[start + name_len : end]
-        if end > len(data) or zlib.crc32(payload, zlib.crc32(name, zlib.crc32(head))) != crc:
-            break  # a torn record: the batch never completed, its callbacks never ran
-        pos = end
-        path = Path(os.fsdecode(name))
-        try:
-            fd = os.open(path, os.O_WRONLY | (os.O_CREAT if offset == 0 else 0) | os.O_CLOEXEC)
-        except OSError as exc:
-            log.error("journal replay: %s: %s", path, exc)
-            continue
-        try:
-            have = os.fstat(fd).st_size
-            if offset <= have < offset + size:
-                os.pwrite(fd, payload[have - offset :], have)
-                touched.add(path)
-                applied += 1
-            elif have < offset:
-                log.error("journal replay: %s is shorter than its WAL record", path)
-        finally:
-            os.close(fd)
-    for path in touched:
-        _try_sync(path)
-    for directory in {path.parent for path in touched}:
-        _try_sync(directory, directory=True)
-    return applied
 
 
 __all__ = [

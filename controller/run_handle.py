@@ -2,11 +2,12 @@
 (:class:`RunEffects`, the run's ``Effects``): commands to its senders, timers to the
 scheduler, journal entries to the journal and the observers.
 
-A journaled run's ``send`` entry is on disk before its command goes out: the send happens in
-the entry's durability callback. A journal that cannot be written sends the run to its
-``on_abort`` path, failing with the reason "journal write failed: ..."
-(:attr:`RunHandle.journal_error`); in that path its commands fail at once with that reason
-(never a device command without its record).
+A journaled run's ``send`` entry is on disk before its command goes out: the send happens
+once the entry's durability callback came back to the dispatcher (:meth:`HandleHost.durable`:
+one dispatcher event per journal batch, not one per command). A journal that cannot be
+written sends the run to its ``on_abort`` path, failing with the reason "journal write
+failed: ..." (:attr:`RunHandle.journal_error`); in that path its commands fail at once with
+that reason (never a device command without its record).
 
 Everything here runs on the runner's dispatcher thread, except the journal callbacks (on the
 journal writer's thread: they only post or set) and :meth:`RunHandle.wait` / ``abort``.
@@ -15,7 +16,6 @@ journal writer's thread: they only post or set) and :meth:`RunHandle.wait` / ``a
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -49,6 +49,10 @@ class HandleHost(Protocol):
 
     def post_timer(self, fn: Callable[..., object], /, *args: object) -> None:
         """Like ``post``, ahead of every queued event (thread-safe)."""
+
+    def durable(self, handle: RunHandle, error: OSError | None) -> None:
+        """The oldest of ``handle``'s unwritten ``send`` entries is on disk (``error`` None)
+        or failed: call ``handle._durable_done(error)`` on the dispatcher (thread-safe)."""
 
     def run_finished(self, handle: RunHandle) -> None:
         """The run finished (dispatcher thread): forget it."""
@@ -85,6 +89,13 @@ class RunHandle:
         self._senders = senders
         self._observers = observers
         self._start_fields = dict(start_fields or {})  #: added to the start entry
+        #: commands whose ``send`` entry is queued, oldest first (durable in that order;
+        #: rarely more than one: a list, smaller than a deque for 10,000 runs)
+        self._unwritten: list[Command] = []
+        # the journal callbacks of every step, bound once (not an object per entry, which
+        # the garbage collector would promote and count while the entry waits for its batch)
+        self._on_written = self._written
+        self._on_send_written = self._send_written
         self._done = threading.Event()
         self.run: WorkflowRun = compiled.new_run(RunEffects(runner, self), run_id, context)
 
@@ -140,7 +151,15 @@ class RunHandle:
             self.journal_error = error
         self._end()
 
+    def _send_written(self, error: OSError | None) -> None:
+        self.runner.durable(self, error)
+
     # on the dispatcher thread
+    def _durable_done(self, error: OSError | None) -> None:
+        """The oldest unwritten ``send`` entry is on disk (or could not be written)."""
+        command = self._unwritten.pop(0)
+        self._send_durable(self._senders[command.server], command, error)
+
     def _send_durable(self, sender: Sender, command: Command, error: OSError | None) -> None:
         """The command's ``send`` entry is on disk (or could not be written)."""
         if error is not None:
@@ -197,9 +216,17 @@ class RunEffects:
             "deadline": round(at + timeout, 3),
             "at": at,
         }
-        # the command goes out once its entry is on disk (the callback hops to the dispatcher)
-        post = functools.partial(self.runner.post, handle._send_durable, sender, command)
-        self._append(entry, durable=True, on_durable=post)
+        # the command goes out once its entry is on disk: handle._durable_done, on the
+        # dispatcher, which cannot run before this returns (the command is unwritten by then)
+        try:
+            self.runner.journals.append(
+                handle.journal, entry, durable=True, on_durable=handle._on_send_written
+            )
+        except (JournalClosed, TypeError, ValueError) as exc:  # closed, or not JSON
+            error = OSError(errno.EIO, f"cannot journal a send entry: {exc}")
+            self.runner.post(handle._send_durable, sender, command, error)
+        else:
+            handle._unwritten.append(command)
 
     def start_timer(self, run: WorkflowRun, token: int, delay: float) -> None:
         self.runner.scheduler.call_later(delay, self.runner.post_timer, run.on_timer, token)
@@ -220,7 +247,7 @@ class RunEffects:
                 entry.update(handle._start_fields)  # type: ignore[typeddict-item]
                 entry["started"] = entry["at"]
             last = event == "finished"
-            self._append(entry, on_durable=handle._last_written if last else handle._written)
+            self._append(entry, on_durable=handle._last_written if last else handle._on_written)
         for observer in handle._observers:
             try:
                 observer(handle, entry)

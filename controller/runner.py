@@ -72,6 +72,9 @@ CONNECT_LATER = "cannot connect to %s yet: %s"
 JournalOption = str | os.PathLike[str] | Literal[False] | None
 
 _COMPILED_CACHE = 64  #: compiled machines kept for reuse, per runner
+#: how long a journal entry may wait for others to share its commit while the dispatcher is
+#: busy (it commits at once when the dispatcher goes idle): fewer, larger commits under load
+JOURNAL_COMMIT_DELAY = 0.005
 
 
 def new_run_id(name: str) -> str:
@@ -137,13 +140,18 @@ class WorkflowRunner:
         self.client_name = client_name
         self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
         #: the one journal writer of every run of this runner (closed by close())
-        self.journals = JournalWriter(self.state_dir / RUNS_DIR, sync=journal_sync).start()
+        self.journals = JournalWriter(
+            self.state_dir / RUNS_DIR, sync=journal_sync, commit_delay=JOURNAL_COMMIT_DELAY
+        ).start()
         self.scheduler = Scheduler("statelink-runner-timers")
         self._senders: dict[ServerAddress, ClientSender] = {}
         self._links: dict[BrokerUrl, BrokerLink] = {}  #: one per broker, for every node
         self._lock = threading.Lock()  #: guards _senders, _links and _closed
         self._events: queue.SimpleQueue[_Event | None] = queue.SimpleQueue()  # None: stop
         self._timers: deque[_Event] = deque()  #: run before any queued event (_WAKE)
+        #: runs whose oldest unwritten ``send`` entry is on disk, from the journal writer
+        self._durable: deque[RunHandle] = deque()
+        self._durable_posted = False
         #: the await index, the bounded notification queue, the subscriptions
         self.notifications = Notifications(
             self._senders,
@@ -326,6 +334,28 @@ class WorkflowRunner:
         """Queue ``fn(*args)`` for the dispatcher thread (thread-safe)."""
         self._events.put(_Event(fn, args))
 
+    def durable(self, handle: RunHandle, error: OSError | None) -> None:
+        """The journal writer has written ``handle``'s oldest unwritten ``send`` entry (or
+        failed to): its command goes out on the dispatcher. One dispatcher event takes all
+        the runs of a batch (thread-safe; an error is an event of its own)."""
+        if error is not None:
+            self.post(handle._durable_done, error)
+            return
+        self._durable.append(handle)
+        if not self._durable_posted:  # appended first: the dispatcher clears, then takes
+            self._durable_posted = True
+            self._events.put(_Event(self._send_durable, ()))
+
+    def _send_durable(self) -> None:
+        self._durable_posted = False
+        ready = self._durable
+        while ready:
+            handle = ready.popleft()
+            try:
+                handle._durable_done(None)
+            except Exception:
+                log.exception("run %s: sending a journaled command failed", handle.run_id)
+
     def post_timer(self, fn: Callable[..., object], /, *args: object) -> None:
         """Like :meth:`post`, ahead of every queued event: for timers (thread-safe)."""
         self._timers.append(_Event(fn, args))
@@ -442,7 +472,10 @@ class WorkflowRunner:
     # -- internals --------------------------------------------------------------------------
     def _dispatch(self) -> None:
         events, timers = self._events, self._timers
+        commit = self.journals.commit
         while True:
+            if events.empty():
+                commit()  # going idle: nothing more to journal soon, no entry waits for more
             event = events.get()
             while timers:
                 self._apply(timers.popleft())

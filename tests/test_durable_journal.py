@@ -276,6 +276,33 @@ def test_an_unwritable_journal_directory_exits_2(device: Device, tmp_path: Path)
     assert device.probes == []
 
 
+def test_a_command_aborted_before_its_send_entry_is_on_disk_is_never_sent(
+    device: Device, tmp_path: Path
+) -> None:
+    """The run is aborted while the journal writer is busy (parked in a callback): its first
+    command's ``send`` entry is not durable yet, so that command never goes out; the on_abort
+    command queued behind it goes out once its own entry is on disk."""
+    path = tmp_path / "run.jsonl"
+    with WorkflowRunner(state_dir=tmp_path / "state") as runner:
+        parked, release = threading.Event(), threading.Event()
+
+        def hold(_error: OSError | None) -> None:  # on the journal writer's thread
+            parked.set()
+            release.wait(WAIT)
+
+        other = runner.journals.create(tmp_path / "other.jsonl")
+        entry = {"time": "2026-01-01T00:00:00.000Z", "state": "x", "event": "reply"}
+        runner.journals.append(other, entry, durable=True, on_durable=hold)
+        runner.journals.commit()
+        assert parked.wait(WAIT)
+        handle = runner.start(load_workflow(write_workflow(tmp_path, device)), journal=path)
+        handle.abort()  # after the start on the dispatcher: probe 1 is queued, not on disk
+        release.set()
+        assert handle.wait(WAIT) == "aborted"
+    assert device.probes == [] and device.cleanups == 1
+    assert [e["command"] for e in sends(complete_entries(path))] == ["probe", "cleanup"]
+
+
 # --- a journal that cannot be written fails the run ------------------------------------------
 
 

@@ -135,6 +135,52 @@ def test_entries_keep_their_order_and_start_names_the_process(writer: JournalWri
     assert "pid" not in entries[1]
 
 
+def test_with_a_commit_delay_entries_wait_to_share_a_commit_until_told(runs_dir: Path):
+    """``commit_delay``: a queued entry waits for others (up to the delay) unless ``commit()``
+    is called or ``batch_entries`` wait; ``close`` writes what waits at once."""
+    results = Results()
+    with JournalWriter(runs_dir, commit_delay=3600.0, batch_entries=3) as writer:
+        journal = writer.create(runs_dir / "r.jsonl")
+        writer.append(journal, _entry("start"), on_durable=results.callback())
+        writer.append(journal, _entry("send"), durable=True, on_durable=results.callback())
+        assert results.errors == [] and writer.batches == 0  # waiting for company
+        writer.commit()  # the producer goes idle: nothing more is coming
+        assert results.wait(2) == [None, None]
+        assert writer.batches == 1
+        for i in range(3):  # batch_entries waiting: committed without being told
+            writer.append(journal, _entry("reply", n=i), on_durable=results.callback())
+        assert results.wait(5) == [None] * 5
+        assert writer.batches == 2
+        writer.append(journal, _entry("finished"), on_durable=results.callback())
+    assert results.wait(6) == [None] * 6
+    assert [e["event"] for e in read_journal(journal.path).entries][-1] == "finished"
+
+
+def test_entries_are_written_as_json_dumps_writes_them(writer: JournalWriter, runs_dir: Path):
+    class Odd:
+        def __str__(self) -> str:
+            return "odd"
+
+    values = {"text": "é ✓ \u2028", "nan": float("nan"), "inf": -float("inf"), 3: "three"}
+    entry = _entry("reply", result={**values, "list": [1, 2.5, None, True], "odd": Odd()})
+    lone = _entry("reply", result="\ud800")  # a lone surrogate has no UTF-8: escaped
+    journal = writer.create(runs_dir / "r.jsonl")
+    writer.append(journal, entry)
+    writer.append(journal, lone)
+    circular: list[Any] = []
+    circular.append(circular)
+    with pytest.raises(ValueError, match="Circular"):
+        writer.append(journal, _entry("reply", result=circular))
+    with pytest.raises(TypeError):
+        writer.append(journal, _entry("reply", result={(1, 2): 3}))
+    assert writer.flush(WAIT)
+    lines = journal.path.read_bytes().splitlines(keepends=True)
+    assert lines == [
+        (json.dumps(entry, default=str, ensure_ascii=False) + "\n").encode(),
+        (json.dumps(lone, default=str) + "\n").encode(),
+    ]
+
+
 def test_the_queue_is_bounded_in_bytes(runs_dir: Path):
     with JournalWriter(runs_dir, max_queue_bytes=4096) as writer:
         journal = writer.create(runs_dir / "r.jsonl")
@@ -450,6 +496,56 @@ def test_a_dead_process_wal_is_replayed_into_its_journals(runs_dir: Path):
     with JournalWriter(runs_dir):
         assert held.read_bytes() == whole
     assert sorted(p.name for p in runs_dir.iterdir()) == ["held.jsonl"]
+
+
+_RESUMER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from controller.journal import JournalWriter
+    runs = Path(sys.argv[1])
+    writer = JournalWriter(runs).start()
+    journal, _before = writer.reopen(runs / "held.jsonl", {"time": "2026-01-02T00:00:02.000Z",
+                                     "state": "a", "event": "resumed"})
+    for i in range(5):
+        writer.append(journal, {"time": "2026-01-02T00:00:03.000Z", "state": "a",
+                                "event": "reply", "n": 100 + i}, durable=True)
+    writer.flush()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    """
+)
+
+
+def test_a_dead_resumer_wal_restores_what_it_appended(runs_dir: Path):
+    """A resumed journal's WAL records carry offsets after the bytes it had (the writer counts
+    a journal's size from the file, then by what it appends): a replay puts them back."""
+    held = runs_dir / "held.jsonl"
+    for script, args in ((_OWNER, ["3"]), (_RESUMER, [])):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script, str(runs_dir), *args],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        finally:
+            proc.kill()
+            proc.wait(WAIT)
+    whole = held.read_bytes()
+    lines = whole.splitlines(keepends=True)
+    assert [json.loads(line)["event"] for line in lines] == [
+        "start",
+        *["reply"] * 3,
+        "resumed",
+        *["reply"] * 5,
+    ]
+    resumed_end = sum(len(line) for line in lines[:5])  # written and synced by reopen itself
+    os.truncate(held, resumed_end + 7)  # what came after never reached the disk (torn)
+    with JournalWriter(runs_dir):
+        assert held.read_bytes() == whole
 
 
 def test_list_runs_newest_first_with_states(runs_dir: Path, tmp_path: Path):
