@@ -24,6 +24,8 @@ Scenarios:
 * S8 await timeouts under notifications: 1,000 runs each in one await of ``device.state``
   (timeout 3 s, never satisfied) while the server publishes ``device.state`` 1,000 times a
   second: how late the timeouts fire (p50/p99/max).
+* S9, S10 (issue 13, :mod:`bench.mqtt_bench`, its own Mosquitto): request/response over MQTT 5
+  against bare paho-mqtt; 200 simulated nodes, one workflow each, on one broker.
 
 ``--quick`` runs everything at tiny sizes (a smoke run, not a measurement).
 """
@@ -621,6 +623,31 @@ def run_s7(opts: Options, log: Any) -> dict[str, Any]:
     return result
 
 
+def run_mqtt(opts: Options, log: Any) -> dict[str, Any]:
+    """S9/S10: ``python -m bench.mqtt_bench`` in a subprocess; its report (JSON)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="statelink-bench-mqtt-") as directory:
+        out = Path(directory) / "mqtt.json"
+        cmd = [PY, "-m", "bench.mqtt_bench", "--json", str(out), "--scenarios"]
+        cmd += [",".join(sorted(opts.scenarios & {"S9", "S10"}))] + ["--quick"] * opts.quick
+        proc = subprocess.run(
+            cmd,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=3600,
+        )
+        if not out.exists():
+            return {"missing": f"no result (exit {proc.returncode}): {proc.stderr[-800:]}"}
+        report: dict[str, Any] = json.loads(out.read_text())
+    for line in proc.stderr.splitlines():
+        if line.startswith("S"):
+            log(f"  {line}")
+    return report
+
+
 def run_s8(opts: Options, log: Any) -> dict[str, Any]:
     """Await timeouts while the server publishes device.state at a fixed rate."""
     srv_cpu, load_cpu = cpus(opts)
@@ -1061,6 +1088,10 @@ def render(
         )
     if (s7 and "transitions_per_s" in s7) or (s8 and "late_p50_ms" in s8):
         out.append("")
+    if meta.get("mqtt"):
+        from .mqtt_bench import render as render_mqtt
+
+        out += [*render_mqtt(meta["mqtt"]), ""]
     if s5 is not None:
         head = [
             "S5 footprint",
@@ -1114,7 +1145,9 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     p.add_argument("--duration", type=float, help="measured seconds per measurement (3)")
     p.add_argument("--warmup", type=float, help="unmeasured seconds before each (0.5)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    p.add_argument("--scenarios", default="S1,S2,S3,S4,S5,S6,S7,S8", help="comma-separated subset")
+    p.add_argument(
+        "--scenarios", default="S1,S2,S3,S4,S5,S6,S7,S8,S9,S10", help="comma-separated subset"
+    )
     p.add_argument(
         "--no-pin", action="store_true", help="do not pin the server to CPU 0 and the load to CPU 1"
     )
@@ -1189,7 +1222,12 @@ def main(argv: list[str] | None = None) -> int:
     s5 = run_s5(opts, log) if "S5" in opts.scenarios else None
     s7 = meta["s7"] = run_s7(opts, log) if "S7" in opts.scenarios else None
     s8 = meta["s8"] = run_s8(opts, log) if "S8" in opts.scenarios else None
+    mqtt = meta["mqtt"] = run_mqtt(opts, log) if opts.scenarios & {"S9", "S10"} else None
     targets = evaluate(rows, s4, s5, opts, s7, s8) if not opts.quick else []
+    if mqtt and not opts.quick:
+        from .mqtt_bench import targets as mqtt_targets
+
+        targets += mqtt_targets(mqtt)
     meta["elapsed_s"] = round(time.perf_counter() - t0, 1)
     print(render(rows, s4, s5, targets, meta))
     print(f"\n(total {meta['elapsed_s']} s)")
@@ -1212,6 +1250,7 @@ def main(argv: list[str] | None = None) -> int:
             "s5": s5,
             "s7": s7,
             "s8": s8,
+            "mqtt": mqtt,
             "targets": targets,
         }
         Path(args.json).write_text(json.dumps(data, indent=2, default=str) + "\n")

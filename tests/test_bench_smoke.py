@@ -323,3 +323,30 @@ def test_runner_scale_scenarios(tmp_path: Path) -> None:
     assert 0 <= s8["late_p50_ms"] <= s8["late_p99_ms"] <= s8["late_max_ms"]
     assert s8["notifications_dropped"] >= 0
     assert "S7 20 concurrent journaled runs" in stdout and "S8 10 runs awaiting" in stdout
+
+
+def test_mqtt_fleet_scenarios(tmp_path: Path) -> None:
+    """S9 (request/response over MQTT: bare paho, statelink async def and plain def) and S10
+    (a fleet on one broker, one workflow per node), tiny, on a real Mosquitto (skipped loudly
+    without one, failed under CI=true)."""
+    from mosquitto import require_mosquitto
+
+    require_mosquitto()
+    stdout, data = run_bench(tmp_path, "--scenarios", "S9,S10", timeout=240)
+    mqtt = data["mqtt"]
+    assert not mqtt.get("missing"), mqtt
+    cells = {(row["nodes"], row["depth"]): row for row in mqtt["s9"]}
+    assert set(cells) == {(1, 1), (4, 2)}
+    for row in cells.values():
+        assert set(row["results"]) == {"paho", "statelink", "statelink-def"}, row
+        for result in row["results"].values():
+            assert result["replies_per_s"] > 0 and result["p99_ms"] >= result["p50_ms"] > 0
+            assert result["errors"] == 0 and result["lost"] == 0, result
+        assert set(row["ratios"]) == {"statelink", "statelink-def"}
+    s10 = mqtt["s10"]
+    assert s10["ok"], s10
+    assert s10["nodes"] == 5 and s10["ok_runs"] == 5 and s10["failed_runs"] == 0
+    assert s10["executions"] == 15 and s10["missing_executions"] == 0
+    assert s10["duplicate_executions"] == 0
+    assert s10["controller_peak_rss_mb"] > 0 and s10["broker_rss_mb"] > 0
+    assert "S9 MQTT req/resp" in stdout and "S10 5 nodes on one broker" in stdout
