@@ -44,6 +44,42 @@ ParamRules = Mapping[str, Mapping[str, Any]]
 #: The command every device answers itself (``statemachines.device.spec.STATE_COMMAND``).
 _STATE = "state"
 
+#: The notifications a server sends (``rpc.subscribe`` them; over MQTT they are topics):
+#: ``x-notifications`` of ``rpc.discover``, keyed by method, each an OpenRPC content
+#: descriptor of its params.
+NOTIFICATIONS: dict[str, dict[str, Any]] = {
+    "device.state": {
+        "name": "params",
+        "description": "a device changed state (sent before the reply of the command that moved "
+        "it)",
+        "schema": {
+            "type": "object",
+            "required": ["device", "state", "previous", "command"],
+            "properties": {
+                "device": {"type": "string"},
+                "state": {"type": "string"},
+                "previous": {"type": "string"},
+                "command": {"type": ["string", "null"]},
+                "reason": {"type": "string"},
+            },
+        },
+    },
+    "rpc.progress": {
+        "name": "params",
+        "description": "the progress of a request of this connection (opt in with "
+        'rpc.subscribe {"method": "rpc.progress"})',
+        "schema": {
+            "type": "object",
+            "required": ["id", "progress", "message"],
+            "properties": {
+                "id": {"type": ["string", "number", "null"]},
+                "progress": {"type": "number", "minimum": 0, "maximum": 1},
+                "message": {"type": "string"},
+            },
+        },
+    },
+}
+
 #: Every error kind a server answers with (not ``connection_lost`` or ``offline``: client side
 #: only), and what it means: ``components.errors`` of ``rpc.discover``, keyed by kind.
 _ERROR_MEANINGS: dict[str, str] = {
@@ -146,7 +182,8 @@ class CommandInfo:
 
         ``x-timeout`` is the seconds the server gives it (its own, else ``default_timeout``);
         a device method also has ``x-device`` and ``x-allowed-states``, and a device command
-        (not ``<device>.state``) ``x-running``, ``x-to`` and ``x-cancelled``."""
+        (not ``<device>.state``) ``x-running``, ``x-to``, ``x-cancelled`` and
+        ``x-idempotency-key`` (it honours a request's top-level ``key``)."""
         is_state = self.device is not None and self.command == _STATE
         out: dict[str, Any] = {
             "name": self.method,
@@ -162,7 +199,14 @@ class CommandInfo:
             out["x-allowed-states"] = list(self.allowed_from)
             if is_state:
                 return out
-            out.update({"x-running": self.running, "x-to": self.to, "x-cancelled": self.cancelled})
+            out.update(
+                {
+                    "x-running": self.running,
+                    "x-to": self.to,
+                    "x-cancelled": self.cancelled,
+                    "x-idempotency-key": True,
+                }
+            )
         timeout = self.timeout if self.timeout is not None else default_timeout
         if timeout is not None:
             out["x-timeout"] = timeout

@@ -139,6 +139,9 @@ def test_statelink_additions_are_x_prefixed(doc: dict[str, Any]) -> None:
         "ajar",
     )
     assert opening["x-timeout"] == 30
+    assert opening["x-idempotency-key"] is True and "x-idempotency-key" not in methods["scale"]
+    assert "x-idempotency-key" not in methods["door.state"]
+    assert set(doc["x-notifications"]) == {"device.state", "rpc.progress"}
     assert methods["scale"]["x-timeout"] == 3 and "x-device" not in methods["scale"]
 
 

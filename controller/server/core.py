@@ -120,9 +120,10 @@ class Core:
     def discover(self) -> dict[str, Any]:
         """The ``rpc.discover`` answer: an OpenRPC 1.3.2 document of every method (sorted by
         name; each method's ``describe()`` is its method object), the error kinds
-        (``components.errors``, keyed by kind) and, as the extension ``x-devices``, every
-        plugin's ``describe()``. docs/protocol.md shows it."""
-        from statemachines.catalog import openrpc_errors
+        (``components.errors``, keyed by kind) and, as the extensions ``x-notifications``
+        and ``x-devices``, the notifications it sends and every plugin's ``describe()``.
+        docs/protocol.md shows it."""
+        from statemachines.catalog import NOTIFICATIONS, openrpc_errors
 
         methods = [
             dict(entry.describe(), name=name) for name, entry in sorted(self.methods.items())
@@ -137,6 +138,7 @@ class Core:
             },
             "methods": methods,
             "components": {"errors": openrpc_errors()},
+            "x-notifications": NOTIFICATIONS,
             "x-devices": [plugin.describe() for plugin in self.devices.values()],
         }
 
