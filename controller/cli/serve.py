@@ -11,7 +11,6 @@ import ssl
 import sys
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -32,6 +31,7 @@ from .common import (
     mqtt_options,
     read_secret,
     seconds,
+    state_dir_option,
 )
 
 if TYPE_CHECKING:
@@ -221,7 +221,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..mqtt.connection import BrokerError
     from ..mqtt.node import MqttNode
     from ..server import CommandServer, Limits
-    from ..statedir import default_state_dir
 
     fleet = fleet_node(args)
     options = mqtt_options(args) if fleet else None
@@ -238,7 +237,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError("--workers must be at least 1")
     specs = load_devices(args.device)  # before binding: a bad config never opens a port
     check_handlers(specs)
-    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
+    state_dir = state_dir_option(args.state_dir)
     limits = Limits(
         max_connections=args.max_connections,
         max_inflight=args.max_inflight,
